@@ -1,0 +1,1 @@
+"""Analyses shared by passes (weights, dependency groups, attention, calibration)."""

@@ -1,0 +1,1 @@
+"""Per-op-family channel handlers for the dependency graph."""

@@ -1,0 +1,105 @@
+"""The one code path behind the CLI and the Python API: :func:`optimize`.
+
+``optimize(model, pipeline)`` parses the pipeline, runs it through the :class:`PassManager`,
+summarises the model before and after and, when asked, compares the result with the input on
+ONNX Runtime CPU. The CLI calls exactly this function.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from onnxprune.check import compare
+from onnxprune.model import Model
+from onnxprune.pass_infra import Pass, PassContext, PassManager, parse_pipeline
+from onnxprune.report import Report
+from onnxprune.summary import summarize
+
+
+@dataclass
+class OptimizeResult:
+    """The optimised model and its report."""
+
+    model: Model
+    report: Report
+
+
+def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
+    if calibration is None:
+        return None
+    try:
+        from onnxprune.analysis.calibration import CalibrationData
+    except ImportError:  # pragma: no cover - calibration module not built yet
+        return calibration
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    return CalibrationData.from_any(calibration, model, batch_size=batch_size)
+
+
+def optimize(
+    model: Model,
+    pipeline: str | Iterable[Pass] | Iterable[Mapping[str, Any]],
+    *,
+    calibration: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | Any = None,
+    calibration_batch: int | None = None,
+    check: bool = False,
+    check_inputs: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    check_dims: Mapping[str, int] | None = None,
+    recipe_overrides: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+    input_path: str | os.PathLike[str] | None = None,
+) -> OptimizeResult:
+    """Run a pipeline of passes on ``model``.
+
+    Args:
+        model: The model (from :func:`onnxprune.load`). Left unchanged unless ``inplace``.
+        pipeline: Pipeline text (``"channels(ratio=0.3),nm(n=2,m=4)"``), pass instances, or
+            recipe tables.
+        calibration: An ``.npz`` path, an iterable of feed dicts, or a ``CalibrationData``.
+        calibration_batch: Batch size when slicing an ``.npz`` into batches.
+        check: Compare the result with the input on ONNX Runtime CPU.
+        check_inputs: Inputs for the check (dict or ``.npz``); random when None.
+        check_dims: Values of dynamic dimensions for random check inputs.
+        recipe_overrides: Per-layer overrides ``{pass: {regex: {option: value}}}``.
+        options: Global options for the context (e.g. ``{"seed": 0}``).
+        inplace: Change ``model`` itself instead of a copy (saves memory on big models).
+        verify: Run checker and shape inference after every modifying pass.
+        input_path: Path to report as the input (defaults to ``model.path``).
+
+    Returns:
+        The optimised model and its report.
+
+    Raises:
+        OnnxPruneError: bad pipeline, bad calibration data, a pass that failed, a failed check.
+    """
+    passes = parse_pipeline(pipeline)
+    before = summarize(model, input_path or model.path)
+    work = model if inplace else model.copy()
+    ctx = PassContext(
+        calibration=_calibration(calibration, model, calibration_batch),
+        options=options,
+        recipe_overrides=recipe_overrides,
+    )
+    reference: Model | str | os.PathLike[str] | None = None
+    if check:
+        if not inplace:
+            reference = model
+        elif model.path is not None:
+            reference = model.path  # the input file is never changed
+        else:
+            reference = model.copy()
+    out, records = PassManager(passes, verify=verify).run(work, ctx)
+    after = summarize(out)
+    report = Report(before=before, after=after, passes=records,
+                    input_path=str(input_path or model.path) if (input_path or model.path) else None)
+    report.warnings.extend(ctx.warnings)
+    if reference is not None:
+        report.check = compare(reference, out, feeds=check_inputs, dims=check_dims)
+    return OptimizeResult(out, report)

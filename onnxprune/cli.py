@@ -1,0 +1,339 @@
+"""Command line: ``onnxprune optimize|inspect|check|passes|demo``.
+
+Every user error becomes one line on stderr and exit code 2 (a traceback only with ``-v``);
+``check`` exits 1 when given tolerances are exceeded. ``optimize`` writes its output (and
+report) atomically and only after every pass and the optional check succeeded, so a failed run
+leaves no output file behind, and it never writes over its input unless ``--inplace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from onnxprune.errors import OnnxPruneError
+
+log = logging.getLogger("onnxprune")
+
+EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 1
+
+#: Passes the demo runs, in order; those not registered in this build are skipped.
+DEMO_PIPELINE = ["cleanup", "channels(ratio=0.3,round_to=8)", "nm(n=2,m=4)"]
+
+
+def _parse_dims(items: Sequence[str] | None) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise OnnxPruneError(f"--dim expects name=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            dims[k.strip()] = int(v)
+        except ValueError:
+            raise OnnxPruneError(f"--dim {k}: {v!r} is not an integer") from None
+        if dims[k.strip()] <= 0:
+            raise OnnxPruneError(f"--dim {k}: must be positive")
+    return dims
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from onnxprune.model import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text)  # type: ignore[attr-defined]
+
+
+def _default_output(inp: Path) -> Path:
+    name = inp.name[:-5] if inp.name.endswith(".onnx") else inp.name
+    return inp.parent / f"{name}.pruned.onnx"
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """Run a pipeline on a model and save the result."""
+    import onnxprune
+    from onnxprune.pass_infra import load_recipe, parse_pipeline
+    from onnxprune.summary import file_size
+
+    inp = Path(args.model)
+    out = Path(args.output) if args.output else (inp if args.inplace else _default_output(inp))
+    if args.passes and args.recipe:
+        raise OnnxPruneError("give either --passes or --recipe, not both")
+    overrides: dict[str, Any] = {}
+    if args.recipe:
+        passes, overrides = load_recipe(args.recipe)
+    elif args.passes:
+        passes = parse_pipeline(args.passes)
+    else:
+        raise OnnxPruneError("no pipeline: give --passes SPEC (see `onnxprune passes`) or --recipe FILE.toml")
+    if out.exists() and out.is_dir():
+        raise OnnxPruneError(f"{out}: is a directory")
+    if not args.inplace and inp.exists() and out.exists() and os.path.samefile(inp, out):
+        raise OnnxPruneError(f"{out}: refusing to write over the input model (use --inplace)")
+    if not out.parent.exists():
+        raise OnnxPruneError(f"{out.parent}: output folder does not exist")
+    model = onnxprune.load(inp)
+    dims = _parse_dims(args.dim)
+    result = onnxprune.optimize(
+        model, passes, calibration=args.calib, calibration_batch=args.calib_batch, check=args.check,
+        check_inputs=args.check_inputs, check_dims=dims, recipe_overrides=overrides, inplace=True,
+        verify=not args.no_verify, input_path=inp,
+    )
+    onnxprune.save(result.model, out, inplace=args.inplace, sparse_initializers=args.sparse_storage,
+                   sparse_threshold=args.sparse_threshold)
+    report = result.report
+    report.output_path = str(out)
+    report.after.file_size = file_size(out)
+    if args.report:
+        _write_text_atomic(Path(args.report), report.to_json())
+    if args.json:
+        print(report.to_json())
+    elif not args.quiet:
+        print(report.format())
+        print(f"\nwrote {out}")
+    if report.check and (args.atol is not None or args.rtol is not None):
+        if not report.check.within(args.atol, args.rtol):
+            print(f"error: check exceeded tolerance (atol={args.atol}, rtol={args.rtol})", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+    return 0
+
+
+def _inspect_section(module: str, build: str, fmt: str, model: Any, json_mode: bool, *a: Any) -> Any:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+        builder = getattr(mod, build)
+        formatter = getattr(mod, fmt)
+    except (ImportError, AttributeError):
+        raise OnnxPruneError(f"this build of onnxprune has no {module}.{build}; the option is not available") from None
+    data = builder(model, *a)
+    return data if json_mode else formatter(data)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print what a model holds."""
+    import onnxprune
+    from onnxprune.summary import summarize
+
+    model = onnxprune.load(args.model)
+    summary = summarize(model, args.model, per_initializer=True)
+    doc: dict[str, Any] = {"model": str(args.model), "opset": model.opset, "ir_version": model.proto.ir_version,
+                           "producer": model.proto.producer_name, "summary": summary.to_dict()}
+    texts: list[str] = []
+    sections: list[tuple[str, str, str, str, tuple[Any, ...]]] = [
+        ("weights", "onnxprune.analysis.weights", "inspect_weights", "format_weights", ()),
+    ]
+    if args.nm:
+        try:
+            n, m = (int(x) for x in args.nm.split(":"))
+        except ValueError:
+            raise OnnxPruneError(f"--nm expects N:M such as 2:4, got {args.nm!r}") from None
+        sections.append(("nm", "onnxprune.analysis.weights", "inspect_nm", "format_nm", (n, m)))
+    if args.groups:
+        sections.append(("groups", "onnxprune.analysis.dependency", "inspect_groups", "format_groups", ()))
+    if args.tensorrt:
+        sections.append(("tensorrt", "onnxprune.analysis.tensorrt_eligibility", "inspect_tensorrt",
+                         "format_tensorrt", ()))
+    for key, module, build, fmt, extra in sections:
+        try:
+            value = _inspect_section(module, build, fmt, model, args.json, *extra)
+        except OnnxPruneError:
+            if key == "weights":  # optional part of the base listing
+                continue
+            raise
+        if args.json:
+            doc[key] = value
+        else:
+            texts.append(value)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    s = summary
+    print(f"{args.model}: opset {model.opset}, IR {model.proto.ir_version}, producer "
+          f"{model.proto.producer_name or '-'} {model.proto.producer_version or ''}".rstrip())
+    print(f"nodes {s.nodes:,}  parameters {s.parameters:,}  non-zero {s.nonzero:,}  sparsity {s.sparsity:.2%}  "
+          f"file {s.file_size or 0:,} B")
+    print("ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(s.ops.items(), key=lambda kv: -kv[1])))
+    rows = [r for r in s.per_initializer if r["size"] > 1]
+    if rows:
+        print(f"\n{'initializer':<48} {'shape':<20} {'dtype':<8} {'sparsity':>8}")
+        for r in rows:
+            name = r["name"] if len(r["name"]) <= 48 else "..." + r["name"][-45:]
+            print(f"{name:<48} {str(r['shape']):<20} {r['dtype']:<8} {r['sparsity']:>8.2%}")
+    for t in texts:
+        print()
+        print(t)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Compare two models on ONNX Runtime CPU."""
+    from onnxprune.check import compare
+    from onnxprune.model import load
+
+    a, b = load(args.reference), load(args.candidate)
+    result = compare(a, b, feeds=args.inputs, dims=_parse_dims(args.dim), seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.format())
+    if (args.atol is not None or args.rtol is not None) and not result.within(args.atol, args.rtol):
+        print(f"error: outputs differ beyond atol={args.atol} rtol={args.rtol}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    """List registered passes and their options."""
+    from onnxprune.pass_infra import option_specs, registered_passes
+
+    passes = registered_passes()
+    if args.json:
+        doc = {name: {"description": cls.description,
+                      "options": [{"name": o.name, "type": o.type_name, "default": o.default, "help": o.help,
+                                   "choices": list(o.choices) if o.choices else None, "bounds": o.bounds}
+                                  for o in option_specs(cls.Options)]}
+               for name, cls in passes.items()}
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    for name, cls in passes.items():
+        print(f"{name}: {cls.description}")
+        for o in option_specs(cls.Options):
+            extra = f" choices: {', '.join(map(str, o.choices))}" if o.choices else ""
+            print(f"    {o.name} ({o.type_name}, default {o.default!r}){extra}  {o.help}")
+    return 0
+
+
+def demo_pipeline() -> str:
+    """The demo's pipeline: the passes of :data:`DEMO_PIPELINE` this build registers."""
+    from onnxprune.pass_infra import parse_pipeline_spec, registered_passes
+
+    have = registered_passes()
+    return ",".join(p for p in DEMO_PIPELINE if parse_pipeline_spec(p)[0][0] in have)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run a representative pipeline on the bundled demo model."""
+    import onnxprune
+    from onnxprune.check import load_feeds
+    from onnxprune.summary import file_size
+
+    data = resources.files("onnxprune") / "data"
+    src = Path(str(data / "demo_cnn.onnx"))
+    feeds_path = Path(str(data / "demo_cnn_inputs.npz"))
+    if not src.is_file():
+        raise OnnxPruneError(f"bundled demo model missing at {src}; reinstall onnxprune")
+    outdir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="onnxprune-demo-"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    pipeline = demo_pipeline()
+    print(f"demo model: {src.name}  pipeline: {pipeline}")
+    model = onnxprune.load(src)
+    feeds = load_feeds(feeds_path) if feeds_path.is_file() else None
+    result = onnxprune.optimize(model, pipeline, check=True, check_inputs=feeds, input_path=src)
+    out = outdir / "demo_cnn.pruned.onnx"
+    onnxprune.save(result.model, out)
+    result.report.output_path = str(out)
+    result.report.after.file_size = file_size(out)
+    print(result.report.format())
+    print(f"\nwrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(prog="onnxprune", description="Prune exported ONNX models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json output)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    o = sub.add_parser("optimize", help="run a pipeline of passes on a model")
+    o.add_argument("model", help="input .onnx")
+    o.add_argument("-o", "--output", help="output .onnx (default IN.pruned.onnx beside the input)")
+    o.add_argument("--passes", help="pipeline, e.g. 'channels(ratio=0.3),nm(n=2,m=4)'")
+    o.add_argument("--recipe", help="TOML recipe with [[pass]] tables")
+    o.add_argument("--calib", help="calibration data .npz (arrays named after the model inputs)")
+    o.add_argument("--calib-batch", type=int, default=None, help="calibration batch size")
+    o.add_argument("--check", action="store_true", help="compare the result with the input on ONNX Runtime CPU")
+    o.add_argument("--check-inputs", help=".npz inputs for --check (random when absent)")
+    o.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for random inputs")
+    o.add_argument("--atol", type=float, help="with --check: exit 1 if max abs error exceeds this")
+    o.add_argument("--rtol", type=float, help="with --check: exit 1 if max rel error exceeds this")
+    o.add_argument("--report", help="write the report as JSON here")
+    o.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    o.add_argument("--inplace", action="store_true", help="allow writing over the input model")
+    o.add_argument("--sparse-storage", action="store_true",
+                   help="store sparse weights as ONNX sparse_initializer (smaller file; ONNX Runtime "
+                        "densifies them at load; TensorRT's parser ignores them - do not use for TensorRT)")
+    o.add_argument("--sparse-threshold", type=float, default=0.5, help="min share of zeros for --sparse-storage")
+    o.add_argument("--no-verify", action="store_true", help="skip checker/shape inference between passes")
+    o.set_defaults(func=cmd_optimize)
+
+    i = sub.add_parser("inspect", help="ops, parameters, sparsity, prunable weights")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    i.add_argument("--nm", metavar="N:M", help="check every weight for N:M sparsity along its reduction axis")
+    i.add_argument("--groups", action="store_true", help="channel groups: members, width, prunable or why not")
+    i.add_argument("--tensorrt", action="store_true", help="which layers TensorRT could run on sparse tensor cores")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("check", help="compare two models on ONNX Runtime CPU")
+    c.add_argument("reference")
+    c.add_argument("candidate")
+    c.add_argument("--inputs", help=".npz with arrays named after the inputs (random when absent)")
+    c.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for random inputs")
+    c.add_argument("--atol", type=float)
+    c.add_argument("--rtol", type=float)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
+
+    ps = sub.add_parser("passes", help="list registered passes and their options")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_passes)
+
+    d = sub.add_parser("demo", help="run a representative pipeline on the bundled demo model")
+    d.add_argument("-o", "--output-dir", help="folder for the demo's output (default: a temp folder)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING if not args.quiet else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    for attr in ("json", "quiet"):
+        if not hasattr(args, attr):
+            setattr(args, attr, False)
+    try:
+        return int(args.func(args))
+    except OnnxPruneError as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Model I/O: load, hold and save ONNX models without copying large weights.
+
+A :class:`Model` wraps an ``onnx.ModelProto`` and keeps everything the graph does not (the path
+it came from, the folder its external data lives in). Weights are reached through
+:meth:`Model.get_array` and replaced through :meth:`Model.set_array`:
+
+* initializers stored inside the file are decoded on demand;
+* initializers in external data files are **memory-mapped** (``numpy.memmap``, read-only) and
+  never read into RAM up front, so models over 2 GB load in a moment;
+* a replaced weight is written back into the proto (as ``raw_data``) at once, so the proto is
+  always a complete model that the checker, shape inference and ONNX Runtime can read.
+
+Saving writes a temporary file in the target folder, fsyncs it and renames it over the target, so
+an interrupted save leaves either the old file or the new one. The serialized model is streamed
+one initializer at a time (protobuf merges repeated embedded messages, so a model written as
+"graph without initializers" followed by one ``{graph: {initializer: [t]}}`` fragment per weight
+parses as the whole model): peak memory stays near one copy of the weights. Large models (or
+models loaded with external data) are written with external data in ``OUT.onnx.data``.
+
+Preconditions: the file is an ONNX ``ModelProto`` with a graph and an ``ai.onnx`` opset >= 7.
+External data must lie inside the model's folder; paths that escape it are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 7
+#: Above this many bytes of weights a model is saved with external data (protobuf limit is 2 GiB).
+EXTERNAL_DATA_LIMIT = 1_800_000_000
+#: Tensors smaller than this stay inside the .onnx file even when external data is used.
+EXTERNAL_MIN_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where an external initializer's bytes live."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def _np_dtype(data_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    n = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    return n * _np_dtype(tensor.data_type).itemsize
+
+
+@dataclass
+class Model:
+    """An ONNX model plus what the graph does not hold.
+
+    Attributes:
+        proto: The model. Initializers with external data keep their ``external_data`` entries
+            (relative to ``base_dir``) until they are replaced or the model is saved.
+        path: The file the model was loaded from, if any.
+        base_dir: Folder that external data paths are relative to.
+        external: Initializer name -> where its bytes are, for external initializers.
+    """
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    base_dir: Path | None = None
+    external: dict[str, ExternalRef] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ graph access
+    @property
+    def graph(self) -> onnx.GraphProto:
+        """The main graph."""
+        return self.proto.graph
+
+    @property
+    def opset(self) -> int:
+        """The ``ai.onnx`` opset version."""
+        return opset_version(self.proto)
+
+    def initializer(self, name: str) -> onnx.TensorProto | None:
+        """Return the main-graph initializer called ``name`` (or None)."""
+        for t in self.graph.initializer:
+            if t.name == name:
+                return t
+        return None
+
+    def initializer_map(self) -> dict[str, onnx.TensorProto]:
+        """Name -> initializer for the main graph."""
+        return {t.name: t for t in self.graph.initializer}
+
+    def graph_input_names(self) -> set[str]:
+        """Names of graph inputs (including initializers that are also listed as inputs)."""
+        return {i.name for i in self.graph.input}
+
+    def is_constant(self, name: str) -> bool:
+        """True if ``name`` is an initializer that is not also a graph input.
+
+        An initializer listed among the graph inputs may be overridden at run time, so it is not
+        treated as a constant.
+        """
+        return name not in self.graph_input_names() and self.initializer(name) is not None
+
+    # ------------------------------------------------------------------ weights
+    def get_array(self, name: str) -> np.ndarray:
+        """Return the value of initializer ``name``.
+
+        External initializers come back as read-only memory maps; others as fresh arrays.
+
+        Raises:
+            KeyError: if there is no such initializer.
+        """
+        tensor = self.initializer(name)
+        if tensor is None:
+            raise KeyError(f"no initializer named {name!r}")
+        ref = self.external.get(name)
+        if ref is not None:
+            dtype = _np_dtype(tensor.data_type)
+            shape = tuple(int(d) for d in tensor.dims)
+            if ref.length == 0:
+                return np.zeros(shape, dtype=dtype)
+            return np.memmap(ref.path, dtype=dtype, mode="r", offset=ref.offset, shape=shape)
+        return numpy_helper.to_array(tensor)
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        """Replace initializer ``name`` by ``value`` (its dtype and shape become the tensor's).
+
+        Raises:
+            KeyError: if there is no such initializer.
+        """
+        tensor = self.initializer(name)
+        if tensor is None:
+            raise KeyError(f"no initializer named {name!r}")
+        new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        doc = tensor.doc_string
+        tensor.CopyFrom(new)
+        if doc:
+            tensor.doc_string = doc
+        self.external.pop(name, None)
+
+    def add_initializer(self, name: str, value: np.ndarray) -> None:
+        """Append a new initializer (the name must be unused)."""
+        if self.initializer(name) is not None:
+            raise ValueError(f"initializer {name!r} already exists")
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+    def weight_bytes(self) -> int:
+        """Total bytes of all main-graph initializers."""
+        return sum(_nbytes(t) for t in self.graph.initializer)
+
+    def copy(self) -> Model:
+        """A deep copy whose proto can be changed without touching this one.
+
+        External initializers stay memory-mapped references to the same files.
+        """
+        return Model(copy.deepcopy(self.proto), self.path, self.base_dir, dict(self.external))
+
+    def materialized(self) -> onnx.ModelProto:
+        """A copy of the proto with every external initializer read into ``raw_data``.
+
+        Only for models that fit in memory (< 2 GB); used by checks and small tools.
+        """
+        proto = copy.deepcopy(self.proto)
+        for t in proto.graph.initializer:
+            if t.name in self.external:
+                arr = np.ascontiguousarray(self.get_array(t.name))
+                t.ClearField("external_data")
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = arr.tobytes()
+        return proto
+
+    @contextlib.contextmanager
+    def as_file(self) -> Iterator[Path]:
+        """Yield the path of a temporary copy of this model on disk (for ONNX Runtime).
+
+        If the model is unchanged and came from a file, that file is yielded directly.
+        """
+        with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+            out = Path(tmp) / "model.onnx"
+            save(self, out)
+            yield out
+
+
+# ---------------------------------------------------------------------- loading
+def opset_version(proto: onnx.ModelProto) -> int:
+    """The ``ai.onnx`` opset a model imports (0 if none)."""
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path}: empty file")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, UnicodeDecodeError, ...
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model (the file is corrupt or truncated: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})"
+        ) from None
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
+        raise ModelLoadError(f"{path}: parses as protobuf but holds no ONNX graph (is it an ONNX model?)")
+    if proto.ir_version <= 0:
+        raise ModelLoadError(f"{path}: no ir_version; not an ONNX model or truncated")
+    return proto
+
+
+def _check_opset(proto: onnx.ModelProto, where: str) -> None:
+    version = opset_version(proto)
+    if version == 0:
+        raise UnsupportedModelError(f"{where}: the model imports no ai.onnx opset")
+    if version < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {version} is below the supported minimum {MIN_OPSET}; "
+            "upgrade it with onnx.version_converter first"
+        )
+    latest = onnx.defs.onnx_opset_version()
+    if version > latest:
+        raise UnsupportedModelError(
+            f"{where}: opset {version} is newer than this onnx package supports ({latest}); "
+            "upgrade the onnx package"
+        )
+
+
+def _external_ref(tensor: onnx.TensorProto, base_dir: Path, where: str) -> ExternalRef:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location")
+    if not location:
+        raise ModelLoadError(f"{where}: initializer {tensor.name!r} has external data without a location")
+    base = base_dir.resolve()
+    target = (base / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(base):
+        raise ModelLoadError(
+            f"{where}: initializer {tensor.name!r} points at external data {location!r} outside the "
+            "model's folder; refusing to read it"
+        )
+    if not target.is_file():
+        raise ModelLoadError(
+            f"{where}: external data file {location!r} for initializer {tensor.name!r} is missing "
+            f"(looked in {base})"
+        )
+    try:
+        offset = int(info.get("offset", 0))
+        expected = _nbytes(tensor)
+        length = int(info.get("length", expected))
+    except ValueError:
+        raise ModelLoadError(f"{where}: initializer {tensor.name!r} has a malformed offset/length") from None
+    size = target.stat().st_size
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ModelLoadError(
+            f"{where}: initializer {tensor.name!r} wants bytes {offset}..{offset + length} of "
+            f"{location!r}, which has only {size} bytes"
+        )
+    if length != expected:
+        raise ModelLoadError(
+            f"{where}: initializer {tensor.name!r} needs {expected} bytes for shape "
+            f"{list(tensor.dims)} but its external data length is {length}"
+        )
+    return ExternalRef(target, offset, length)
+
+
+def _densify_sparse_initializers(proto: onnx.ModelProto) -> None:
+    """Turn ``graph.sparse_initializer`` entries into ordinary dense initializers."""
+    graph = proto.graph
+    if not len(graph.sparse_initializer):
+        return
+    for sp in graph.sparse_initializer:
+        values = numpy_helper.to_array(sp.values)
+        dims = tuple(int(d) for d in sp.dims)
+        dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+        idx = numpy_helper.to_array(sp.indices).astype(np.int64)
+        if idx.ndim == 2:  # COO [NNZ, rank]
+            idx = np.ravel_multi_index(tuple(idx.T), dims)
+        dense[idx] = values
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), sp.values.name))
+    graph.ClearField("sparse_initializer")
+
+
+def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
+    """Load an ONNX model without reading external weights into memory.
+
+    Args:
+        path: The ``.onnx`` file. External data files are looked up beside it.
+        check: Run ``onnx.checker`` (catches cycles, undefined inputs, duplicate names).
+
+    Returns:
+        The model; external initializers are memory-mapped on access.
+
+    Raises:
+        ModelLoadError: missing/empty/corrupt file, bad external data.
+        UnsupportedModelError: opset below 7 or newer than the installed onnx.
+    """
+    path = Path(path)
+    proto = _read_proto(path)
+    where = str(path)
+    _check_opset(proto, where)
+    base_dir = path.parent
+    external: dict[str, ExternalRef] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            external[tensor.name] = _external_ref(tensor, base_dir, where)
+    if len(proto.graph.sparse_initializer):
+        _densify_sparse_initializers(proto)
+    model = Model(proto=proto, path=path, base_dir=base_dir, external=external)
+    if check:
+        validate_graph(model, where)
+    overridable = sorted(model.graph_input_names() & set(model.initializer_map()))
+    if overridable:
+        log.warning(
+            "%s: %d initializer(s) are also graph inputs and may be overridden at run time; they are "
+            "treated as non-constant and left alone: %s",
+            where, len(overridable), ", ".join(overridable[:5]) + (" ..." if len(overridable) > 5 else ""),
+        )
+    return model
+
+
+def validate_graph(model: Model, where: str = "model") -> None:
+    """Run ``onnx.checker`` on the graph structure, turning failures into one-line errors.
+
+    Raises:
+        ModelLoadError: the graph is malformed (cycle, undefined input, duplicate names...).
+    """
+    seen: set[str] = set()
+    for t in model.graph.initializer:
+        if t.name in seen:
+            raise ModelLoadError(f"{where}: duplicate initializer name {t.name!r}")
+        seen.add(t.name)
+    produced: set[str] = set()
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out in produced:
+                raise ModelLoadError(
+                    f"{where}: tensor {out!r} is produced twice (node {node.name or node.op_type!r}); "
+                    "names must be unique"
+                )
+            if out:
+                produced.add(out)
+    proto = _shell(model.proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        msg = " ".join(str(exc).split())
+        if "topologically sorted" in msg or "not output of any previous nodes" in msg:
+            available = {i.name for i in model.graph.input} | seen | {""}
+            if not _toposortable(model.graph, available):
+                raise ModelLoadError(
+                    f"{where}: the graph has a cycle or a node input that no node, input or "
+                    f"initializer provides ({_first_line(msg)})"
+                ) from None
+            _toposort_inplace(model.graph, available)
+            return validate_graph(model, where)
+        raise ModelLoadError(f"{where}: invalid ONNX model: {_first_line(msg)}") from None
+
+
+def _first_line(msg: str, limit: int = 300) -> str:
+    return msg[:limit] + ("..." if len(msg) > limit else "")
+
+
+SMALL_TENSOR_BYTES = 1 << 16
+
+
+def _shell(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A cheap stand-in for checking: large or external initializers become graph inputs.
+
+    The checker and shape inference only need the weights' types and shapes, plus the values of
+    small constants (Reshape targets and the like), so large weights are not copied.
+    """
+    inits = list(proto.graph.initializer)
+    shell = copy_without_initializers(proto)
+    declared = {i.name for i in shell.graph.input}
+    for t in inits:
+        small = t.data_location != onnx.TensorProto.EXTERNAL and _nbytes(t) <= SMALL_TENSOR_BYTES
+        if small:
+            shell.graph.initializer.append(t)
+        elif t.name not in declared:
+            shell.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return shell
+
+
+def copy_without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy a model, leaving out the main graph's initializers (no weight bytes are copied)."""
+    out = onnx.ModelProto()
+    _copy_fields(proto, out, skip="graph")
+    _copy_fields(proto.graph, out.graph, skip="initializer")
+    if not out.HasField("graph"):
+        out.graph.SetInParent()
+    return out
+
+
+def _is_repeated(fd: object) -> bool:
+    rep = getattr(fd, "is_repeated", None)
+    if rep is not None:
+        return bool(rep)
+    return fd.label == fd.LABEL_REPEATED  # type: ignore[attr-defined]
+
+
+def _copy_fields(src: object, dst: object, skip: str) -> None:
+    for fd, value in src.ListFields():  # type: ignore[attr-defined]
+        if fd.name == skip:
+            continue
+        if _is_repeated(fd):
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _toposortable(graph: onnx.GraphProto, available: set[str]) -> bool:
+    return _topo_order(graph, available) is not None
+
+
+def _topo_order(graph: onnx.GraphProto, available: set[str]) -> list[int] | None:
+    avail = set(available)
+    remaining = list(range(len(graph.node)))
+    order: list[int] = []
+    outer = _outer_scope_names(graph)
+    progress = True
+    while remaining and progress:
+        progress = False
+        rest = []
+        for i in remaining:
+            node = graph.node[i]
+            needed = [x for x in node.input if x] + [x for x in outer.get(i, ()) ]
+            if all(x in avail for x in needed):
+                order.append(i)
+                avail.update(o for o in node.output if o)
+                progress = True
+            else:
+                rest.append(i)
+        remaining = rest
+    return order if not remaining else None
+
+
+def _outer_scope_names(graph: onnx.GraphProto) -> dict[int, list[str]]:
+    """For nodes with subgraphs: names the subgraphs read from the enclosing scope."""
+    result: dict[int, list[str]] = {}
+    for i, node in enumerate(graph.node):
+        names: list[str] = []
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
+                for n in sub.node:
+                    local.update(n.output)
+                for n in sub.node:
+                    names.extend(x for x in n.input if x and x not in local)
+        if names:
+            result[i] = names
+    return result
+
+
+def _toposort_inplace(graph: onnx.GraphProto, available: set[str]) -> None:
+    order = _topo_order(graph, available)
+    assert order is not None
+    nodes = [copy.deepcopy(graph.node[i]) for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+# ---------------------------------------------------------------------- saving
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(target: Path, mode: str = "wb") -> Iterator[object]:
+    """Write ``target`` through a temporary file in the same folder, fsync, then rename.
+
+    If the block raises (or the process dies), the target is untouched and the temporary file is
+    removed (or, after a hard kill, left as a hidden ``.*.tmp`` file, never as the target).
+    """
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    f = open(tmp, mode)  # noqa: SIM115
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _sparse_tensor(name: str, arr: np.ndarray) -> onnx.SparseTensorProto:
+    flat = arr.reshape(-1)
+    idx = np.flatnonzero(flat).astype(np.int64)
+    values = numpy_helper.from_array(flat[idx], name)
+    indices = numpy_helper.from_array(idx, name + "_indices")
+    sp = onnx.SparseTensorProto()
+    sp.values.CopyFrom(values)
+    sp.indices.CopyFrom(indices)
+    sp.dims.extend(arr.shape)
+    return sp
+
+
+def save(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    inplace: bool = False,
+    external_data: bool | None = None,
+    sparse_initializers: bool = False,
+    sparse_threshold: float = 0.5,
+) -> Path:
+    """Save ``model`` atomically.
+
+    Args:
+        model: The model.
+        path: Target ``.onnx`` path.
+        inplace: Allow writing over the file the model was loaded from.
+        external_data: Write weights to ``<path>.data``. Default: when the model was loaded with
+            external data or its weights exceed ~1.8 GB.
+        sparse_initializers: Store float weights whose share of zeros is at least
+            ``sparse_threshold`` as ``sparse_initializer`` (smaller file; ONNX Runtime densifies
+            them at load; TensorRT's parser ignores them, so do not use this for TensorRT).
+        sparse_threshold: Minimum share of zeros for sparse storage.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ModelSaveError: the target is the input (without ``inplace``), or cannot be written.
+    """
+    path = Path(path)
+    if not 0.0 <= sparse_threshold <= 1.0:
+        raise ModelSaveError(f"sparse_threshold must be in [0, 1], got {sparse_threshold}")
+    if model.path is not None and not inplace and (
+        _same_file(path, model.path) or path.resolve() == model.path.resolve()
+    ):
+        raise ModelSaveError(f"{path}: refusing to write over the input model (use --inplace)")
+    if not path.parent.exists():
+        raise ModelSaveError(f"{path.parent}: output folder does not exist")
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a directory")
+    if external_data is None:
+        external_data = bool(model.external) or model.weight_bytes() > EXTERNAL_DATA_LIMIT
+    data_name = path.name + ".data"
+    data_path = path.parent / data_name
+    for ref in model.external.values():
+        if _same_file(ref.path, data_path) and not inplace:
+            raise ModelSaveError(f"{data_path}: refusing to write over the input's external data")
+
+    shell = copy_without_initializers(model.proto)
+
+    def fragments(data_file: object | None) -> Iterator[bytes]:
+        offset = 0
+        for t in model.proto.graph.initializer:
+            frag = onnx.ModelProto()
+            needs_value = t.name in model.external or data_file is not None or sparse_initializers
+            arr = model.get_array(t.name) if needs_value else None
+            if sparse_initializers and arr is not None and arr.dtype.kind == "f" and arr.size >= 16:
+                zeros = arr.size - int(np.count_nonzero(arr))
+                if zeros / arr.size >= sparse_threshold:
+                    frag.graph.sparse_initializer.append(_sparse_tensor(t.name, np.asarray(arr)))
+                    yield frag.SerializeToString()
+                    continue
+            if data_file is not None and arr is not None and arr.nbytes >= EXTERNAL_MIN_BYTES:
+                buf = np.ascontiguousarray(arr).tobytes()
+                pad = (-offset) % 64
+                if pad:
+                    data_file.write(b"\0" * pad)  # type: ignore[attr-defined]
+                    offset += pad
+                data_file.write(buf)  # type: ignore[attr-defined]
+                d = frag.graph.initializer.add()
+                d.name, d.data_type = t.name, t.data_type
+                d.dims.extend(t.dims)
+                if t.doc_string:
+                    d.doc_string = t.doc_string
+                d.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(buf)))):
+                    e = d.external_data.add()
+                    e.key, e.value = k, v
+                offset += len(buf)
+            elif t.name in model.external:
+                frag.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
+            else:
+                frag.graph.initializer.append(t)
+            yield frag.SerializeToString()
+
+    try:
+        if external_data:
+            with atomic_write(data_path) as data_file, atomic_write(path) as f:
+                f.write(shell.SerializeToString())  # type: ignore[attr-defined]
+                for chunk in fragments(data_file):
+                    f.write(chunk)  # type: ignore[attr-defined]
+        else:
+            with atomic_write(path) as f:
+                f.write(shell.SerializeToString())  # type: ignore[attr-defined]
+                for chunk in fragments(None):
+                    f.write(chunk)  # type: ignore[attr-defined]
+    except OSError as exc:
+        raise ModelSaveError(f"{path}: cannot write: {exc}") from None
+    return path
+
+
+def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike[str] | None = None) -> Model:
+    """Wrap an in-memory ``ModelProto`` (external data, if any, relative to ``base_dir``)."""
+    model = Model(proto=proto, path=None, base_dir=Path(base_dir) if base_dir else None)
+    if base_dir is not None:
+        for t in proto.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                model.external[t.name] = _external_ref(t, Path(base_dir), "model")
+    return model

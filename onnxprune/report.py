@@ -1,0 +1,101 @@
+"""The optimisation report: what each pass did, what it cost and bought.
+
+A :class:`Report` holds the model summaries before and after, one record per pass (name,
+options, stats, seconds, modified), and the check result when one ran. It prints as terminal
+tables and serialises to JSON (``--report report.json`` / ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from onnxprune.check import CheckResult
+from onnxprune.pass_infra import PassRecord
+from onnxprune.summary import ModelSummary
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@dataclass
+class Report:
+    """Everything the CLI prints and writes as JSON."""
+
+    before: ModelSummary
+    after: ModelSummary
+    passes: list[PassRecord] = field(default_factory=list)
+    input_path: str | None = None
+    output_path: str | None = None
+    check: CheckResult | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        """Time spent in passes."""
+        return sum(p.seconds for p in self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "input": {"path": self.input_path, "size": self.before.file_size},
+            "output": {"path": self.output_path, "size": self.after.file_size},
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "passes": [asdict(p) for p in self.passes],
+            "total_seconds": round(self.total_seconds, 4),
+            "check": self.check.to_dict() if self.check else None,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        """The report as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def format(self) -> str:
+        """Terminal tables: before/after, passes, and the check."""
+        b, a = self.before, self.after
+        ops = sorted(set(b.ops) | set(a.ops))
+        changed_ops = [o for o in ops if b.ops.get(o, 0) != a.ops.get(o, 0)]
+        rows = [
+            ("nodes", _fmt_int(b.nodes), _fmt_int(a.nodes)),
+            ("parameters", _fmt_int(b.parameters), _fmt_int(a.parameters)),
+            ("non-zero parameters", _fmt_int(b.nonzero), _fmt_int(a.nonzero)),
+            ("sparsity", f"{b.sparsity:.2%}", f"{a.sparsity:.2%}"),
+            ("weight bytes", _fmt_bytes(b.weight_bytes), _fmt_bytes(a.weight_bytes)),
+            ("file size", _fmt_bytes(b.file_size), _fmt_bytes(a.file_size)),
+        ] + [(f"  op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in changed_ops]
+        w = max(len(r[0]) for r in rows)
+        lines = [f"{'':<{w}}  {'before':>16}  {'after':>16}", "-" * (w + 36)]
+        lines += [f"{r[0]:<{w}}  {r[1]:>16}  {r[2]:>16}" for r in rows]
+        if self.passes:
+            lines += ["", f"{'pass':<14} {'changed':>7} {'seconds':>8}  stats", "-" * 72]
+            for p in self.passes:
+                stats = ", ".join(f"{k}={_short(v)}" for k, v in p.stats.items() if not isinstance(v, (list, dict)))
+                lines.append(f"{p.name:<14} {('yes' if p.modified else 'no'):>7} {p.seconds:>8.2f}  {stats}")
+        if self.check:
+            lines += ["", "check against the input model (ONNX Runtime CPU):", self.check.format()]
+        for wmsg in self.warnings:
+            lines.append(f"warning: {wmsg}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

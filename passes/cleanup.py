@@ -1,0 +1,118 @@
+"""Pass ``cleanup``: dead-code removal and constant folding of shape subgraphs.
+
+Uses onnx-graphsurgeon: ``fold_constants`` (with ``fold_shapes``, so ``Shape -> Gather ->
+Concat -> Reshape`` chains whose dims are static become constants), then ``cleanup`` (dead nodes,
+unused initializers) and ``toposort``. Large weights never pass through graph-surgeon: before
+folding, every initializer over ``keep_bytes`` (and every external one) is presented to it as a
+graph input and re-attached unchanged afterwards, so the pass neither copies nor folds big
+weights (folding a Transpose of a weight would duplicate it). Outputs are unchanged by
+construction; the manager's checker and shape inference run afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxprune.model import Model, _nbytes, copy_without_initializers
+from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CleanupOptions:
+    """Options of ``cleanup``."""
+
+    fold_constants: bool = field(default=True, metadata={"help": "fold constant subgraphs (ONNX Runtime)"})
+    fold_shapes: bool = field(default=True, metadata={"help": "fold Shape-derived subgraphs where dims are static"})
+    max_fold_mb: float = field(default=16.0, metadata={"help": "largest constant (MB) folding may create",
+                                                        "min": 0.0})
+
+
+@register_pass
+class CleanupPass(Pass):
+    """Remove dead nodes/initializers and fold constant (shape) subgraphs."""
+
+    name = "cleanup"
+    description = "remove dead nodes and initializers, fold constant shape subgraphs (graph-surgeon)"
+    Options = CleanupOptions
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Fold and clean ``model`` in place."""
+        import onnx_graphsurgeon as gs
+
+        opts: CleanupOptions = self.options
+        graph = model.graph
+        nodes_before = len(graph.node)
+        inits_before = len(graph.initializer)
+        keep_bytes = 1 << 16
+        big = {t.name for t in graph.initializer
+               if t.name in model.external or _nbytes(t) > keep_bytes}
+        big_protos = {t.name: t for t in graph.initializer if t.name in big}
+        shell = copy_without_initializers(model.proto)
+        declared = {i.name for i in shell.graph.input}
+        for t in graph.initializer:
+            if t.name in big:
+                if t.name not in declared:
+                    shell.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            else:
+                shell.graph.initializer.append(t)
+        g = gs.import_onnx(shell)
+        if opts.fold_constants:
+            try:
+                g.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=int(opts.max_fold_mb * (1 << 20)),
+                                 error_ok=True)
+            except Exception as exc:  # graph-surgeon can fail on exotic graphs; folding is optional
+                ctx.warn(f"cleanup: constant folding skipped ({type(exc).__name__}: {exc})")
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        out = gs.export_onnx(g, do_type_check=False)
+        new_graph = out.graph
+        used: set[str] = set()
+        for n in new_graph.node:
+            used.update(x for x in n.input if x)
+        used |= {o.name for o in new_graph.output}
+        used |= _subgraph_reads(new_graph)
+        # drop the stand-in inputs, re-attach the big initializers that are still used
+        orig_inputs = [i.name for i in graph.input]
+        fake = big - set(orig_inputs)
+        inputs = [i for i in new_graph.input if i.name not in fake]
+        small_inits = [t for t in new_graph.initializer if t.name not in big]
+        del graph.node[:]
+        graph.node.extend(new_graph.node)
+        del graph.input[:]
+        graph.input.extend(inputs)
+        keep_external = {n for n in big_protos if n in used or n in orig_inputs}
+        # delete in place (no copies of big weights), then add the small/folded ones
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name not in keep_external:
+                del graph.initializer[i]
+        graph.initializer.extend(small_inits)
+        for name in list(model.external):
+            if name not in keep_external:
+                model.external.pop(name)
+        del graph.value_info[:]
+        stats = {
+            "nodes_before": nodes_before, "nodes_after": len(graph.node),
+            "initializers_before": inits_before, "initializers_after": len(graph.initializer),
+        }
+        modified = stats["nodes_before"] != stats["nodes_after"] or inits_before != len(graph.initializer)
+        return PassResult(model, True if modified else _changed(shell, out), stats)
+
+
+def _changed(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return [n.op_type for n in a.graph.node] != [n.op_type for n in b.graph.node]
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    from onnxprune.pass_infra import _subgraph_outer_inputs
+
+    names: set[str] = set()
+    for n in graph.node:
+        names |= _subgraph_outer_inputs(n)
+    return names
+
+
+__all__ = ["CleanupOptions", "CleanupPass"]

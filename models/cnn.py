@@ -1,6 +1,6 @@
 """Deterministic builders of small convolutional test models.
 
-:func:`build_cnn` (defaults: ``width=16``, 3x16x16 input, about 20k parameters)::
+:func:`build_cnn` (defaults: ``width=16``, 3x16x16 input, about 14k parameters)::
 
     input [batch, 3, S, S]
       stem      : stem.conv (3x3, no bias) -> stem.bn -> stem.relu                  [W,   S]
@@ -86,7 +86,8 @@ class _Graph:
             **attrs: Node attributes.
         """
         out = self._claim(output or f"{name}.out")
-        self.nodes.append(helper.make_node(op, list(inputs), [out], name=self._claim(name), **attrs))
+        node = helper.make_node(op, list(inputs), [out], name=self._claim(name), **attrs)
+        self.nodes.append(node)
         return out
 
     # ------------------------------------------------------------------ layers
@@ -101,9 +102,9 @@ class _Graph:
         group: int = 1,
         bias: bool = True,
     ) -> str:
-        """Add a same-padded, stride-1 Conv with He-scaled weights."""
+        """Add a same-padded, stride-1 Conv with fan-in scaled (LeCun) weights."""
         fan_in = cin // group * k * k
-        weight = self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)
+        weight = self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(1.0 / fan_in)
         inputs = [x, self.init(f"{name}.weight", weight)]
         if bias:
             inputs.append(self.init(f"{name}.bias", self.rng.standard_normal(cout) * 0.05))
@@ -150,7 +151,11 @@ class _Graph:
         return self.node("MaxPool", [x], name, kernel_shape=[2, 2], strides=[2, 2])
 
     def model(
-        self, graph_name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], opset: int
+        self,
+        graph_name: str,
+        inputs: list[onnx.ValueInfoProto],
+        outputs: list[onnx.ValueInfoProto],
+        opset: int,
     ) -> onnx.ModelProto:
         """Wrap the accumulated nodes into an IR-8 model."""
         graph = helper.make_graph(

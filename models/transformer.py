@@ -102,7 +102,8 @@ class _Graph:
             **attrs: Node attributes.
         """
         out = self._claim(output or f"{name}.out")
-        self.nodes.append(helper.make_node(op, list(inputs), [out], name=self._claim(name), **attrs))
+        node = helper.make_node(op, list(inputs), [out], name=self._claim(name), **attrs)
+        self.nodes.append(node)
         return out
 
     # ------------------------------------------------------------------ layers
@@ -130,7 +131,8 @@ class _Graph:
         centered = self.node("Sub", [x, mean], f"{name}.sub")
         square = self.node("Pow", [centered, self.init(f"{name}.pow.exponent", 2.0)], f"{name}.pow")
         var = self.node("ReduceMean", [square], f"{name}.var", axes=[-1], keepdims=1)
-        var = self.node("Add", [var, self.init(f"{name}.add_eps.epsilon", LN_EPSILON)], f"{name}.add_eps")
+        eps = self.init(f"{name}.add_eps.epsilon", LN_EPSILON)
+        var = self.node("Add", [var, eps], f"{name}.add_eps")
         std = self.node("Sqrt", [var], f"{name}.sqrt")
         normed = self.node("Div", [centered, std], f"{name}.div")
         scaled = self.node("Mul", [normed, weight], f"{name}.mul")
@@ -162,11 +164,13 @@ class _Graph:
 
     def gelu(self, x: str, prefix: str) -> str:
         """Add the Erf form of GELU, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, as torch exports it."""
-        y = self.node("Div", [x, self.init(f"{prefix}.div.sqrt2", float(np.sqrt(2.0)))], f"{prefix}.div")
+        sqrt2 = self.init(f"{prefix}.div.sqrt2", float(np.sqrt(2.0)))
+        y = self.node("Div", [x, sqrt2], f"{prefix}.div")
         y = self.node("Erf", [y], f"{prefix}.erf")
         y = self.node("Add", [y, self.init(f"{prefix}.add.one", 1.0)], f"{prefix}.add")
         y = self.node("Mul", [x, y], f"{prefix}.mul")
-        return self.node("Mul", [y, self.init(f"{prefix}.mul_half.half", 0.5)], f"{prefix}.mul_half")
+        half = self.init(f"{prefix}.mul_half.half", 0.5)
+        return self.node("Mul", [y, half], f"{prefix}.mul_half")
 
     def additive_mask(self, attention_mask: str) -> str:
         """Turn an int64 [b, s] 0/1 mask into an additive float [b, 1, 1, s] mask."""

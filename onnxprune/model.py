@@ -113,9 +113,18 @@ class Model:
         """True if ``name`` is an initializer that is not also a graph input.
 
         An initializer listed among the graph inputs may be overridden at run time, so it is not
-        treated as a constant.
+        treated as a constant — except in IR version < 4 models, where every initializer had to be
+        listed as an input.
         """
-        return name not in self.graph_input_names() and self.initializer(name) is not None
+        if self.initializer(name) is None:
+            return False
+        return self.proto.ir_version < 4 or name not in self.graph_input_names()
+
+    def overridable_initializers(self) -> list[str]:
+        """Initializers that are also graph inputs (IR >= 4), sorted."""
+        if self.proto.ir_version < 4:
+            return []
+        return sorted(self.graph_input_names() & set(self.initializer_map()))
 
     # ------------------------------------------------------------------ weights
     def get_array(self, name: str) -> np.ndarray:
@@ -224,7 +233,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})"
         ) from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
-        raise ModelLoadError(f"{path}: parses as protobuf but holds no ONNX graph (is it an ONNX model?)")
+        raise ModelLoadError(f"{path}: not an ONNX model (it parses as protobuf but holds no graph)")
     if proto.ir_version <= 0:
         raise ModelLoadError(f"{path}: no ir_version; not an ONNX model or truncated")
     return proto
@@ -279,7 +288,7 @@ def _external_ref(tensor: onnx.TensorProto, base_dir: Path, where: str) -> Exter
     if length != expected:
         raise ModelLoadError(
             f"{where}: initializer {tensor.name!r} needs {expected} bytes for shape "
-            f"{list(tensor.dims)} but its external data length is {length}"
+            f"{list(tensor.dims)} but its external data length in {location!r} is {length}"
         )
     return ExternalRef(target, offset, length)
 
@@ -329,7 +338,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
     model = Model(proto=proto, path=path, base_dir=base_dir, external=external)
     if check:
         validate_graph(model, where)
-    overridable = sorted(model.graph_input_names() & set(model.initializer_map()))
+    overridable = model.overridable_initializers()
     if overridable:
         log.warning(
             "%s: %d initializer(s) are also graph inputs and may be overridden at run time; they are "
@@ -339,7 +348,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
     return model
 
 
-def validate_graph(model: Model, where: str = "model") -> None:
+def validate_graph(model: Model, where: str = "model", _sorted: bool = False) -> None:
     """Run ``onnx.checker`` on the graph structure, turning failures into one-line errors.
 
     Raises:
@@ -365,15 +374,12 @@ def validate_graph(model: Model, where: str = "model") -> None:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         msg = " ".join(str(exc).split())
-        if "topologically sorted" in msg or "not output of any previous nodes" in msg:
+        if not _sorted and ("topologically sorted" in msg or "not output of any previous nodes" in msg):
             available = {i.name for i in model.graph.input} | seen | {""}
             if not _toposortable(model.graph, available):
-                raise ModelLoadError(
-                    f"{where}: the graph has a cycle or a node input that no node, input or "
-                    f"initializer provides ({_first_line(msg)})"
-                ) from None
+                raise ModelLoadError(f"{where}: {_unsortable_reason(model.graph, available)}") from None
             _toposort_inplace(model.graph, available)
-            return validate_graph(model, where)
+            return validate_graph(model, where, _sorted=True)
         raise ModelLoadError(f"{where}: invalid ONNX model: {_first_line(msg)}") from None
 
 
@@ -436,25 +442,8 @@ def _toposortable(graph: onnx.GraphProto, available: set[str]) -> bool:
 
 
 def _topo_order(graph: onnx.GraphProto, available: set[str]) -> list[int] | None:
-    avail = set(available)
-    remaining = list(range(len(graph.node)))
-    order: list[int] = []
-    outer = _outer_scope_names(graph)
-    progress = True
-    while remaining and progress:
-        progress = False
-        rest = []
-        for i in remaining:
-            node = graph.node[i]
-            needed = [x for x in node.input if x] + [x for x in outer.get(i, ()) ]
-            if all(x in avail for x in needed):
-                order.append(i)
-                avail.update(o for o in node.output if o)
-                progress = True
-            else:
-                rest.append(i)
-        remaining = rest
-    return order if not remaining else None
+    order = _topo_order_partial(graph, available)
+    return order if len(order) == len(graph.node) else None
 
 
 def _outer_scope_names(graph: onnx.GraphProto) -> dict[int, list[str]]:
@@ -465,14 +454,73 @@ def _outer_scope_names(graph: onnx.GraphProto) -> dict[int, list[str]]:
         for attr in node.attribute:
             subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subs:
-                local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
-                for n in sub.node:
-                    local.update(n.output)
-                for n in sub.node:
-                    names.extend(x for x in n.input if x and x not in local)
+                names.extend(_graph_outer_reads(sub))
         if names:
             result[i] = names
     return result
+
+
+def _graph_outer_reads(sub: onnx.GraphProto) -> list[str]:
+    """Names a (sub)graph reads from enclosing scopes, nested subgraphs included, in first-use order."""
+    local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
+    for n in sub.node:
+        local.update(n.output)
+    names: list[str] = []
+    for n in sub.node:
+        names.extend(x for x in n.input if x and x not in local)
+        for attr in n.attribute:
+            inner = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for g in inner:
+                names.extend(x for x in _graph_outer_reads(g) if x not in local)
+    return list(dict.fromkeys(names))
+
+
+def _unsortable_reason(graph: onnx.GraphProto, available: set[str]) -> str:
+    """Why a graph cannot be sorted: an input nobody provides, or else a cycle (named)."""
+    produced = set(available)
+    for node in graph.node:
+        produced.update(o for o in node.output if o)
+    outer = _outer_scope_names(graph)
+    for i, node in enumerate(graph.node):
+        for x in [*node.input, *outer.get(i, ())]:
+            if x and x not in produced:
+                return (f"node {node.name or node.op_type!r} reads tensor {x!r}, which no node, graph input "
+                        "or initializer provides")
+    order = set(_topo_order_partial(graph, available))
+    stuck = [graph.node[i].name or graph.node[i].op_type for i in range(len(graph.node)) if i not in order]
+    return (f"the graph has a cycle through node(s) {', '.join(repr(n) for n in stuck[:5])}"
+            + (" ..." if len(stuck) > 5 else ""))
+
+
+def _topo_order_partial(graph: onnx.GraphProto, available: set[str]) -> list[int]:
+    """Kahn's algorithm: indices of the nodes that can be ordered (all of them unless there is a cycle
+    or an input nobody provides). Ties keep the original node order, so sorting is deterministic."""
+    import heapq
+
+    outer = _outer_scope_names(graph)
+    waiting: dict[str, list[int]] = {}
+    missing = [0] * len(graph.node)
+    for i, node in enumerate(graph.node):
+        needed = {x for x in [*node.input, *outer.get(i, ())] if x and x not in available}
+        missing[i] = len(needed)
+        for x in needed:
+            waiting.setdefault(x, []).append(i)
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    done: set[str] = set()
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for o in graph.node[i].output:
+            if not o or o in done:
+                continue
+            done.add(o)
+            for j in waiting.get(o, ()):
+                missing[j] -= 1
+                if missing[j] == 0:
+                    heapq.heappush(ready, j)
+    return order
 
 
 def _toposort_inplace(graph: onnx.GraphProto, available: set[str]) -> None:

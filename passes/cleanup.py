@@ -62,6 +62,9 @@ class CleanupPass(Pass):
                 shell.graph.initializer.append(t)
         g = gs.import_onnx(shell)
         if opts.fold_constants:
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(3)  # graph-surgeon's folding session is noisy
             try:
                 g.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=int(opts.max_fold_mb * (1 << 20)),
                                  error_ok=True)

@@ -55,6 +55,7 @@ def optimize(
     inplace: bool = False,
     verify: bool = True,
     input_path: str | os.PathLike[str] | None = None,
+    per_layer: bool = False,
 ) -> OptimizeResult:
     """Run a pipeline of passes on ``model``.
 
@@ -72,6 +73,8 @@ def optimize(
         inplace: Change ``model`` itself instead of a copy (saves memory on big models).
         verify: Run checker and shape inference after every modifying pass.
         input_path: Path to report as the input (defaults to ``model.path``).
+        per_layer: Put per-initializer rows (shape, size, non-zeros) into the before/after
+            summaries (for the HTML report's per-layer chart).
 
     Returns:
         The optimised model and its report.
@@ -80,7 +83,7 @@ def optimize(
         OnnxPruneError: bad pipeline, bad calibration data, a pass that failed, a failed check.
     """
     passes = parse_pipeline(pipeline)
-    before = summarize(model, input_path or model.path)
+    before = summarize(model, input_path or model.path, per_initializer=per_layer)
     work = model if inplace else model.copy()
     ctx = PassContext(
         calibration=_calibration(calibration, model, calibration_batch),
@@ -96,7 +99,7 @@ def optimize(
         else:
             reference = model.copy()
     out, records = PassManager(passes, verify=verify).run(work, ctx)
-    after = summarize(out)
+    after = summarize(out, per_initializer=per_layer)
     report = Report(before=before, after=after, passes=records,
                     input_path=str(input_path or model.path) if (input_path or model.path) else None)
     report.warnings.extend(ctx.warnings)

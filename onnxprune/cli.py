@@ -3,7 +3,10 @@
 Every user error becomes one line on stderr and exit code 2 (a traceback only with ``-v``);
 ``check`` exits 1 when given tolerances are exceeded. ``optimize`` writes its output (and
 report) atomically and only after every pass and the optional check succeeded, so a failed run
-leaves no output file behind, and it never writes over its input unless ``--inplace``.
+leaves no output file behind, and it never writes over its input unless ``--inplace``; with
+``--check --atol/--rtol`` a result outside the tolerance exits 1 and writes only the report.
+``--quiet`` and ``--json`` also silence progress bars (:mod:`onnxprune.progress`); ``-v``/``-q``
+are accepted before or after the command.
 """
 
 from __future__ import annotations
@@ -52,6 +55,23 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.write(text)  # type: ignore[attr-defined]
 
 
+def _write_report(path: Path, report: Any) -> None:
+    """Write the report: HTML when the name ends in .html/.htm, else JSON."""
+    if path.suffix.lower() in (".html", ".htm"):
+        from onnxprune.report_html import render_html
+
+        _write_text_atomic(path, render_html(report))
+    else:
+        _write_text_atomic(path, report.to_json())
+
+
+def _check_report_path(path: Path) -> None:
+    if path.is_dir():
+        raise OnnxPruneError(f"--report {path}: is a directory")
+    if not path.parent.exists():
+        raise OnnxPruneError(f"--report {path}: folder {path.parent} does not exist")
+
+
 def _default_output(inp: Path) -> Path:
     name = inp.name[:-5] if inp.name.endswith(".onnx") else inp.name
     return inp.parent / f"{name}.pruned.onnx"
@@ -81,29 +101,48 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise OnnxPruneError(f"{out}: refusing to write over the input model (use --inplace)")
     if not out.parent.exists():
         raise OnnxPruneError(f"{out.parent}: output folder does not exist")
+    if args.report:
+        _check_report_path(Path(args.report))
+    if getattr(args, "emit_trtexec", False):  # a missing TensorRT then warns instead of failing
+        for p in passes:
+            if p.name == "tensorrt":
+                p.options.emit_trtexec = True
     model = onnxprune.load(inp)
     dims = _parse_dims(args.dim)
     result = onnxprune.optimize(
         model, passes, calibration=args.calib, calibration_batch=args.calib_batch, check=args.check,
         check_inputs=args.check_inputs, check_dims=dims, recipe_overrides=overrides, inplace=True,
-        verify=not args.no_verify, input_path=inp,
+        verify=not args.no_verify, input_path=inp, options={"output_path": str(out)},
+        per_layer=bool(args.report and str(args.report).lower().endswith((".html", ".htm"))),
     )
+    report = result.report
+    if report.check and (args.atol is not None or args.rtol is not None) and not report.check.within(args.atol,
+                                                                                                   args.rtol):
+        # a result outside the tolerance is not written (a build script must not pick it up)
+        if args.report:
+            _write_report(Path(args.report), report)
+        if args.json:
+            print(report.to_json())
+        elif not args.quiet:
+            print(report.format())
+        print(f"error: check exceeded tolerance (atol={args.atol}, rtol={args.rtol}); {out} was not written",
+              file=sys.stderr)
+        return EXIT_CHECK_FAILED
     onnxprune.save(result.model, out, inplace=args.inplace, sparse_initializers=args.sparse_storage,
                    sparse_threshold=args.sparse_threshold)
-    report = result.report
     report.output_path = str(out)
     report.after.file_size = file_size(out)
+    if getattr(args, "emit_trtexec", False):
+        from onnxprune.passes.tensorrt import trtexec_for
+
+        print(trtexec_for(result.model, out, passes), file=sys.stderr if args.json else sys.stdout)
     if args.report:
-        _write_text_atomic(Path(args.report), report.to_json())
+        _write_report(Path(args.report), report)
     if args.json:
         print(report.to_json())
     elif not args.quiet:
         print(report.format())
         print(f"\nwrote {out}")
-    if report.check and (args.atol is not None or args.rtol is not None):
-        if not report.check.within(args.atol, args.rtol):
-            print(f"error: check exceeded tolerance (atol={args.atol}, rtol={args.rtol})", file=sys.stderr)
-            return EXIT_CHECK_FAILED
     return 0
 
 
@@ -256,8 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json output)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # -v/-q are accepted after the command too (``onnxprune optimize X -q``)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log details and show tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print nothing but errors (and --json output)")
 
-    o = sub.add_parser("optimize", help="run a pipeline of passes on a model")
+    o = sub.add_parser("optimize", help="run a pipeline of passes on a model", parents=[common])
     o.add_argument("model", help="input .onnx")
     o.add_argument("-o", "--output", help="output .onnx (default IN.pruned.onnx beside the input)")
     o.add_argument("--passes", help="pipeline, e.g. 'channels(ratio=0.3),nm(n=2,m=4)'")
@@ -267,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--check", action="store_true", help="compare the result with the input on ONNX Runtime CPU")
     o.add_argument("--check-inputs", help=".npz inputs for --check (random when absent)")
     o.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for random inputs")
-    o.add_argument("--atol", type=float, help="with --check: exit 1 if max abs error exceeds this")
-    o.add_argument("--rtol", type=float, help="with --check: exit 1 if max rel error exceeds this")
-    o.add_argument("--report", help="write the report as JSON here")
+    o.add_argument("--atol", type=float, help="with --check: exit 1 (and write no model) if max abs error exceeds this")
+    o.add_argument("--rtol", type=float, help="with --check: exit 1 (and write no model) if max rel error exceeds this")
+    o.add_argument("--report", help="write the report here: HTML (per-layer chart) if it ends in .html, else JSON")
     o.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     o.add_argument("--inplace", action="store_true", help="allow writing over the input model")
     o.add_argument("--sparse-storage", action="store_true",
@@ -277,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "densifies them at load; TensorRT's parser ignores them - do not use for TensorRT)")
     o.add_argument("--sparse-threshold", type=float, default=0.5, help="min share of zeros for --sparse-storage")
     o.add_argument("--no-verify", action="store_true", help="skip checker/shape inference between passes")
+    o.add_argument("--emit-trtexec", action="store_true",
+                   help="print the trtexec command that builds a sparse TensorRT engine from the output")
     o.set_defaults(func=cmd_optimize)
 
-    i = sub.add_parser("inspect", help="ops, parameters, sparsity, prunable weights")
+    i = sub.add_parser("inspect", help="ops, parameters, sparsity, prunable weights", parents=[common])
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="one JSON document on stdout")
     i.add_argument("--nm", metavar="N:M", help="check every weight for N:M sparsity along its reduction axis")
@@ -287,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tensorrt", action="store_true", help="which layers TensorRT could run on sparse tensor cores")
     i.set_defaults(func=cmd_inspect)
 
-    c = sub.add_parser("check", help="compare two models on ONNX Runtime CPU")
+    c = sub.add_parser("check", help="compare two models on ONNX Runtime CPU", parents=[common])
     c.add_argument("reference")
     c.add_argument("candidate")
     c.add_argument("--inputs", help=".npz with arrays named after the inputs (random when absent)")
@@ -298,11 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_check)
 
-    ps = sub.add_parser("passes", help="list registered passes and their options")
+    ps = sub.add_parser("passes", help="list registered passes and their options", parents=[common])
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_passes)
 
-    d = sub.add_parser("demo", help="run a representative pipeline on the bundled demo model")
+    d = sub.add_parser("demo", help="run a representative pipeline on the bundled demo model", parents=[common])
     d.add_argument("-o", "--output-dir", help="folder for the demo's output (default: a temp folder)")
     d.set_defaults(func=cmd_demo)
     return p
@@ -320,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for attr in ("json", "quiet"):
         if not hasattr(args, attr):
             setattr(args, attr, False)
+    from onnxprune import progress
+
+    progress.set_enabled(not (args.quiet or args.json))
     try:
         return int(args.func(args))
     except OnnxPruneError as exc:

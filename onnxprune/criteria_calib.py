@@ -32,15 +32,24 @@ Preconditions: ``W_kn`` is 2-D float; ``sumsq_k`` has ``K`` non-negative entries
 ``[K, K]`` symmetric positive semi-definite (e.g. ``XᵀX`` accumulated in float64);
 ``0 <= sparsity < 1``; for N:M ``0 < n < m``. When ``K % m != 0`` the trailing partial group is
 left dense (it cannot hold an N:M pattern).
+
+:func:`prune_with_calibration` is the model-level driver the ``masks``/``nm`` passes call: it
+collects statistics (parallel or sequential, see :mod:`onnxprune.analysis.calibration`),
+optionally allocates per-layer sparsities (:mod:`onnxprune.allocation`), prunes every weight in
+its ``[K, N]`` view and writes it back.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from onnxprune.errors import PipelineError
 
-__all__ = ["apply_keep_mask", "nm_groups_ok", "sparsegpt_prune", "wanda_prune", "wanda_scores"]
+__all__ = ["apply_keep_mask", "nm_groups_ok", "prune_with_calibration", "sparsegpt_prune", "wanda_prune",
+           "wanda_scores"]
 
 
 def _check_args(W_kn: np.ndarray, sparsity: float | None, nm: tuple[int, int] | None, what: str) -> None:
@@ -150,22 +159,35 @@ def _prepare_hinv(H: np.ndarray, W: np.ndarray, percdamp: float) -> np.ndarray:
     dead = diag <= 0
     if dead.any():
         H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+        W[dead, :] = 0.0
     damp = percdamp * float(np.mean(np.diag(H)))
     H[np.diag_indices_from(H)] += damp
+    # Upper Cholesky factor of H⁻¹ with one factorisation: with J the reversal permutation,
+    # chol(J H J) = M gives H = R Rᵀ for the upper-triangular R = J M J, so H⁻¹ = R⁻ᵀ R⁻¹ and
+    # U = R⁻¹ (upper, positive diagonal) satisfies H⁻¹ = UᵀU.
     for attempt in range(6):
         try:
-            L = np.linalg.cholesky(H)
+            M = np.linalg.cholesky(H[::-1, ::-1])
             break
         except np.linalg.LinAlgError:
             # numerically indefinite: add more dampening and retry
             H[np.diag_indices_from(H)] += max(damp, 1e-8) * (10.0 ** attempt)
     else:  # pragma: no cover - only for pathological inputs
         raise PipelineError("sparsegpt: the Hessian is not positive definite even after dampening")
-    # H⁻¹ = L⁻ᵀ L⁻¹; its upper Cholesky factor U satisfies H⁻¹ = UᵀU.
-    Linv = np.linalg.solve(L, np.eye(L.shape[0]))  # lower triangular
-    Hinv = Linv.T @ Linv
-    return np.linalg.cholesky(Hinv).T
+    R = np.ascontiguousarray(M[::-1, ::-1])
+    return _upper_inverse(R)
+
+
+def _upper_inverse(R: np.ndarray) -> np.ndarray:
+    """Inverse of an upper-triangular matrix (LAPACK ``trtri`` when SciPy is present)."""
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # pragma: no cover - numpy fallback (LU; slower, same result)
+        return np.triu(np.linalg.inv(R))
+    inv, info = lapack.dtrtri(R, lower=0)
+    if info != 0:  # pragma: no cover - singular only if the factorisation failed
+        return np.triu(np.linalg.inv(R))
+    return np.triu(inv)
 
 
 def sparsegpt_prune(
@@ -206,47 +228,203 @@ def sparsegpt_prune(
         n, m = nm
         blocksize = -(-blocksize // m) * m
         full = (K // m) * m
-    W = W_kn.astype(np.float64).T.copy()  # paper layout [rows = N, cols = K]
-    forced = None if keep_mask is None else ~keep_mask.T
+    W = W_kn.astype(np.float64)  # rows = input channels k (the paper's columns), cols = outputs
+    forced = None if keep_mask is None else ~keep_mask
     U = _prepare_hinv(H, W, percdamp)
-    mask = np.zeros((N, K), dtype=bool)  # True = pruned
+    pruned = np.zeros((K, N), dtype=bool)
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
-        W1 = W[:, i1:i2].copy()
-        Q1 = np.zeros_like(W1)
+        W1 = W[i1:i2].copy()
         E1 = np.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        d1 = np.diag(U1)
-        m1 = np.zeros(W1.shape, dtype=bool)
-        f1 = None if forced is None else forced[:, i1:i2]
+        d1 = np.diag(U1).copy()
+        m1 = pruned[i1:i2]  # view: written in place
+        f1 = None if forced is None else forced[i1:i2]
         if nm is None:
-            sal = W1 ** 2 / d1[None, :] ** 2
+            sal = W1 ** 2 / d1[:, None] ** 2
             if f1 is not None:
                 sal = np.where(f1, -np.inf, sal)
             n_prune = int(sal.size * sparsity)
             if n_prune:
                 flat = np.argpartition(sal.ravel(), n_prune - 1)[:n_prune]
-                m1.ravel()[flat] = True
+                m1[np.unravel_index(flat, m1.shape)] = True
         for i in range(i2 - i1):
             col = i1 + i
             if nm is not None and i % m == 0 and col + m <= full:
-                sal = W1[:, i:i + m] ** 2 / d1[None, i:i + m] ** 2
+                sal = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2
                 if f1 is not None:
-                    sal = np.where(f1[:, i:i + m], -np.inf, sal)
-                low = np.argsort(sal, axis=1, kind="stable")[:, : m - n]
-                np.put_along_axis(m1[:, i:i + m], low, True, axis=1)
-            w = W1[:, i]
-            q = np.where(m1[:, i], 0.0, w)
-            Q1[:, i] = q
-            err = (w - q) / d1[i]
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            E1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = m1
+                    sal = np.where(f1[i:i + m], -np.inf, sal)
+                low = np.argsort(sal, axis=0, kind="stable")[: m - n]
+                np.put_along_axis(m1[i:i + m], low, True, axis=0)
+            w = W1[i]
+            err = np.where(m1[i], w, 0.0) / d1[i]  # (w - q) / d with q = w masked
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            W1[i] = np.where(m1[i], 0.0, W1[i])
+            E1[i] = err
+        W[i1:i2] = W1
         if i2 < K:
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            W[i2:] -= U[i1:i2, i2:].T @ E1
     if forced is not None:
-        mask |= forced
-        W[mask] = 0.0
-    keep = ~mask.T
-    return np.ascontiguousarray(W.T).astype(W_kn.dtype), keep
+        pruned |= forced
+    W[pruned] = 0.0
+    keep = ~pruned
+    return W.astype(W_kn.dtype), keep
+
+
+# ---------------------------------------------------------------------- model-level driver
+def prune_with_calibration(
+    model: Any,
+    weights: Sequence[Any],
+    calib: Any,
+    *,
+    criterion: str,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    mode: str = "parallel",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    allocation: str = "uniform",
+    owl_lambda: float = 0.08,
+    owl_m: float = 5.0,
+    mask_input: str | None = "auto",
+    chunk_bytes: int | None = None,
+    sparsities: Mapping[str, float] | None = None,
+    stage_group: int = 1,
+) -> dict[str, Any]:
+    """Prune ``weights`` of ``model`` in place with ``wanda`` or ``sparsegpt``.
+
+    Statistics come from :func:`onnxprune.analysis.calibration.calibration_stages` (``parallel``:
+    one pass over the dense model; ``sequential``: one pass per depth stage on the model pruned so
+    far). Existing zeros of a weight are kept zero and count towards its target. With
+    ``allocation="owl"`` (unstructured only) every weight gets its own sparsity from
+    :func:`onnxprune.allocation.owl_sparsities`, computed from Wanda scores on the dense model
+    (one extra sums-of-squares pass unless the statistics are already at hand).
+
+    Args:
+        model: The :class:`~onnxprune.model.Model` (changed in place).
+        weights: :class:`~onnxprune.analysis.weights.WeightInfo` of the weights to prune.
+        calib: :class:`~onnxprune.analysis.calibration.CalibrationData`, or anything its ``from_any``
+            takes (None raises).
+        criterion: ``wanda`` or ``sparsegpt``.
+        sparsity: Global unstructured target (or give ``nm``).
+        nm: ``(n, m)`` pattern along K.
+        mode: ``parallel`` or ``sequential``.
+        blocksize: SparseGPT block of input channels.
+        percdamp: SparseGPT dampening share of the mean Hessian diagonal.
+        allocation: ``uniform`` or ``owl``.
+        owl_lambda: OWL's maximal deviation from the target.
+        owl_m: OWL's outlier threshold (multiple of the layer mean score).
+        mask_input: Attention-mask input name, ``auto`` or None.
+        chunk_bytes: Accumulator budget per calibration pass (default 1 GiB).
+        sparsities: Explicit per-weight sparsities (override ``sparsity`` and ``allocation``).
+        stage_group: Sequential mode: depth stages per calibration pass (1 = one pass per stage;
+            4 = one per BERT layer).
+
+    Returns:
+        ``{"sparsity": {weight: achieved}, "target": {weight: target}, "skipped": {weight: reason},
+        "stages": int, "calibration_s": float, "prune_s": float}``.
+
+    Raises:
+        CalibrationError: no calibration data, or data ONNX Runtime cannot run.
+        PipelineError: bad criterion, mode, allocation or pattern.
+    """
+    import time
+
+    from onnxprune.allocation import ALLOCATIONS, outlier_ratio, owl_sparsities
+    from onnxprune.analysis.calibration import (
+        DEFAULT_CHUNK_BYTES,
+        CalibrationData,
+        calib_targets,
+        calibration_stages,
+        collect_input_stats,
+        weight_stats,
+    )
+    from onnxprune.analysis.weights import from_kn, to_kn
+    from onnxprune.errors import CalibrationError
+
+    if criterion not in ("wanda", "sparsegpt"):
+        raise PipelineError(f"prune_with_calibration: criterion must be wanda or sparsegpt, got {criterion!r}")
+    if calib is None:
+        raise CalibrationError(f"criterion {criterion} needs calibration data (--calib DATA.npz, or "
+                               "optimize(..., calibration=...))")
+    if mode not in ("parallel", "sequential"):
+        raise PipelineError(f"mode must be parallel or sequential, got {mode!r}")
+    if not isinstance(calib, CalibrationData):
+        calib = CalibrationData.from_any(calib, model)
+    if allocation not in ALLOCATIONS:
+        raise PipelineError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if allocation != "uniform" and nm is not None:
+        raise PipelineError("allocation=owl applies to unstructured sparsity, not to N:M patterns")
+    chunk = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    skipped: dict[str, str] = {}
+    usable = []
+    for w in weights:
+        if w.k_axis is None or w.conflict:
+            skipped[w.name] = w.conflict or "K axis not traceable"
+        elif w.quant is not None:
+            skipped[w.name] = "quantized weight (DequantizeLinear) is not supported by calibration criteria"
+        else:
+            usable.append(w)
+    targets = calib_targets(model, usable)
+    for t in targets:
+        if t.skip_reason:
+            skipped[t.weight] = t.skip_reason
+    info = {w.name: w for w in usable}
+    targets = [t for t in targets if not t.skip_reason]
+    kind = "hessian" if criterion == "sparsegpt" else "sumsq"
+    t_cal = 0.0
+    t0 = time.perf_counter()
+    goal: dict[str, float] = {}
+    if sparsities is not None:
+        goal = {t.weight: float(sparsities.get(t.weight, sparsity or 0.0)) for t in targets}
+    elif nm is None:
+        if sparsity is None:
+            raise PipelineError("give sparsity or nm")
+        goal = {t.weight: float(sparsity) for t in targets}
+        if allocation == "owl" and targets:
+            acts: dict[str, int] = {}
+            for t in targets:
+                for a, axis in t.inputs:
+                    acts.setdefault(a, axis)
+            dense = weight_stats(targets, collect_input_stats(model, calib, acts, kind="sumsq",
+                                                              token_mask_input=mask_input, chunk_bytes=chunk))
+            ratios = {n: outlier_ratio(wanda_scores(to_kn(np.asarray(model.get_array(n)), info[n]), s["sumsq"]), owl_m)
+                      for n, s in dense.items()}
+            sizes = {n: info[n].size for n in ratios}
+            goal.update(owl_sparsities(ratios, sizes, float(sparsity), owl_lambda))
+    t_cal += time.perf_counter() - t0
+    achieved: dict[str, float] = {}
+    t_prune = 0.0
+    n_stages = 0
+    stages = calibration_stages(model, targets, calib, kind=kind, mode=mode, token_mask_input=mask_input,
+                                chunk_bytes=chunk, stage_group=stage_group)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            stage, stats = next(stages)
+        except StopIteration:
+            break
+        t_cal += time.perf_counter() - t0
+        n_stages += 1
+        t0 = time.perf_counter()
+        for t in stage:
+            w = info[t.weight]
+            s = stats.get(t.weight)
+            if s is None:
+                skipped[t.weight] = "inconsistent statistics across its consumers"
+                continue
+            arr = np.asarray(model.get_array(t.weight))
+            W_kn = to_kn(arr, w)
+            zeros = W_kn == 0
+            keep = ~zeros if zeros.any() else None
+            sp = None if nm is not None else goal[t.weight]
+            if criterion == "wanda":
+                new_kn, _ = wanda_prune(W_kn, s["sumsq"], sparsity=sp, nm=nm, keep_mask=keep)
+            else:
+                new_kn, _ = sparsegpt_prune(W_kn, s["H"], sparsity=sp, nm=nm, blocksize=blocksize,
+                                            percdamp=percdamp, keep_mask=keep)
+            model.set_array(t.weight, from_kn(new_kn, w).astype(arr.dtype))
+            achieved[t.weight] = float(np.count_nonzero(new_kn == 0)) / new_kn.size
+        t_prune += time.perf_counter() - t0
+    return {"sparsity": achieved, "target": goal, "skipped": skipped, "stages": n_stages,
+            "calibration_s": round(t_cal, 3), "prune_s": round(t_prune, 3)}

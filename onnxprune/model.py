@@ -156,7 +156,7 @@ class Model:
         tensor = self.initializer(name)
         if tensor is None:
             raise KeyError(f"no initializer named {name!r}")
-        new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        new = numpy_helper.from_array(np.asarray(value, order="C"), name)
         doc = tensor.doc_string
         tensor.CopyFrom(new)
         if doc:
@@ -167,7 +167,7 @@ class Model:
         """Append a new initializer (the name must be unused)."""
         if self.initializer(name) is not None:
             raise ValueError(f"initializer {name!r} already exists")
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
 
     def weight_bytes(self) -> int:
         """Total bytes of all main-graph initializers."""
@@ -215,6 +215,97 @@ def opset_version(proto: onnx.ModelProto) -> int:
     return 0
 
 
+#: Files above this size are parsed field by field (peak memory: the model plus its largest field,
+#: instead of the model plus the whole file's bytes).
+STREAM_PARSE_BYTES = 64 << 20
+_MERGE_BATCH = 8 << 20
+
+
+def _read_varint(f: object) -> tuple[int, bytes] | None:
+    """Read one protobuf varint from a binary file: (value, raw bytes), or None at EOF."""
+    raw = bytearray()
+    value = shift = 0
+    while True:
+        b = f.read(1)  # type: ignore[attr-defined]
+        if not b:
+            if raw:
+                raise ValueError("truncated varint")
+            return None
+        raw += b
+        value |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return value, bytes(raw)
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _read_field(f: object) -> tuple[int, int, bytes, int] | None:
+    """Read a field header: (field number, wire type, raw header bytes, payload length or -1)."""
+    tag = _read_varint(f)
+    if tag is None:
+        return None
+    number, wire = tag[0] >> 3, tag[0] & 7
+    if wire == 2:
+        length = _read_varint(f)
+        if length is None:
+            raise ValueError("truncated length")
+        return number, wire, tag[1] + length[1], length[0]
+    return number, wire, tag[1], -1
+
+
+def _read_exact(f: object, n: int) -> bytes:
+    data = f.read(n)  # type: ignore[attr-defined]
+    if len(data) != n:
+        raise ValueError("truncated field")
+    return data
+
+
+def _parse_streaming(path: Path) -> onnx.ModelProto:
+    """Parse a ``ModelProto`` field by field, merging each graph field into the result.
+
+    Protobuf merge semantics make this equal to one ``ParseFromString`` of the whole file
+    (repeated fields append, singular fields overwrite), but the file's bytes are never held
+    at once: peak memory is the parsed model plus one field (the largest initializer).
+    """
+    proto = onnx.ModelProto()
+    with open(path, "rb", buffering=1 << 20) as f:
+        while (field_ := _read_field(f)) is not None:
+            number, wire, header, length = field_
+            if number == 7 and wire == 2:  # graph: merge its fields in batches
+                end = f.tell() + length
+                batch = bytearray()
+                while f.tell() < end:
+                    sub = _read_field(f)
+                    if sub is None or sub[3] < 0:
+                        raise ValueError("malformed graph field")
+                    batch += sub[2]
+                    batch += _read_exact(f, sub[3])
+                    if len(batch) >= _MERGE_BATCH:
+                        proto.graph.MergeFromString(bytes(batch))
+                        batch = bytearray()
+                if f.tell() != end:
+                    raise ValueError("graph field overruns its length")
+                if batch:
+                    proto.graph.MergeFromString(bytes(batch))
+                else:
+                    proto.graph.SetInParent()
+                continue
+            if wire == 2:
+                payload = _read_exact(f, length)
+            elif wire == 0:
+                value = _read_varint(f)
+                if value is None:
+                    raise ValueError("truncated varint")
+                payload = value[1]
+            elif wire in (1, 5):
+                payload = _read_exact(f, 8 if wire == 1 else 4)
+            else:
+                raise ValueError(f"unsupported wire type {wire}")
+            proto.MergeFromString(header + payload)
+    return proto
+
+
 def _read_proto(path: Path) -> onnx.ModelProto:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
@@ -226,7 +317,10 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if size == 0:
         raise ModelLoadError(f"{path}: empty file")
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        if size > STREAM_PARSE_BYTES:
+            proto = _parse_streaming(path)
+        else:
+            proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, UnicodeDecodeError, ...
         raise ModelLoadError(
             f"{path}: not a valid ONNX model (the file is corrupt or truncated: "
@@ -584,6 +678,22 @@ def _sparse_tensor(name: str, arr: np.ndarray) -> onnx.SparseTensorProto:
     return sp
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        out.append(b | 0x80 if value else b)
+        if not value:
+            return bytes(out)
+
+
+def _initializer_fragment_header(n: int) -> bytes:
+    """Bytes that, followed by an ``n``-byte serialized TensorProto, form ``{graph: {initializer: [t]}}``."""
+    inner = b"\x2a" + _varint(n)  # GraphProto.initializer = field 5, length-delimited
+    return b"\x3a" + _varint(len(inner) + n) + inner  # ModelProto.graph = field 7, length-delimited
+
+
 def save(
     model: Model,
     path: str | os.PathLike[str],
@@ -640,8 +750,12 @@ def save(
             needs_value = t.name in model.external or data_file is not None or sparse_initializers
             arr = model.get_array(t.name) if needs_value else None
             if sparse_initializers and arr is not None and arr.dtype.kind == "f" and arr.size >= 16:
-                zeros = arr.size - int(np.count_nonzero(arr))
-                if zeros / arr.size >= sparse_threshold:
+                nnz = int(np.count_nonzero(arr))
+                zeros = arr.size - nnz
+                # int64 indices (the ONNX spec's only index type) cost 8 B per non-zero: only
+                # store sparse when that is actually smaller (fp32: > 2/3 zeros, fp16: > 4/5)
+                smaller = nnz * (arr.itemsize + 8) < arr.size * arr.itemsize
+                if zeros / arr.size >= sparse_threshold and smaller:
                     frag.graph.sparse_initializer.append(_sparse_tensor(t.name, np.asarray(arr)))
                     yield frag.SerializeToString()
                     continue
@@ -664,13 +778,18 @@ def save(
                 offset += len(buf)
             elif t.name in model.external:
                 frag.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
-            else:
-                frag.graph.initializer.append(t)
+            else:  # serialize in place: no copy of the tensor into a fragment message
+                payload = t.SerializeToString()
+                yield _initializer_fragment_header(len(payload))
+                yield payload
+                continue
             yield frag.SerializeToString()
 
     try:
         if external_data:
-            with atomic_write(data_path) as data_file, atomic_write(path) as f:
+            # the inner (data) file is renamed into place first, then the .onnx that points at it:
+            # a run killed between the two renames leaves no .onnx that refers to missing data
+            with atomic_write(path) as f, atomic_write(data_path) as data_file:
                 f.write(shell.SerializeToString())  # type: ignore[attr-defined]
                 for chunk in fragments(data_file):
                     f.write(chunk)  # type: ignore[attr-defined]

@@ -158,7 +158,37 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtin_passes() -> None:
-    import onnxprune.passes  # noqa: F401  (registers the built-in passes)
+    """Import ``onnxprune.passes`` (which registers the built-in passes).
+
+    Installed, ``onnxprune.passes`` is the top-level ``passes/`` folder (setuptools
+    ``package-dir``). In a plain source checkout on ``PYTHONPATH`` (e.g. on a GPU box without
+    installing), the folder is loaded from beside the ``onnxprune`` package instead.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "onnxprune.passes" in sys.modules:
+        return
+    try:
+        import onnxprune.passes  # noqa: F401
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxprune.passes":
+            raise
+    folder = Path(__file__).resolve().parent.parent / "passes"
+    spec = importlib.util.spec_from_file_location(
+        "onnxprune.passes", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:  # pragma: no cover - broken install
+        raise ModuleNotFoundError("onnxprune.passes is neither installed nor beside the package")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["onnxprune.passes"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop("onnxprune.passes", None)
+        raise
 
 
 def registered_passes() -> dict[str, type[Pass]]:

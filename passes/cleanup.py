@@ -3,8 +3,10 @@
 Uses onnx-graphsurgeon: ``fold_constants`` (with ``fold_shapes``, so ``Shape -> Gather ->
 Concat -> Reshape`` chains whose dims are static become constants), then ``cleanup`` (dead nodes,
 unused initializers) and ``toposort``. Large weights never pass through graph-surgeon: before
-folding, every initializer over ``keep_bytes`` (and every external one) is presented to it as a
-graph input and re-attached unchanged afterwards, so the pass neither copies nor folds big
+folding, every initializer over ``keep_bytes`` (and every external one, and every one that is also a
+graph input, since it may be overridden at run time, and every one that an If/Loop/Scan body reads,
+which graph-surgeon would otherwise copy into the body) is presented to it as a graph input and
+re-attached unchanged afterwards, so the pass neither copies nor folds big
 weights (folding a Transpose of a weight would duplicate it). Outputs are unchanged by
 construction; the manager's checker and shape inference run afterwards.
 """
@@ -49,8 +51,11 @@ class CleanupPass(Pass):
         nodes_before = len(graph.node)
         inits_before = len(graph.initializer)
         keep_bytes = 1 << 16
+        overridable = {i.name for i in graph.input}  # initializers that are graph inputs are not constants
+        # graph-surgeon would copy constants that If/Loop/Scan bodies read into those bodies; keep them outside
+        pinned = overridable | _subgraph_reads(graph)
         big = {t.name for t in graph.initializer
-               if t.name in model.external or _nbytes(t) > keep_bytes}
+               if t.name in model.external or _nbytes(t) > keep_bytes or t.name in pinned}
         big_protos = {t.name: t for t in graph.initializer if t.name in big}
         shell = copy_without_initializers(model.proto)
         declared = {i.name for i in shell.graph.input}

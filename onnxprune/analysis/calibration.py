@@ -1,0 +1,627 @@
+"""Calibration data and activation statistics collected on ONNX Runtime.
+
+**Data.** :class:`CalibrationData` holds feed dicts for the model's inputs: from an ``.npz`` file
+(one array per model input, samples along axis 0, sliced into batches of ``batch_size``), from
+an iterable of feed dicts (kept as a list so that several passes over the data are possible), or
+from another ``CalibrationData``. Every batch is checked against the model: every non-constant
+graph input present, no unknown names, element types equal, ranks equal, static dimensions equal.
+
+**Statistics.** For a set of activation tensors ``X`` (the inputs of the weights to prune),
+:func:`collect_input_stats` adds them as extra graph outputs (the caller's model is restored
+afterwards), streams every batch through ONNX Runtime CPU and accumulates in float64:
+
+* ``sumsq[k] = Σ_t x[t, k]²`` (Wanda's squared column norms), and
+* ``hessian = Σ_t x[t]ᵀ x[t]`` ``[K, K]`` (SparseGPT's ``H = 2XᵀX`` up to the factor 2),
+
+plus the number of tokens ``t``. The token axis is everything except the channel axis: for
+MatMul/Gemm inputs ``[..., K]`` the channel axis is the last; for Conv inputs ``[B, C, H, W]`` it
+is axis 1 and the tokens are the ``B·H·W`` positions (im2col-free: see :func:`calib_targets`).
+Where the model has an attention-mask input ``[B, S]`` (found by name, or named by the caller)
+and an activation is shaped ``[B, S, K]``, only tokens whose mask is non-zero count.
+
+Memory is O(Σ K²) for Hessians (or O(Σ K) for sums of squares) plus one batch of activations,
+independent of the number of batches. When all requested Hessians exceed ``chunk_bytes`` the
+tensors are split into chunks and the data is streamed once per chunk.
+
+**Stages.** :func:`calib_targets` maps weights to the activations they multiply;
+:func:`calibration_stages` yields statistics for all of them at once (``parallel``: one pass over
+the dense model) or stage by stage (``sequential``: weights grouped by depth, each stage's
+statistics collected from the model with every earlier stage already pruned).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import CalibrationError
+from onnxprune.model import Model, _shell
+from onnxprune.progress import progress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CalibTarget", "CalibrationData", "TensorStats", "calib_targets", "calibration_stages",
+           "collect_input_stats", "find_mask_input", "plan_chunks", "target_stages", "weight_stats"]
+
+DEFAULT_BATCH = 8
+#: Default memory budget for the accumulated statistics of one streaming pass.
+DEFAULT_CHUNK_BYTES = 1 << 30
+#: Rows of activations converted to float64 at a time.
+_ROW_CHUNK = 8192
+_MASK_NAMES = ("attention_mask", "input_mask", "mask")
+
+
+# ---------------------------------------------------------------------- data
+def _model_inputs(model: Model) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _np_type(elem_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    dims = vi.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+
+
+def _validate_feed(model: Model, feed: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
+    inputs = _model_inputs(model)
+    names = [i.name for i in inputs]
+    unknown = sorted(set(feed) - set(names))
+    if unknown:
+        raise CalibrationError(f"{where}: {unknown} are not inputs of the model (its inputs: {names})")
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise CalibrationError(f"{where}: model inputs {missing} are missing from the calibration data")
+    out: dict[str, np.ndarray] = {}
+    for vi in inputs:
+        arr = np.asarray(feed[vi.name])
+        tt = vi.type.tensor_type
+        want = _np_type(tt.elem_type)
+        if arr.dtype != want:
+            raise CalibrationError(f"{where}: input {vi.name!r} is {arr.dtype}, the model wants {want}")
+        if tt.HasField("shape"):
+            dims = _static_dims(vi)
+            if arr.ndim != len(dims):
+                raise CalibrationError(f"{where}: input {vi.name!r} has rank {arr.ndim}, the model wants "
+                                       f"rank {len(dims)}")
+            for axis, (a, d) in enumerate(zip(arr.shape, dims)):
+                if d is not None and a != d:
+                    raise CalibrationError(f"{where}: input {vi.name!r} has size {a} on axis {axis}, the model "
+                                           f"wants {d}")
+        out[vi.name] = arr
+    return out
+
+
+@dataclass
+class CalibrationData:
+    """Validated calibration batches (feed dicts) for one model.
+
+    Attributes:
+        feeds: The batches, in order.
+        source: Where the data came from (for messages).
+    """
+
+    feeds: list[dict[str, np.ndarray]]
+    source: str = "calibration data"
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Iterate over the batches (may be called any number of times)."""
+        return iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    @property
+    def num_samples(self) -> int:
+        """Total samples (sum of the first dimension of the first input over batches)."""
+        return int(sum(next(iter(f.values())).shape[0] if f else 0 for f in self.feeds))
+
+    @classmethod
+    def from_any(cls, src: Any, model: Model, batch_size: int | None = None) -> CalibrationData:
+        """Build from an ``.npz`` path, an iterable of feed dicts, or a ``CalibrationData``.
+
+        Args:
+            src: The data.
+            model: The model the data is for (names, types and shapes are checked).
+            batch_size: Samples per batch when slicing an ``.npz`` (default 8); ignored for
+                feed dicts, which are used as given.
+
+        Raises:
+            CalibrationError: unreadable file, empty data, or data that does not fit the model.
+        """
+        if isinstance(src, CalibrationData):
+            for i, f in enumerate(src.feeds):
+                _validate_feed(model, f, f"{src.source}, batch {i}")
+            return src
+        if isinstance(src, (str, os.PathLike)):
+            return cls.from_npz(src, model, batch_size)
+        if isinstance(src, Mapping):
+            return cls.from_feeds([src], model)
+        if isinstance(src, Iterable):
+            return cls.from_feeds(src, model)
+        raise CalibrationError(f"cannot use {type(src).__name__} as calibration data; give an .npz path or "
+                               "an iterable of feed dicts")
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike[str], model: Model, batch_size: int | None = None) -> CalibrationData:
+        """Slice an ``.npz`` (arrays named after the model inputs, samples on axis 0) into batches."""
+        p = Path(path)
+        if not p.is_file():
+            raise CalibrationError(f"{p}: calibration file not found")
+        try:
+            with np.load(p, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as exc:
+            raise CalibrationError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+        if not arrays:
+            raise CalibrationError(f"{p}: holds no arrays")
+        bs = DEFAULT_BATCH if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise CalibrationError(f"calibration batch size must be >= 1, got {bs}")
+        lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+        if None in lengths.values():
+            raise CalibrationError(f"{p}: scalar array(s) {[k for k, n in lengths.items() if n is None]}; "
+                                   "samples must lie along axis 0")
+        if len(set(lengths.values())) != 1:
+            raise CalibrationError(f"{p}: arrays disagree on the number of samples (axis 0): {lengths}")
+        total = next(iter(lengths.values()))
+        if total == 0:
+            raise CalibrationError(f"{p}: zero samples")
+        feeds = [{k: v[i:i + bs] for k, v in arrays.items()} for i in range(0, total, bs)]
+        for i, f in enumerate(feeds):
+            feeds[i] = _validate_feed(model, f, f"{p.name}, batch {i}")
+        return cls(feeds, str(p))
+
+    @classmethod
+    def from_feeds(cls, feeds: Iterable[Mapping[str, Any]], model: Model) -> CalibrationData:
+        """Use feed dicts as batches (an iterator is consumed once and kept)."""
+        out = []
+        for i, f in enumerate(feeds):
+            if not isinstance(f, Mapping):
+                raise CalibrationError(f"calibration batch {i} is a {type(f).__name__}, expected a dict of arrays")
+            out.append(_validate_feed(model, f, f"calibration batch {i}"))
+        if not out:
+            raise CalibrationError("calibration data holds no batches")
+        return cls(out, "calibration feeds")
+
+
+# ---------------------------------------------------------------------- statistics
+@dataclass
+class TensorStats:
+    """Accumulated statistics of one activation tensor.
+
+    Attributes:
+        name: The tensor.
+        channel_axis: Axis of the channels (``-1`` for MatMul/Gemm inputs, ``1`` for Conv).
+        tokens: Number of rows (tokens, or B·H·W positions) accumulated.
+        sumsq: ``[C]`` float64 sums of squares.
+        hessian: ``[C, C]`` float64 ``XᵀX`` (only when requested).
+    """
+
+    name: str
+    channel_axis: int
+    tokens: int = 0
+    sumsq: np.ndarray | None = None
+    hessian: np.ndarray | None = None
+
+    @property
+    def channels(self) -> int:
+        """Number of channels C (0 before any data)."""
+        return 0 if self.sumsq is None else int(self.sumsq.shape[0])
+
+    def add(self, rows: np.ndarray, hessian: bool) -> None:
+        """Accumulate a ``[T, C]`` block of rows."""
+        c = rows.shape[1]
+        if self.sumsq is None:
+            self.sumsq = np.zeros(c, dtype=np.float64)
+            if hessian:
+                self.hessian = np.zeros((c, c), dtype=np.float64)
+        elif c != self.sumsq.shape[0]:
+            raise CalibrationError(f"tensor {self.name!r} changed its channel count from {self.sumsq.shape[0]} to "
+                                   f"{c} between batches")
+        for r0 in range(0, rows.shape[0], _ROW_CHUNK):
+            x = rows[r0:r0 + _ROW_CHUNK].astype(np.float64)
+            self.sumsq += np.einsum("tc,tc->c", x, x)
+            if self.hessian is not None:
+                self.hessian += x.T @ x
+        self.tokens += int(rows.shape[0])
+
+
+def find_mask_input(model: Model, option: str | None = "auto") -> str | None:
+    """The attention-mask input: ``option`` if it names an input, None if ``option`` is None/"none".
+
+    ``"auto"`` picks the first input named ``attention_mask``, ``input_mask`` or ``mask`` (case
+    insensitive), else any 2-D input whose name contains ``mask``; None if there is none.
+
+    Raises:
+        CalibrationError: ``option`` names something that is not a model input.
+    """
+    if option is None or option.lower() == "none" or option == "":
+        return None
+    inputs = _model_inputs(model)
+    names = [i.name for i in inputs]
+    if option != "auto":
+        if option not in names:
+            raise CalibrationError(f"mask input {option!r} is not a model input (inputs: {names})")
+        return option
+    for want in _MASK_NAMES:
+        for n in names:
+            if n.lower() == want:
+                return n
+    for vi in inputs:
+        if "mask" in vi.name.lower() and len(vi.type.tensor_type.shape.dim) == 2:
+            return vi.name
+    return None
+
+
+def _value_types(model: Model, names: Iterable[str]) -> dict[str, int]:
+    """Element types of ``names`` (value_info, graph inputs/outputs, else shape inference)."""
+    want = set(names)
+    known: dict[str, int] = {}
+    g = model.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if vi.name in want and vi.type.tensor_type.elem_type:
+            known[vi.name] = vi.type.tensor_type.elem_type
+    if want - set(known):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(_shell(model.proto))
+            for vi in inferred.graph.value_info:
+                if vi.name in want and vi.name not in known and vi.type.tensor_type.elem_type:
+                    known[vi.name] = vi.type.tensor_type.elem_type
+        except Exception as exc:  # pragma: no cover - inference failure just means "assume float"
+            log.debug("shape inference for calibration outputs failed: %s", exc)
+    return {n: known.get(n, onnx.TensorProto.FLOAT) for n in want}
+
+
+def plan_chunks(channels: Mapping[str, int], kind: str, chunk_bytes: int) -> list[list[str]]:
+    """Split tensors into groups whose accumulators fit ``chunk_bytes`` (one pass per group).
+
+    A tensor whose own accumulator exceeds the budget gets a group of its own.
+    """
+    per = {n: (c * c + c) * 8 if kind == "hessian" else c * 8 for n, c in channels.items()}
+    groups: list[list[str]] = []
+    cur: list[str] = []
+    used = 0
+    for n in channels:
+        if cur and used + per[n] > chunk_bytes:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += per[n]
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _rows(x: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
+    """``[T, C]`` rows of activation ``x`` with channels on ``axis``, padding tokens removed."""
+    axis = axis % x.ndim
+    if mask is not None and axis == x.ndim - 1 and x.ndim == 3 and x.shape[:2] == mask.shape:
+        return x[mask.astype(bool)]
+    moved = np.moveaxis(x, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _channel_counts(model: Model, tensors: Mapping[str, int]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    shapes = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.input)}
+    for n, axis in tensors.items():
+        vi = shapes.get(n)
+        dims = _static_dims(vi) if vi is not None and vi.type.tensor_type.HasField("shape") else []
+        out[n] = dims[axis] if dims and -len(dims) <= axis < len(dims) else None
+    return out
+
+
+def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, int]) -> Any:
+    """An ONNX Runtime session computing only ``outputs`` (and the nodes they need).
+
+    The model's outputs and nodes are swapped for the truncated graph while the session is built
+    and restored afterwards, so weights are never copied; unused initializers are left for ONNX
+    Runtime to drop.
+    """
+    from onnxprune.check import make_session
+    from onnxprune.pass_infra import _subgraph_outer_inputs
+
+    graph = model.graph
+    needed = set(outputs)
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(x for x in node.input if x)
+            needed.update(_subgraph_outer_inputs(node))
+    keep.reverse()
+    saved_outputs = [onnx.ValueInfoProto() for _ in graph.output]
+    for c, o in zip(saved_outputs, graph.output):
+        c.CopyFrom(o)
+    saved_nodes = [onnx.NodeProto() for _ in graph.node]
+    for c, n in zip(saved_nodes, graph.node):
+        c.CopyFrom(n)
+    kept = [onnx.NodeProto() for _ in keep]
+    for c, n in zip(kept, keep):
+        c.CopyFrom(n)
+    try:
+        del graph.output[:]
+        graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in outputs)
+        del graph.node[:]
+        graph.node.extend(kept)
+        try:
+            return make_session(model)
+        except Exception as exc:
+            raise CalibrationError(f"cannot build an ONNX Runtime session for calibration: {exc}") from None
+    finally:
+        del graph.output[:]
+        graph.output.extend(saved_outputs)
+        del graph.node[:]
+        graph.node.extend(saved_nodes)
+
+
+def collect_input_stats(
+    model: Model,
+    calib: CalibrationData,
+    tensors: Sequence[str] | Mapping[str, int],
+    kind: Literal["sumsq", "hessian"] = "sumsq",
+    token_mask_input: str | None = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    channel_counts: Mapping[str, int] | None = None,
+) -> dict[str, TensorStats]:
+    """Stream the calibration data through ONNX Runtime and accumulate activation statistics.
+
+    Args:
+        model: The model. While the session is built its outputs are replaced by ``tensors`` and
+            its graph truncated to the nodes they need (so a stage early in the graph costs
+            little); both are restored before returning.
+        calib: Validated calibration data.
+        tensors: Activation tensor names, or name -> channel axis (default ``-1``).
+        kind: ``"sumsq"`` (Wanda) or ``"hessian"`` (SparseGPT; ``sumsq`` comes too).
+        token_mask_input: Attention-mask input name, ``"auto"`` to find it, or None.
+        chunk_bytes: Budget for the accumulators of one pass; above it the tensors are split into
+            chunks, one pass over the data each.
+        channel_counts: Known channel counts (for chunk planning); read from ``value_info`` else.
+
+    Returns:
+        Tensor name -> :class:`TensorStats`.
+
+    Raises:
+        CalibrationError: an unknown tensor, a model ONNX Runtime cannot run on the data.
+    """
+    if kind not in ("sumsq", "hessian"):
+        raise CalibrationError(f"unknown statistics kind {kind!r}; expected sumsq or hessian")
+    axes = dict(tensors) if isinstance(tensors, Mapping) else {n: -1 for n in tensors}
+    if not axes:
+        return {}
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    unknown = [n for n in axes if n not in produced]
+    if unknown:
+        raise CalibrationError(f"activation tensor(s) {unknown[:5]} are not produced by the model")
+    mask_name = find_mask_input(model, token_mask_input)
+    counts = dict(_channel_counts(model, axes))
+    counts.update(channel_counts or {})
+    known = {n: (c if c else 1024) for n, c in counts.items()}
+    groups = plan_chunks(known, kind, chunk_bytes)
+    if len(groups) > 1:
+        log.info("calibration: %d tensors in %d chunks (budget %d MB)", len(axes), len(groups), chunk_bytes >> 20)
+    stats: dict[str, TensorStats] = {}
+    types = _value_types(model, axes)
+    for gi, group in enumerate(groups):
+        session = _prefix_session(model, group, types)
+        acc = {n: TensorStats(n, axes[n]) for n in group}
+        desc = "calibration" + (f" {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
+        for bi, feed in enumerate(progress(calib.batches(), total=len(calib), desc=desc, unit="batch")):
+            try:
+                outs = session.run(group, feed)
+            except Exception as exc:
+                raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
+                                       f"{' '.join(str(exc).split())[:300]}") from None
+            mask = None if mask_name is None else np.asarray(feed[mask_name])
+            for name, x in zip(group, outs):
+                acc[name].add(_rows(np.asarray(x), axes[name], mask), kind == "hessian")
+        del session
+        stats.update(acc)
+    return stats
+
+
+# ---------------------------------------------------------------------- weights -> activations
+@dataclass
+class CalibTarget:
+    """A weight to prune with a calibration criterion and the activations it multiplies.
+
+    Attributes:
+        weight: Initializer name.
+        inputs: ``(activation tensor, channel axis)`` for every consumer (stats are summed).
+        skip_reason: Why calibration criteria cannot handle this weight, or None.
+    """
+
+    weight: str
+    inputs: list[tuple[str, int]]
+    skip_reason: str | None = None
+
+
+def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(onnx.helper.get_attribute_value(a))
+    return default
+
+
+def _consumer_map(model: Model) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    return consumers
+
+
+def _derived(model: Model, init: str, consumers: dict[str, list[onnx.NodeProto]] | None = None) -> set[str]:
+    """The initializer and the tensors derived from it through pass-through ops."""
+    from onnxprune.analysis.weights import PASS_THROUGH
+
+    consumers = _consumer_map(model) if consumers is None else consumers
+    seen, stack = {init}, [init]
+    while stack:
+        t = stack.pop()
+        for node in consumers.get(t, []):
+            if node.op_type in PASS_THROUGH and node.input[0] == t:
+                for o in node.output:
+                    if o and o not in seen:
+                        seen.add(o)
+                        stack.append(o)
+    return seen
+
+
+def calib_targets(model: Model, weights: Sequence[Any]) -> list[CalibTarget]:
+    """Map weights (:class:`onnxprune.analysis.weights.WeightInfo`) to the activations they multiply.
+
+    The activation is the consumer's other operand; its channel axis is the one matching the
+    weight's K in :func:`~onnxprune.analysis.weights.to_kn` layout:
+
+    * MatMul ``x @ W``: ``x[..., K]``, axis -1; ``W @ x``: ``x[..., K, M]``, axis -2;
+    * Gemm ``A @ B``: weight B -> A's axis 1 (0 with ``transA``); weight A -> B's axis 0 (1 with
+      ``transB``);
+    * Conv ``[B, C, H, W]``: axis 1. ``to_kn`` puts only ``C`` on K (columns are ``(n, kh, kw)``),
+      so per-channel statistics map one-to-one onto K: Wanda's ``Σ x_c²`` over all ``B·H·W``
+      positions is exactly the im2col column norm up to borders, and SparseGPT uses the channel
+      covariance ``H_c`` for every ``(n, tap)`` column (the Kronecker approximation
+      ``H ≈ H_c ⊗ I`` that ignores correlation between taps; exact for 1×1 kernels).
+
+    Grouped convolutions and ConvTranspose are skipped with a reason.
+    """
+    by_label: dict[str, onnx.NodeProto] = {}
+    for i, node in enumerate(model.graph.node):
+        by_label[node.name or f"{node.op_type}#{i}"] = node
+    consumers = _consumer_map(model)
+    out = []
+    for w in weights:
+        chain = _derived(model, w.name, consumers)
+        inputs: list[tuple[str, int]] = []
+        reason = None
+        for label in w.nodes:
+            node = by_label.get(label)
+            if node is None:
+                reason = f"consumer {label!r} not found"
+                break
+            op = node.op_type
+            slot = 1 if len(node.input) > 1 and node.input[1] in chain else 0
+            other = node.input[1 - slot] if len(node.input) > 1 else ""
+            if op == "Conv":
+                if _attr_int(node, "group", 1) != 1:
+                    reason = f"grouped Conv {label!r} (group={_attr_int(node, 'group', 1)})"
+                    break
+                inputs.append((node.input[0], 1))
+            elif op == "MatMul":
+                inputs.append((other, -1 if slot == 1 else -2))
+            elif op == "Gemm":
+                if slot == 1:
+                    inputs.append((other, 0 if _attr_int(node, "transA", 0) else 1))
+                else:
+                    inputs.append((other, 1 if _attr_int(node, "transB", 0) else 0))
+            else:
+                reason = f"{op} {label!r} is not supported by calibration criteria"
+                break
+        if not inputs and reason is None:
+            reason = "no consumer"
+        out.append(CalibTarget(w.name, inputs, reason))
+    return out
+
+
+def target_stages(model: Model, targets: Sequence[CalibTarget]) -> list[list[CalibTarget]]:
+    """Group targets by depth for sequential pruning.
+
+    The depth of a tensor is the largest number of target weight ops (Conv/MatMul/Gemm reading a
+    target weight) on any path from the graph inputs to it; a target's stage is the depth of its
+    activation(s). Weights in one stage never feed each other's inputs, so one calibration pass
+    per stage sees every earlier stage already pruned. For a BERT layer this gives four stages:
+    {Q, K, V}, {attention output}, {FFN up}, {FFN down}.
+    """
+    consumers = _consumer_map(model)
+    chain: set[str] = set()
+    for t in targets:
+        chain |= _derived(model, t.weight, consumers)
+    depth: dict[str, int] = {}
+    for node in model.graph.node:
+        ins = [x for x in node.input if x]
+        d = max((depth.get(x, 0) for x in ins), default=0)
+        if node.op_type in ("Conv", "MatMul", "Gemm") and any(x in chain for x in ins):
+            d += 1
+        for o in node.output:
+            depth[o] = d
+    stages: dict[int, list[CalibTarget]] = {}
+    for t in targets:
+        st = max((depth.get(a, 0) for a, _ in t.inputs), default=0)
+        stages.setdefault(st, []).append(t)
+    return [stages[k] for k in sorted(stages)]
+
+
+def weight_stats(targets: Sequence[CalibTarget], stats: Mapping[str, TensorStats]) -> dict[str, dict[str, Any]]:
+    """Per-weight statistics ``{"sumsq": [K], "H": [K, K] or None, "tokens": int}``.
+
+    A weight read by several consumers gets the sums over all of them (its layer-wise loss is the
+    sum of the consumers' losses).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        if t.skip_reason:
+            continue
+        parts = [stats[a] for a, _ in t.inputs]
+        if any(p.sumsq is None for p in parts) or len({p.channels for p in parts}) != 1:
+            continue
+        sumsq = np.sum([p.sumsq for p in parts], axis=0)
+        hs = [p.hessian for p in parts]
+        H = None if any(h is None for h in hs) else (hs[0] if len(hs) == 1 else np.sum(hs, axis=0))
+        out[t.weight] = {"sumsq": sumsq, "H": H, "tokens": sum(p.tokens for p in parts)}
+    return out
+
+
+def calibration_stages(
+    model: Model,
+    targets: Sequence[CalibTarget],
+    calib: CalibrationData,
+    *,
+    kind: Literal["sumsq", "hessian"],
+    mode: Literal["parallel", "sequential"] = "parallel",
+    token_mask_input: str | None = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    stage_group: int = 1,
+) -> Iterator[tuple[list[CalibTarget], dict[str, dict[str, Any]]]]:
+    """Yield ``(targets of a stage, their per-weight statistics)`` for pruning.
+
+    ``parallel``: one stage with every target, statistics from the model as it is now (dense).
+    ``sequential``: one stage per depth (:func:`target_stages`); the statistics of each stage are
+    collected from ``model`` when the stage is reached, so the caller must write the pruned
+    weights of a stage into ``model`` before asking for the next one. ``stage_group`` merges that
+    many consecutive depth stages into one pass (4 on a BERT layer = one pass per layer, the
+    granularity of the SparseGPT reference code; 1 = every depth stage on its own). Targets with
+    a ``skip_reason`` are not yielded.
+    """
+    if mode not in ("parallel", "sequential"):
+        raise CalibrationError(f"unknown calibration mode {mode!r}; expected parallel or sequential")
+    usable = [t for t in targets if not t.skip_reason]
+    if not usable:
+        return
+    if stage_group < 1:
+        raise CalibrationError(f"stage_group must be >= 1, got {stage_group}")
+    if mode == "parallel":
+        stages = [usable]
+    else:
+        depth_stages = target_stages(model, usable)
+        stages = [[t for st in depth_stages[i:i + stage_group] for t in st]
+                  for i in range(0, len(depth_stages), stage_group)]
+    for si, stage in enumerate(stages):
+        acts: dict[str, int] = {}
+        for t in stage:
+            for a, axis in t.inputs:
+                acts.setdefault(a, axis)
+        log.info("calibration stage %d/%d: %d weights, %d activations", si + 1, len(stages), len(stage), len(acts))
+        stats = collect_input_stats(model, calib, acts, kind=kind, token_mask_input=token_mask_input,
+                                    chunk_bytes=chunk_bytes)
+        yield stage, weight_stats(stage, stats)

@@ -1,0 +1,608 @@
+"""Weight analysis: which initializer feeds which Conv / ConvTranspose / MatMul / Gemm, and where K lies.
+
+For every Conv, ConvTranspose, MatMul and Gemm, each operand that traces back to a constant
+initializer (``Model.is_constant``) through a chain of ``Transpose``, ``Cast``, ``Identity``,
+``Reshape`` (with a constant target shape) and ``DequantizeLinear`` is a *weight*. The consumer
+fixes the reduction axis K and output axis N in the layout the consumer sees:
+
+* Conv ``W [N, C/g, kh, kw]``: K = 1 (N:M groups run along C for each ``(n, kh, kw)``), N = 0;
+* ConvTranspose ``W [C_in, C_out/g, kh, kw]``: K = 0, N = 1;
+* MatMul ``x @ W`` with ``W [..., K, N]``: K = -2, N = -1 (a 2-D ``[K, N]`` weight: K = 0);
+  mirrored ``W @ x`` with ``W [..., M, K]``: K = -1, N = -2; a 1-D operand is its own K;
+* Gemm ``B``: ``[K, N]`` (K = 0) or, with ``transB=1``, ``[N, K]`` (K = 1); a constant ``A``:
+  ``[M, K]`` (K = 1) or, with ``transA=1``, ``[K, M]`` (K = 0).
+
+These consumer axes are mapped back through the chain to the initializer's own layout: a
+``Transpose(perm)`` maps output axis ``i`` to input axis ``perm[i]``; Cast, Identity and
+DequantizeLinear keep axes; a ``Reshape`` keeps an axis only when it is carried over whole (same
+size and same product of the sizes before it), otherwise the axis is unmappable and the weight is
+reported with a ``skip_reason``. A per-axis ``DequantizeLinear`` records its scale/zero-point
+initializers and its axis in the initializer's layout (:class:`QuantInfo`).
+
+An initializer read by several weight consumers is one :class:`WeightInfo` with several users; if
+their K (or N) axes disagree the weight carries a ``conflict`` message instead of a guess. One
+that is also the data of a ``Gather`` (an embedding, e.g. a tied LM head) gets a ``skip_reason``.
+
+:func:`to_kn` / :func:`from_kn` turn a weight into a 2-D ``[K, rest]`` array (K on axis 0, all
+other axes flattened, in order, on axis 1) and back; every criterion works in that layout.
+
+Preconditions: the model passed the checker (names are unique). Nothing here reads weight
+values except the ``inspect_*`` helpers and Reshape targets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.model import Model
+
+#: Op types that carry a weight, and the ops a weight may pass through on its way there.
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear")
+
+#: Cache key of :func:`find_weights` in a ``PassContext``.
+ANALYSIS_KEY = "weights"
+
+
+@dataclass
+class QuantInfo:
+    """A DequantizeLinear between the (integer) initializer and its consumer.
+
+    Attributes:
+        node: Name of the DequantizeLinear node.
+        scale: Name of the scale tensor.
+        zero_point: Name of the zero-point tensor, or None (zero point 0).
+        axis: Quantization axis in the initializer's layout for per-axis quantization; None for
+            per-tensor.
+    """
+
+    node: str
+    scale: str
+    zero_point: str | None
+    axis: int | None
+
+
+@dataclass
+class WeightInfo:
+    """One constant weight of a Conv / ConvTranspose / MatMul / Gemm.
+
+    Attributes:
+        name: The initializer.
+        nodes: Names of the consuming weight ops.
+        op_type: Op type of the (first) consumer.
+        shape: Shape of the initializer.
+        dtype: numpy dtype name of the initializer (``int8`` behind DequantizeLinear).
+        k_axis: Reduction axis K in the initializer's own layout (None if unmappable).
+        n_axis: Output axis N in the initializer's layout (None for 1-D weights or unmappable).
+        group: The Conv/ConvTranspose ``group`` attribute (1 otherwise).
+        via: Op types between the initializer and the consumer, initializer side first.
+        conflict: Why the consumers disagree on the axes, or None.
+        skip_reason: Why passes leave this weight alone by default, or None.
+        quant: The DequantizeLinear in the chain, if any.
+        other_uses: ``"op_type:node"`` of consumers of the initializer (or of its chain) that are
+            not weight ops.
+    """
+
+    name: str
+    nodes: list[str]
+    op_type: str
+    shape: tuple[int, ...]
+    dtype: str
+    k_axis: int | None
+    n_axis: int | None
+    group: int = 1
+    via: list[str] = field(default_factory=list)
+    conflict: str | None = None
+    skip_reason: str | None = None
+    quant: QuantInfo | None = None
+    other_uses: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def k(self) -> int | None:
+        """Length of the K axis."""
+        return None if self.k_axis is None else int(self.shape[self.k_axis])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """A node's name, or ``op_type#index`` when it has none."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Graph:
+    """Producer / consumer maps and constant lookup for one model."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.inits = model.initializer_map()
+        self.inputs = model.graph_input_names()
+        self.producer: dict[str, tuple[int, onnx.NodeProto]] = {}
+        self.consumers: dict[str, list[tuple[int, onnx.NodeProto]]] = defaultdict(list)
+        for i, node in enumerate(model.graph.node):
+            for o in node.output:
+                if o:
+                    self.producer[o] = (i, node)
+            for x in node.input:
+                if x:
+                    self.consumers[x].append((i, node))
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.inits and name not in self.inputs
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """Value of a small constant (initializer or Constant node output), else None."""
+        if self.is_constant(name):
+            return self.model.get_array(name)
+        prod = self.producer.get(name)
+        if prod is not None and prod[1].op_type == "Constant":
+            for a in prod[1].attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.inits[name].dims)
+
+
+def _reshape_target(in_shape: tuple[int, ...], target: np.ndarray, allowzero: int) -> tuple[int, ...] | None:
+    shape = [int(v) for v in target.reshape(-1)]
+    out: list[int] = []
+    for i, v in enumerate(shape):
+        if v == 0 and not allowzero:
+            if i >= len(in_shape):
+                return None
+            out.append(in_shape[i])
+        else:
+            out.append(v)
+    total = int(np.prod(in_shape, dtype=np.int64))
+    if out.count(-1) == 1:
+        known = int(np.prod([v for v in out if v != -1], dtype=np.int64))
+        if known == 0 or total % known:
+            return None
+        out[out.index(-1)] = total // known
+    if out.count(-1) or int(np.prod(out, dtype=np.int64)) != total:
+        return None
+    return tuple(out)
+
+
+def _reshape_axis_map(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int | None]:
+    """For each output axis, the input axis it carries over whole (same size, same prefix product)."""
+    in_pref = np.concatenate([[1], np.cumprod(in_shape, dtype=np.int64)]) if in_shape else np.array([1])
+    result: list[int | None] = []
+    for k, size in enumerate(out_shape):
+        before = int(np.prod(out_shape[:k], dtype=np.int64))
+        match = None
+        for j, s in enumerate(in_shape):
+            if s == size and int(in_pref[j]) == before:
+                match = j
+                break
+        result.append(match)
+    return result
+
+
+@dataclass
+class _Trace:
+    """Result of walking from a consumer operand back to an initializer."""
+
+    init: str
+    via: list[str]
+    via_nodes: list[str]
+    axis_map: list[int | None]  # consumer-operand axis -> initializer axis
+    quant: QuantInfo | None
+    problem: str | None
+
+
+def _trace(g: _Graph, tensor: str) -> _Trace | None:
+    """Walk back from ``tensor`` through pass-through ops to a constant initializer.
+
+    Returns None if the tensor is not (a view of) a constant.
+    """
+    chain: list[tuple[int, onnx.NodeProto]] = []
+    cur = tensor
+    while not g.is_constant(cur):
+        prod = g.producer.get(cur)
+        if prod is None or prod[1].op_type not in PASS_THROUGH or not prod[1].input:
+            return None
+        node = prod[1]
+        if node.op_type == "Reshape" and (len(node.input) < 2 or g.const_value(node.input[1]) is None):
+            return None
+        chain.append(prod)
+        cur = node.input[0]
+        if len(chain) > 32:
+            return None
+    chain.reverse()  # initializer side first
+    shape = g.shape_of(cur)
+    fwd: list[int | None] = list(range(len(shape)))
+    problem = None
+    quant = None
+    for idx, node in chain:
+        op = node.op_type
+        if op == "Transpose":
+            perm = _attr(node, "perm", None) or list(reversed(range(len(shape))))
+            fwd = [fwd[p] for p in perm]
+            shape = tuple(shape[p] for p in perm)
+        elif op == "Reshape":
+            target = g.const_value(node.input[1])
+            out_shape = _reshape_target(shape, np.asarray(target), int(_attr(node, "allowzero", 0)))
+            if out_shape is None:
+                return None
+            amap = _reshape_axis_map(shape, out_shape)
+            fwd = [fwd[j] if j is not None else None for j in amap]
+            shape = out_shape
+        elif op == "DequantizeLinear":
+            axis = None
+            scale = node.input[1]
+            scale_val = g.const_value(scale)
+            if scale_val is None:
+                problem = f"DequantizeLinear {node_label(node, idx)} has a non-constant scale"
+            elif scale_val.size > 1:
+                a = int(_attr(node, "axis", 1))
+                a = a + len(shape) if a < 0 else a
+                axis = fwd[a] if 0 <= a < len(fwd) else None
+                if axis is None:
+                    problem = f"DequantizeLinear {node_label(node, idx)}: quantization axis not traceable"
+            zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if zp is not None and g.const_value(zp) is None:
+                problem = f"DequantizeLinear {node_label(node, idx)} has a non-constant zero point"
+            if quant is not None:
+                problem = "two DequantizeLinear nodes in one weight chain"
+            quant = QuantInfo(node_label(node, idx), scale, zp, axis)
+    return _Trace(cur, [n.op_type for _, n in chain], [node_label(n, i) for i, n in chain], fwd, quant, problem)
+
+
+def _norm(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _consumer_axes(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int | None, int | None] | None:
+    """(K, N) axes of operand ``slot`` in the layout the consumer sees; None if not a weight slot."""
+    op = node.op_type
+    if op == "Conv":
+        return (1, 0) if slot == 1 and rank >= 2 else None
+    if op == "ConvTranspose":
+        return (0, 1) if slot == 1 and rank >= 2 else None
+    if op == "MatMul":
+        if rank == 1:
+            return (0, None)
+        if slot == 1:
+            return (rank - 2, rank - 1)
+        if slot == 0:
+            return (rank - 1, rank - 2)
+        return None
+    if op == "Gemm":
+        if rank != 2:
+            return None
+        if slot == 1:
+            return (1, 0) if int(_attr(node, "transB", 0)) else (0, 1)
+        if slot == 0:
+            return (0, 1) if int(_attr(node, "transA", 0)) else (1, 0)
+    return None
+
+
+def _chain_tensors(g: _Graph, init: str) -> set[str]:
+    """The initializer and every tensor derived from it through pass-through ops."""
+    seen = {init}
+    stack = [init]
+    while stack:
+        t = stack.pop()
+        for _, node in g.consumers.get(t, []):
+            if node.op_type in PASS_THROUGH and node.input and node.input[0] == t:
+                for o in node.output:
+                    if o and o not in seen:
+                        seen.add(o)
+                        stack.append(o)
+    return seen
+
+
+def find_weights(model: Model) -> list[WeightInfo]:
+    """Every constant weight of a Conv / ConvTranspose / MatMul / Gemm, in graph order.
+
+    Args:
+        model: The model.
+
+    Returns:
+        One :class:`WeightInfo` per initializer (shared initializers list all their consumers).
+    """
+    g = _Graph(model)
+    found: dict[str, WeightInfo] = {}
+    axes_seen: dict[str, list[tuple[str, int | None, int | None]]] = defaultdict(list)
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        slots = (1,) if node.op_type in ("Conv", "ConvTranspose") else (0, 1)
+        for slot in slots:
+            if slot >= len(node.input) or not node.input[slot]:
+                continue
+            tr = _trace(g, node.input[slot])
+            if tr is None:
+                continue
+            init_shape = g.shape_of(tr.init)
+            rank = len(tr.axis_map)
+            axes = _consumer_axes(node, slot, rank)
+            if axes is None:
+                continue
+            k_c, n_c = axes
+            k_axis = tr.axis_map[k_c] if k_c is not None else None
+            n_axis = tr.axis_map[n_c] if n_c is not None else None
+            label = node_label(node, idx)
+            axes_seen[tr.init].append((label, k_axis, n_axis))
+            info = found.get(tr.init)
+            if info is None:
+                tensor = g.inits[tr.init]
+                info = WeightInfo(
+                    name=tr.init, nodes=[label], op_type=node.op_type, shape=init_shape,
+                    dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name,
+                    k_axis=k_axis, n_axis=n_axis,
+                    group=int(_attr(node, "group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1,
+                    via=tr.via, quant=tr.quant,
+                )
+                reasons = []
+                if tr.problem:
+                    reasons.append(tr.problem)
+                if k_axis is None:
+                    reasons.append(f"its K axis is not traceable through {'/'.join(tr.via) or 'the graph'}")
+                if len(init_shape) < 2:
+                    reasons.append("1-D weight (bias-like)")
+                info.skip_reason = "; ".join(reasons) or None
+                found[tr.init] = info
+            elif label not in info.nodes:
+                info.nodes.append(label)
+    weight_nodes = {n for info in found.values() for n in info.nodes}
+    for name, info in found.items():
+        seen = axes_seen[name]
+        distinct = {(k, n) for _, k, n in seen}
+        if len(distinct) > 1:
+            info.conflict = "consumers disagree on the axes: " + ", ".join(
+                f"{lbl} K={k} N={n}" for lbl, k, n in seen)
+        chain = _chain_tensors(g, name)
+        others = []
+        for t in chain:
+            for i, node in g.consumers.get(t, []):
+                lbl = node_label(node, i)
+                if node.op_type in PASS_THROUGH and node.input[0] == t:
+                    continue
+                if lbl in weight_nodes and node.op_type in WEIGHT_OPS:
+                    continue
+                others.append(f"{node.op_type}:{lbl}")
+        info.other_uses = sorted(set(others))
+        if any(o.startswith("Gather:") for o in info.other_uses):
+            reason = "embedding (also Gather data)"
+            info.skip_reason = f"{info.skip_reason}; {reason}" if info.skip_reason else reason
+    return list(found.values())
+
+
+def weight_map(model: Model) -> dict[str, WeightInfo]:
+    """:func:`find_weights` as a dict keyed by initializer name."""
+    return {w.name: w for w in find_weights(model)}
+
+
+def get_weights(ctx: Any, model: Model) -> list[WeightInfo]:
+    """:func:`find_weights`, cached in a ``PassContext`` under :data:`ANALYSIS_KEY`."""
+    return ctx.get_analysis(ANALYSIS_KEY, lambda: find_weights(model))
+
+
+# ---------------------------------------------------------------------- layout helpers
+def to_kn(arr: np.ndarray, info: WeightInfo) -> np.ndarray:
+    """A 2-D ``[K, rest]`` view (or copy) of a weight: K on axis 0, the other axes flattened.
+
+    The other axes keep their relative order; for Conv ``[N, C, kh, kw]`` the columns are
+    ``(n, kh, kw)`` in C order, so N:M groups along axis 0 are groups along C.
+
+    Raises:
+        ValueError: the weight has no traceable K axis or ``arr`` has the wrong rank.
+    """
+    if info.k_axis is None:
+        raise ValueError(f"weight {info.name!r} has no traceable K axis")
+    if arr.ndim != len(info.shape):
+        raise ValueError(f"weight {info.name!r}: expected rank {len(info.shape)}, got {arr.ndim}")
+    moved = np.moveaxis(arr, info.k_axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def from_kn(arr2d: np.ndarray, info: WeightInfo, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Inverse of :func:`to_kn`: back to the initializer's layout ``shape`` (default ``info.shape``)."""
+    if info.k_axis is None:
+        raise ValueError(f"weight {info.name!r} has no traceable K axis")
+    shape = tuple(info.shape if shape is None else shape)
+    k = info.k_axis
+    moved_shape = (shape[k],) + tuple(s for i, s in enumerate(shape) if i != k)
+    return np.moveaxis(arr2d.reshape(moved_shape), 0, k)
+
+
+# ---------------------------------------------------------------------- inspect
+def trt_sparse_reason(info: WeightInfo) -> str | None:
+    """Why TensorRT could not run this weight on sparse tensor cores (None if it could).
+
+    TensorRT needs a constant weight, 2:4 along K with K % 4 == 0, and no grouped convolution.
+    """
+    if info.op_type not in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
+        return f"{info.op_type} is not a GEMM-like op"
+    if info.k_axis is None:
+        return "K axis not traceable"
+    if info.conflict:
+        return "shared with conflicting axes"
+    if info.op_type in ("Conv", "ConvTranspose") and info.group > 1:
+        return f"grouped convolution (group={info.group})"
+    if info.op_type == "MatMul" and len(info.shape) != 2:
+        return f"MatMul weight is {len(info.shape)}-D (TensorRT needs a 2-D constant)"
+    k = info.k or 0
+    if k % 4:
+        return f"K={k} is not a multiple of 4"
+    return None
+
+
+def inspect_weights(model: Model) -> list[dict[str, Any]]:
+    """The prunable-weights table for ``onnxprune inspect``: one dict per weight."""
+    from onnxprune.summary import count_nonzero
+
+    rows = []
+    for w in find_weights(model):
+        arr = model.get_array(w.name)
+        nnz = count_nonzero(arr)
+        d = w.to_dict()
+        d["nnz"] = nnz
+        d["sparsity"] = round(1.0 - nnz / w.size, 6) if w.size else 0.0
+        d["k"] = w.k
+        rows.append(d)
+    return rows
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def format_weights(data: list[dict[str, Any]]) -> str:
+    """Text table of :func:`inspect_weights`."""
+    if not data:
+        return "prunable weights: none (no Conv/ConvTranspose/MatMul/Gemm with a constant weight)"
+    head = f"{'weight':<44} {'op':<13} {'shape':<18} {'dtype':<8} {'K ax':>4} {'N ax':>4} {'sparsity':>8}  note"
+    lines = [f"prunable weights: {len(data)}", head, "-" * len(head)]
+    for r in data:
+        notes = []
+        if r["via"]:
+            notes.append("via " + ">".join(r["via"]))
+        if r["group"] > 1:
+            notes.append(f"group={r['group']}")
+        if r["conflict"]:
+            notes.append("CONFLICT: " + r["conflict"])
+        if r["skip_reason"]:
+            notes.append("skip: " + r["skip_reason"])
+        k = "-" if r["k_axis"] is None else str(r["k_axis"])
+        n = "-" if r["n_axis"] is None else str(r["n_axis"])
+        lines.append(f"{_short(r['name'], 44):<44} {r['op_type']:<13} {str(r['shape']):<18} {r['dtype']:<8} "
+                     f"{k:>4} {n:>4} {r['sparsity']:>8.2%}  {'; '.join(notes)}".rstrip())
+    return "\n".join(lines)
+
+
+def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
+    """Check every weight for N:M sparsity along K, and TensorRT sparse-tensor-core eligibility.
+
+    Returns:
+        ``{"n", "m", "weights": [...], "summary": {...}, "tensorrt": [...]}``. Each weight entry
+        has ``status`` (``ok`` / ``violates`` / ``skipped``), ``violating_groups``, ``groups``,
+        ``first_violations`` (element indices in the initializer's layout) and ``reason``.
+
+    Raises:
+        PipelineError: ``n``/``m`` out of range.
+    """
+    from onnxprune.errors import PipelineError
+    from onnxprune.sparsity import is_nm
+
+    if m < 2 or n < 1 or n >= m:
+        raise PipelineError(f"--nm {n}:{m}: need 1 <= N < M and M >= 2")
+    entries = []
+    trt = []
+    counts = {"ok": 0, "violates": 0, "skipped": 0}
+    for w in find_weights(model):
+        e: dict[str, Any] = {"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "k_axis": w.k_axis,
+                             "k": w.k, "status": "skipped", "groups": 0, "violating_groups": 0,
+                             "first_violations": [], "reason": None}
+        if w.k_axis is None or w.conflict:
+            e["reason"] = w.conflict or w.skip_reason or "K axis not traceable"
+        elif (w.k or 0) % m:
+            e["reason"] = f"K={w.k} is not a multiple of {m}"
+        else:
+            arr = model.get_array(w.name)
+            if w.quant is not None:
+                arr = _quant_zero_mask(model, w, arr)
+            ok, bad, first = is_nm(to_kn(np.asarray(arr), w), n, m)
+            e["groups"] = int(w.size // m)
+            e["violating_groups"] = int(bad)
+            e["first_violations"] = [_kn_to_index(k_idx, col, w) for k_idx, col in first]
+            e["status"] = "ok" if ok else "violates"
+        counts[e["status"]] += 1
+        entries.append(e)
+        reason = trt_sparse_reason(w)
+        trt.append({"name": w.name, "op_type": w.op_type, "nodes": w.nodes, "shape": list(w.shape),
+                    "eligible": reason is None, "reason": reason, "nm_ok": e["status"] == "ok"})
+    summary = dict(counts)
+    summary["weights"] = len(entries)
+    summary["tensorrt_eligible"] = sum(1 for t in trt if t["eligible"])
+    summary["tensorrt_eligible_and_sparse"] = sum(1 for t in trt if t["eligible"] and t["nm_ok"])
+    return {"n": n, "m": m, "weights": entries, "summary": summary, "tensorrt": trt}
+
+
+def _quant_zero_mask(model: Model, w: WeightInfo, q: np.ndarray) -> np.ndarray:
+    """For an integer weight behind DequantizeLinear: 1 where the dequantized value is non-zero."""
+    from onnxprune.sparsity import quant_zero_points
+
+    zp = quant_zero_points(model, w)
+    return (np.asarray(q) != zp).astype(np.int8)
+
+
+def _kn_to_index(k_idx: int, col: int, w: WeightInfo) -> list[int]:
+    """Element index in the initializer layout of ``[k_idx, col]`` in the ``to_kn`` layout."""
+    assert w.k_axis is not None
+    rest = tuple(s for i, s in enumerate(w.shape) if i != w.k_axis)
+    rest_idx = list(np.unravel_index(col, rest)) if rest else []
+    idx = [int(v) for v in rest_idx]
+    idx.insert(w.k_axis, int(k_idx))
+    return idx
+
+
+def format_nm(data: dict[str, Any]) -> str:
+    """Text report of :func:`inspect_nm`."""
+    n, m, s = data["n"], data["m"], data["summary"]
+    lines = [f"{n}:{m} sparsity along K: {s['ok']} ok, {s['violates']} violate, {s['skipped']} skipped "
+             f"(of {s['weights']} weights)"]
+    if data["weights"]:
+        head = f"{'weight':<44} {'shape':<18} {'K':>6} {'status':<9} {'bad groups':>12}  detail"
+        lines += [head, "-" * len(head)]
+        for e in data["weights"]:
+            if e["status"] == "violates":
+                detail = "first at " + ", ".join(str(v) for v in e["first_violations"][:3])
+                bad = f"{e['violating_groups']}/{e['groups']}"
+            elif e["status"] == "ok":
+                detail, bad = "", f"0/{e['groups']}"
+            else:
+                detail, bad = e["reason"] or "", "-"
+            k = "-" if e["k"] is None else str(e["k"])
+            lines.append(f"{_short(e['name'], 44):<44} {str(e['shape']):<18} {k:>6} {e['status']:<9} {bad:>12}  "
+                         f"{detail}".rstrip())
+    lines.append("")
+    lines.append(f"TensorRT sparse tensor cores (constant weight, K % 4 == 0, not grouped Conv): "
+                 f"{s['tensorrt_eligible']} eligible, {s['tensorrt_eligible_and_sparse']} eligible and {n}:{m}")
+    for t in data["tensorrt"]:
+        state = "eligible" if t["eligible"] else "no"
+        extra = (f"{n}:{m} ok" if t["nm_ok"] else f"not {n}:{m}") if t["eligible"] else t["reason"]
+        lines.append(f"  {_short(t['name'], 44):<44} {t['op_type']:<13} {str(t['shape']):<18} {state:<8} {extra}")
+    return "\n".join(lines)
+
+
+def match_names(pattern: str | None, info: WeightInfo) -> bool:
+    """True if regex ``pattern`` matches (``re.search``) the initializer or a consumer node name."""
+    if not pattern:
+        return False
+    rx = re.compile(pattern)
+    return bool(rx.search(info.name) or any(rx.search(n) for n in info.nodes))
+
+
+__all__ = [
+    "ANALYSIS_KEY", "QuantInfo", "WeightInfo", "find_weights", "format_nm", "format_weights", "from_kn",
+    "get_weights", "inspect_nm", "inspect_weights", "match_names", "node_label", "to_kn", "trt_sparse_reason",
+    "weight_map",
+]

@@ -1,0 +1,263 @@
+"""Mask maths for unstructured and N:M sparsity, vectorised.
+
+Masks are boolean *keep* masks (True = the weight survives). All functions are pure numpy.
+
+* :func:`topk_mask` — unstructured: prune exactly ``floor(sparsity * size)`` elements, the ones
+  with the smallest scores. Ties are broken by flat (C-order) index: among equal scores the lower
+  index is pruned first, so the result is deterministic. Cost O(size): one ``np.partition`` to
+  find the threshold value, then the ties at the threshold are resolved with a cumulative count.
+* :func:`nm_mask` — N:M along axis 0 of a ``[K, N]`` array: for every column and every group of
+  ``m`` consecutive rows, keep the ``n`` largest scores (ties: the lower row index is kept).
+  For ``m <= 8`` the rank of each element inside its group is computed with ``m²`` vectorised
+  comparisons (``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}``, keep iff ``rank_i < n``);
+  larger ``m`` use a stable argsort along the group axis. Requires ``K % m == 0``.
+* :func:`is_nm` — does a ``[K, N]`` array have at most ``n`` non-zeros in every group of ``m``
+  consecutive rows? Returns the count of violating groups and the first offending elements.
+* :func:`prune_weight_kn` — the per-weight step every mask pass calls: score, mask and apply,
+  dispatching on the criterion (``magnitude`` here; ``wanda`` / ``sparsegpt`` in
+  :mod:`onnxprune.criteria_calib`, imported lazily).
+
+Mask persistence: a ``keep_mask_kn`` (the current non-zeros) forces its False positions to be
+pruned first (their scores become ``-inf``) and the result is ANDed with it, so a zero never
+comes back and existing zeros count towards the target.
+
+Scores are computed in float32 (float16/bfloat16 weights are upcast for scoring only); the
+masked weight keeps its own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from onnxprune.errors import CalibrationError, PipelineError
+
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+_PAIRWISE_MAX_M = 8
+
+
+def _flat_scores(scores: np.ndarray) -> np.ndarray:
+    flat = np.asarray(scores).reshape(-1)
+    if flat.dtype.kind != "f" or flat.dtype.itemsize < 4:
+        flat = flat.astype(np.float32)
+    return flat
+
+
+def topk_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep-mask pruning exactly ``floor(sparsity * size)`` lowest scores.
+
+    Args:
+        scores: Any-shape array of importances (higher = more important; ``-inf`` = prune first).
+        sparsity: Share to prune, in ``[0, 1]``.
+
+    Returns:
+        Bool array of ``scores.shape``; ties at the threshold are pruned in index order.
+
+    Raises:
+        PipelineError: ``sparsity`` outside ``[0, 1]``.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise PipelineError(f"sparsity must be in [0, 1], got {sparsity}")
+    flat = _flat_scores(scores)
+    size = flat.size
+    k = int(np.floor(sparsity * size))
+    return _prune_k(flat, k).reshape(np.shape(scores))
+
+
+def _prune_k(flat: np.ndarray, k: int) -> np.ndarray:
+    """Keep-mask over a 1-D score array with exactly ``k`` lowest pruned (index tie-break)."""
+    size = flat.size
+    if k <= 0:
+        return np.ones(size, dtype=bool)
+    if k >= size:
+        return np.zeros(size, dtype=bool)
+    thr = np.partition(flat, k - 1)[k - 1]
+    below = flat < thr
+    n_below = int(np.count_nonzero(below))
+    ties = flat == thr
+    need = k - n_below  # how many of the ties to prune, lowest indices first
+    tie_rank = np.cumsum(ties, dtype=np.int64)
+    prune = below | (ties & (tie_rank <= need))
+    return ~prune
+
+
+def nm_mask(scores_kn: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep-mask with the ``n`` largest of every ``m`` consecutive rows, per column.
+
+    Args:
+        scores_kn: ``[K, N]`` scores (``-inf`` = prune first).
+        n: Kept per group.
+        m: Group length along axis 0.
+
+    Returns:
+        Bool ``[K, N]``; exactly ``n`` True per group (ties keep the lower row index).
+
+    Raises:
+        PipelineError: bad ``n``/``m`` or ``K % m != 0``.
+    """
+    _check_nm(n, m)
+    s = np.asarray(scores_kn)
+    if s.ndim != 2:
+        raise PipelineError(f"nm_mask expects a 2-D [K, N] array, got shape {list(s.shape)}")
+    K, N = s.shape
+    if K % m:
+        raise PipelineError(f"K={K} is not a multiple of m={m}")
+    if s.dtype.kind != "f" or s.dtype.itemsize < 4:
+        s = s.astype(np.float32)
+    g = s.reshape(K // m, m, N)
+    if m <= _PAIRWISE_MAX_M:
+        keep = np.empty(g.shape, dtype=bool)
+        for i in range(m):  # loops over the m positions of a group, not over weights
+            gi = g[:, i, :]
+            rank = np.zeros(gi.shape, dtype=np.int8 if m < 127 else np.int32)
+            for j in range(m):
+                if j == i:
+                    continue
+                rank += (g[:, j, :] > gi) if j > i else (g[:, j, :] >= gi)
+            keep[:, i, :] = rank < n
+        return keep.reshape(K, N)
+    order = np.argsort(-g, axis=1, kind="stable")
+    keep = np.zeros(g.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :n, :], True, axis=1)
+    return keep.reshape(K, N)
+
+
+def _check_nm(n: int, m: int) -> None:
+    if m < 2 or n < 1 or n >= m:
+        raise PipelineError(f"N:M needs 1 <= n < m and m >= 2, got {n}:{m}")
+
+
+def is_nm(arr_kn: np.ndarray, n: int, m: int, max_report: int = 5) -> tuple[bool, int, list[tuple[int, int]]]:
+    """Check that every group of ``m`` consecutive rows holds at most ``n`` non-zeros per column.
+
+    Args:
+        arr_kn: ``[K, N]`` array (``K % m == 0``).
+        n: Allowed non-zeros per group.
+        m: Group length along axis 0.
+        max_report: How many offending elements to return.
+
+    Returns:
+        ``(ok, violating_group_count, first_violations)``; each violation is the ``(row, column)``
+        of the first non-zero beyond the ``n`` allowed in a violating group, in row-major group
+        order.
+
+    Raises:
+        PipelineError: bad ``n``/``m`` or ``K % m != 0``.
+    """
+    _check_nm(n, m)
+    a = np.asarray(arr_kn)
+    K, N = a.shape
+    if K % m:
+        raise PipelineError(f"K={K} is not a multiple of m={m}")
+    nz = (a != 0).reshape(K // m, m, N)
+    counts = nz.sum(axis=1, dtype=np.int32)
+    bad = counts > n
+    n_bad = int(np.count_nonzero(bad))
+    first: list[tuple[int, int]] = []
+    if n_bad:
+        for gi, col in np.argwhere(bad)[:max_report]:
+            within = np.flatnonzero(nz[gi, :, col])[n]
+            first.append((int(gi * m + within), int(col)))
+    return n_bad == 0, n_bad, first
+
+
+def magnitude_scores(W: np.ndarray) -> np.ndarray:
+    """``|W|`` in float32 (float64 stays float64)."""
+    a = np.asarray(W)
+    if a.dtype.kind != "f" or a.dtype.itemsize < 4 or a.dtype == np.float16:
+        a = a.astype(np.float32)
+    return np.abs(a)
+
+
+def prune_weight_kn(
+    W_kn: np.ndarray,
+    *,
+    criterion: str,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    keep_mask_kn: np.ndarray | None = None,
+    stats: Any = None,
+    options: Any = None,
+) -> np.ndarray:
+    """Prune one ``[K, N]`` weight; the single per-weight step of the ``masks`` and ``nm`` passes.
+
+    Args:
+        W_kn: The weight with K on axis 0 (see :func:`onnxprune.analysis.weights.to_kn`).
+        criterion: ``magnitude``, ``wanda`` or ``sparsegpt``.
+        sparsity: Unstructured share to prune (layer-wise exact count for ``magnitude``).
+        nm: ``(n, m)`` for N:M along K (``K % m == 0``).
+        keep_mask_kn: Bool ``[K, N]``; False positions are pruned first and never revived.
+        stats: Calibration statistics of this weight's input (wanda / sparsegpt).
+        options: The pass options (criterion-specific settings such as ``blocksize``).
+
+    Returns:
+        The new ``[K, N]`` weight in ``W_kn``'s dtype.
+
+    Raises:
+        PipelineError: neither or both of ``sparsity``/``nm``, unknown criterion.
+        CalibrationError: a calibration criterion without statistics.
+    """
+    if (sparsity is None) == (nm is None):
+        raise PipelineError("prune_weight_kn: give exactly one of sparsity or nm")
+    if criterion not in CRITERIA:
+        raise PipelineError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion == "magnitude":
+        scores = magnitude_scores(W_kn)
+        mask = mask_from_scores(scores, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn)
+        return np.where(mask, W_kn, np.zeros((), dtype=W_kn.dtype))
+    if stats is None:
+        raise CalibrationError(f"criterion {criterion} needs calibration data (--calib FILE.npz)")
+    from onnxprune import criteria_calib
+
+    if criterion == "wanda":
+        sumsq = stats["sumsq"] if isinstance(stats, dict) else stats
+        new, _ = criteria_calib.wanda_prune(W_kn, sumsq, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn)
+        return new
+    H = stats["H"] if isinstance(stats, dict) else stats
+    kwargs = {}
+    for key in ("blocksize", "percdamp"):
+        if options is not None and hasattr(options, key):
+            kwargs[key] = getattr(options, key)
+    new, _ = criteria_calib.sparsegpt_prune(W_kn, H, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn, **kwargs)
+    return new
+
+
+def mask_from_scores(
+    scores: np.ndarray,
+    *,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    keep_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Keep-mask from scores for a sparsity target or an N:M pattern, respecting ``keep_mask``."""
+    if keep_mask is not None:
+        scores = np.where(keep_mask, scores, -np.inf)
+    mask = topk_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
+    if keep_mask is not None:
+        mask &= keep_mask
+    return mask
+
+
+def quant_zero_points(model: Any, info: Any) -> np.ndarray | int:
+    """Zero point(s) of a weight behind DequantizeLinear, broadcastable to the initializer.
+
+    Per-axis zero points are reshaped along the quantization axis (in the initializer's layout).
+    """
+    q = info.quant
+    if q is None or q.zero_point is None:
+        return 0
+    zp = np.asarray(model.get_array(q.zero_point))
+    if zp.size == 1:
+        return zp.reshape(()).item()
+    if q.axis is None:
+        raise PipelineError(f"weight {info.name!r}: per-axis zero point without a traceable axis")
+    shape = [1] * len(info.shape)
+    shape[q.axis] = zp.size
+    return zp.reshape(shape)
+
+
+__all__ = [
+    "CRITERIA", "is_nm", "magnitude_scores", "mask_from_scores", "nm_mask", "prune_weight_kn",
+    "quant_zero_points", "topk_mask",
+]

@@ -1,0 +1,311 @@
+"""Passes ``heads`` and ``ffn``: remove attention heads and feed-forward neurons.
+
+Groups come from :mod:`onnxprune.analysis.attention` (one per attention block: width = heads,
+or KV heads for grouped-query attention, each owning its group of query heads; one per FFN
+block: width = intermediate neurons, gate and up projections tied). Removal is
+:func:`onnxprune.analysis.removal.apply_removal`: the Q/K/V (or up/gate) output columns and
+biases, the output (down) projection's input rows and every shape constant and attribute that
+holds the head count or width.
+
+**Importance** of unit ``u`` of a group:
+
+* ``l2``: ``sqrt(sum of squares of every parameter position the unit owns)``;
+* ``activation``: ``mean_t |x[t, c]|`` averaged over the unit's channels ``c`` of the tensor the
+  output (down) projection reads -- the heads' attention output before the output projection,
+  the neurons' activations -- streamed through ONNX Runtime over ``ctx.calibration``
+  (accumulating per-channel sums only, so memory does not grow with the data).
+
+**Selection.** ``heads``: ``floor(ratio * width)`` lowest units per block (``scope=layer``), or
+the lowest ``floor(ratio * total)`` over all blocks with scores divided by their block's mean
+(``scope=global``); every block keeps at least ``min_heads``. ``ffn``: per block, the kept
+width is ``width - floor(ratio * width)`` rounded up to a multiple of ``round_to``.
+
+**Compensation** (``compensate=true``, FLAP-style): with ``m_c = mean_t x[t, c]`` over the
+calibration data and ``W_out`` the output projection (``y = x W_out + b``), removing channels
+``R`` changes the mean output by ``-sum_{c in R} m_c W_out[c, :]``; that vector is added to the
+bias ``b`` (a bias ``Add`` is created when there is none), so the mean output over the
+calibration data is unchanged.
+
+Preconditions: static head/channel counts; ``activation`` and ``compensate`` need calibration
+data (``--calibration``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis.attention import find_groups, prepare_model, static_shapes
+from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
+from onnxprune.errors import CalibrationError, PipelineError
+from onnxprune.model import Model
+from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FfnOptions", "FfnPass", "HeadsOptions", "HeadsPass", "channel_means", "unit_scores"]
+
+
+@dataclass
+class HeadsOptions:
+    """Options of ``heads``."""
+
+    ratio: float = field(default=0.25, metadata={"help": "share of heads to remove per block (or overall)",
+                                                 "min": 0.0, "max_exclusive": 1.0})
+    criterion: str = field(default="l2", metadata={"help": "importance: weight norm or calibration activations",
+                                                   "choices": ("l2", "activation")})
+    scope: str = field(default="layer", metadata={"help": "rank heads per block or across all blocks",
+                                                  "choices": ("layer", "global")})
+    min_heads: int = field(default=1, metadata={"help": "heads (KV heads for GQA) every block keeps", "min": 1})
+    compensate: bool = field(default=False, metadata={"help": "refit the output projection bias (needs calibration)"})
+
+
+@dataclass
+class FfnOptions:
+    """Options of ``ffn``."""
+
+    ratio: float = field(default=0.25, metadata={"help": "share of intermediate neurons to remove per block",
+                                                 "min": 0.0, "max_exclusive": 1.0})
+    criterion: str = field(default="l2", metadata={"help": "importance: weight norm or calibration activations",
+                                                   "choices": ("l2", "activation")})
+    round_to: int = field(default=1, metadata={"help": "kept width is a multiple of this", "min": 1})
+    compensate: bool = field(default=False, metadata={"help": "refit the down projection bias (needs calibration)"})
+
+
+# ---------------------------------------------------------------------- importance
+def unit_scores(model: Model, group: PruneGroup) -> np.ndarray:
+    """L2 norm of every parameter position each unit owns: shape ``[width]``."""
+    total = np.zeros(group.width, dtype=np.float64)
+    units = np.arange(group.width)
+    for s in group.slices:
+        arr = np.moveaxis(np.asarray(model.get_array(s.initializer)), s.axis, 0)
+        idx = positions(s, units).reshape(group.width, s.block)
+        part = arr[idx].astype(np.float64)  # [W, block, ...]
+        total += (part.reshape(group.width, -1) ** 2).sum(axis=1)
+    return np.sqrt(total)
+
+
+def channel_means(model: Model, tensors: Iterable[str], calibration: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Stream calibration batches through ONNX Runtime; per tensor, per last-axis channel.
+
+    Returns:
+        Tensor -> ``(mean |x|, mean x)`` over every position except the last axis, in float64.
+
+    Raises:
+        CalibrationError: no calibration data, or data that does not fit the model.
+    """
+    from onnxprune.analysis.calibration import CalibrationData
+    from onnxprune.check import make_session
+
+    names = list(dict.fromkeys(tensors))
+    if calibration is None:
+        raise CalibrationError("this criterion needs calibration data (give --calibration DATA.npz)")
+    calib = CalibrationData.from_any(calibration, model)
+    n_out = len(model.graph.output)
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    try:
+        session = make_session(model)
+    finally:
+        del model.graph.output[n_out:]
+    sums_abs: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    for bi, feed in enumerate(calib.batches()):
+        try:
+            outs = session.run(names, feed)
+        except Exception as exc:
+            raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
+                                   f"{' '.join(str(exc).split())[:300]}") from None
+        for name, x in zip(names, outs):
+            rows = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+            sums_abs[name] = sums_abs.get(name, 0.0) + np.abs(rows).sum(axis=0)
+            sums[name] = sums.get(name, 0.0) + rows.sum(axis=0)
+            counts[name] += rows.shape[0]
+    return {n: (sums_abs[n] / max(counts[n], 1), sums[n] / max(counts[n], 1)) for n in names}
+
+
+def _activation_scores(group: PruneGroup, exits: list[tuple[str, str]],
+                       means: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    score = np.zeros(group.width, dtype=np.float64)
+    for _, tensor in exits:
+        mabs = means[tensor][0]
+        score += mabs.reshape(group.width, -1).mean(axis=1)
+    return score / max(len(exits), 1)
+
+
+# ---------------------------------------------------------------------- selection
+def _per_group(width: int, ratio: float, keep_min: int, round_to: int = 1) -> int:
+    k = int(np.floor(ratio * width + 1e-9))
+    kept = width - k
+    kept = int(np.ceil(kept / round_to) * round_to)
+    kept = max(kept, keep_min)
+    return max(0, min(width - kept, width - 1))
+
+
+def _select_global(scores: list[np.ndarray], ratio: float, keep_min: int) -> list[np.ndarray]:
+    widths = [len(s) for s in scores]
+    total = int(np.floor(ratio * sum(widths) + 1e-9))
+    norm = np.concatenate([s / (s.mean() if s.mean() > 0 else 1.0) for s in scores])
+    owner = np.concatenate([np.full(w, i) for i, w in enumerate(widths)])
+    local = np.concatenate([np.arange(w) for w in widths])
+    chosen: list[list[int]] = [[] for _ in scores]
+    for j in np.argsort(norm, kind="stable"):
+        if total == 0:
+            break
+        g = owner[j]
+        if widths[g] - len(chosen[g]) - 1 < keep_min:
+            continue
+        chosen[g].append(int(local[j]))
+        total -= 1
+    return [np.sort(np.asarray(c, dtype=np.int64)) for c in chosen]
+
+
+# ---------------------------------------------------------------------- compensation
+def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray, width: int,
+                means: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Fold the removed channels' mean contribution into each exit's bias; returns biases changed."""
+    nodes = {n.name: n for n in model.graph.node}
+    done = 0
+    for node_name, tensor in exits:
+        node = nodes[node_name]
+        mean = means[tensor][1]
+        block = mean.size // width
+        ch = (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+        w = np.asarray(model.get_array(node.input[1]), dtype=np.float64)
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        rows = w[:, ch].T if trans_b else w[ch, :]
+        delta = mean[ch] @ rows  # [N]
+        _add_to_bias(model, node, delta)
+        done += 1
+    return done
+
+
+def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
+    graph = model.graph
+    out = node.output[0]
+    inits = model.initializer_map()
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
+        c = np.asarray(model.get_array(node.input[2]))
+        model.set_array(node.input[2], (np.broadcast_to(c, delta.shape) + delta).astype(c.dtype))
+        return
+    users = [n for n in graph.node if out in n.input]
+    if len(users) == 1 and users[0].op_type == "Add" and out not in {o.name for o in graph.output}:
+        other = [x for x in users[0].input if x != out]
+        if len(other) == 1 and other[0] in inits and model.is_constant(other[0]):
+            b = np.asarray(model.get_array(other[0]))
+            if b.shape == delta.shape and len([n for n in graph.node if other[0] in n.input]) == 1:
+                model.set_array(other[0], (b + delta).astype(b.dtype))
+                return
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type)
+    bias_name = _unique(model, f"{node.name}.compensation_bias")
+    model.add_initializer(bias_name, delta.astype(dtype))
+    pre = _unique(model, f"{out}.pre_compensation")
+    for n in graph.node:  # the producer writes `pre`; a new Add writes the old name
+        for i, o in enumerate(n.output):
+            if o == out:
+                n.output[i] = pre
+    add = onnx.helper.make_node("Add", [pre, bias_name], [out], name=_unique(model, f"{node.name}.compensation"))
+    idx = [i for i, n in enumerate(graph.node) if n.name == node.name][0]
+    graph.node.insert(idx + 1, add)
+
+
+def _unique(model: Model, base: str) -> str:
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {
+        n.name for n in model.graph.node}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+# ---------------------------------------------------------------------- the passes
+def _param_count(model: Model) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                           onnx.TensorProto.DOUBLE):
+            total += int(np.prod(t.dims, dtype=np.int64))
+    return total
+
+
+def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> PassResult:
+    label = "heads" if mode == "heads" else "ffn"
+    prepared = prepare_model(model)
+    params_before = _param_count(model)
+    groups, exits = find_groups(model, mode, static_shapes(model))
+    blocked = [g for g in groups if not g.prunable]
+    for g in blocked:
+        ctx.warn(f"{label}: block {g.name} not pruned: {g.blocked}")
+    live = [g for g in groups if g.prunable and g.width > 1]
+    stats: dict[str, Any] = {"blocks_found": len(groups), "blocks_blocked": len(blocked)}
+    if not live or opts.ratio == 0:
+        stats.update(params_before=params_before, params_after=params_before, units_removed=0)
+        return PassResult(model, prepared > 0, stats)
+    needs_calib = opts.criterion == "activation" or opts.compensate
+    means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if needs_calib:
+        if ctx.calibration is None:
+            raise PipelineError(f"{label}: criterion=activation and compensate=true need calibration data "
+                                "(--calibration DATA.npz)")
+        means = channel_means(model, [t for g in live for _, t in exits[g.name]], ctx.calibration)
+    if opts.criterion == "activation":
+        scores = [_activation_scores(g, exits[g.name], means) for g in live]
+    else:
+        scores = [unit_scores(model, g) for g in live]
+    if mode == "heads" and opts.scope == "global":
+        chosen = _select_global(scores, opts.ratio, opts.min_heads)
+    else:
+        keep_min = opts.min_heads if mode == "heads" else 1
+        round_to = getattr(opts, "round_to", 1)
+        chosen = []
+        for g, s in zip(live, scores):
+            k = _per_group(g.width, opts.ratio, keep_min, round_to)
+            chosen.append(np.sort(np.argsort(s, kind="stable")[:k]).astype(np.int64))
+    removals = [(g, c) for g, c in zip(live, chosen) if c.size]
+    if opts.compensate:
+        stats["biases_compensated"] = sum(_compensate(model, exits[g.name], c, g.width, means) for g, c in removals)
+    result = apply_removal(model, removals)
+    stats.update(
+        params_before=params_before,
+        params_after=_param_count(model),
+        units_removed=int(sum(c.size for _, c in removals)),
+        units_total=int(sum(g.width for g in live)),
+        blocks_pruned=len(removals),
+        shape_edits=result["shape_edits"],
+    )
+    log.info("%s: removed %d of %d units in %d blocks", label, stats["units_removed"], stats["units_total"],
+             len(removals))
+    return PassResult(model, True, stats)
+
+
+@register_pass
+class HeadsPass(Pass):
+    """Remove whole attention heads (KV-head groups for GQA)."""
+
+    name = "heads"
+    description = "remove attention heads (decomposed, fused-QKV, GQA, fused ORT/opset-23 Attention ops)"
+    Options = HeadsOptions
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Prune heads of every attention block of ``model`` in place."""
+        return _run_structured(model, ctx, "heads", self.options)
+
+
+@register_pass
+class FfnPass(Pass):
+    """Remove intermediate neurons of feed-forward blocks."""
+
+    name = "ffn"
+    description = "remove FFN intermediate neurons (GELU/SiLU/ReLU, gated SwiGLU) with their weights"
+    Options = FfnOptions
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Prune FFN neurons of every feed-forward block of ``model`` in place."""
+        return _run_structured(model, ctx, "ffn", self.options)

@@ -1,0 +1,462 @@
+"""Passes ``masks`` (unstructured sparsity) and ``nm`` (N:M sparsity along K) on initializers.
+
+Both passes zero entries of constant weights of Conv / ConvTranspose / MatMul / Gemm (found by
+:mod:`onnxprune.analysis.weights`) and change nothing else in the graph.
+
+**masks(sparsity, criterion, scope, include, exclude, min_params, min_keep).**
+
+* ``scope=layer``: every targeted weight gets exactly ``floor(sparsity * size)`` zeros (existing
+  zeros count; a weight that already has more keeps them), chosen by
+  :func:`onnxprune.sparsity.prune_weight_kn`.
+* ``scope=global``: all targeted weights are ranked together. Scores are normalised per layer so
+  that one layer cannot be emptied by scale alone: ``score = |W| / rms(W≠0)`` (the root mean
+  square of the layer's non-zero weights; for ``wanda`` the Wanda score divided by its own
+  layer RMS). The ``floor(sparsity * total)`` lowest scores over all layers are pruned (ties by
+  layer order, then index), then a guard keeps at least ``max(1, ceil(min_keep * size))`` weights
+  in every layer (that layer's top scores), so the total can fall slightly short of the target.
+
+**nm(n, m, criterion, include, exclude, min_params).** Keeps the ``n`` largest of every ``m``
+consecutive weights along K, for every other index. Weights whose K is not a multiple of ``m``,
+whose K axis is untraceable or whose consumers disagree on it are skipped with a reason (stats
+and a warning). Grouped convolutions are masked (ONNX Runtime is indifferent) but marked: TensorRT
+does not run them on sparse tensor cores.
+
+**Targets.** By default, every weight found by the analysis except those with a ``skip_reason``
+(1-D weights, embeddings that are also Gather data) and those smaller than ``min_params``.
+``include`` (regex, ``re.search`` on the initializer or consumer node names) restricts the
+targets to matches and also admits weights that are excluded by default, including initializers
+that are no GEMM weight at all (biases, norm scales, embedding tables; ``masks`` only, since they
+have no K axis). ``exclude`` removes matches. An ``include`` that matches nothing is an error.
+
+**Per-layer overrides** come from a recipe: ``ctx.recipe_overrides[pass_name]`` is
+``{regex: {option: value}}``; every regex that matches an initializer name applies, in order, and
+the merged options are validated like pass options. ``skip = true`` leaves the weight alone. In
+global scope, a weight with an overridden ``sparsity`` is pruned on its own (layer scope).
+
+**Persistence.** The current zeros of a weight are a keep-mask: they are pruned first and the new
+mask is ANDed with it, so a later ``masks`` or ``nm`` never revives a zero.
+
+**Dtypes.** float16 / bfloat16 weights are masked in their own dtype (scores in float32). An
+integer weight behind ``DequantizeLinear`` is scored on its dequantized value
+``(q - zero_point) * scale`` and masked by setting ``q = zero_point`` (per-axis zero points along
+the quantization axis), so the dequantized value is exactly 0.
+
+Stats: per weight ``nnz_before``/``nnz_after``/``size``; ``skipped`` (name -> reason); totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxprune.analysis.weights import WeightInfo, find_weights, from_kn, match_names, to_kn, trt_sparse_reason
+from onnxprune.errors import CalibrationError, PassError, PipelineError
+from onnxprune.model import Model
+from onnxprune.pass_infra import Pass, PassContext, PassResult, build_options, register_pass
+from onnxprune.sparsity import CRITERIA, magnitude_scores, prune_weight_kn, quant_zero_points, topk_mask
+
+log = logging.getLogger(__name__)
+
+CALIB_CRITERIA = ("wanda", "sparsegpt")
+
+
+def _regex(value: str | None, where: str) -> str | None:
+    if value:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{where}: invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+@dataclass
+class MasksOptions:
+    """Options of ``masks``."""
+
+    sparsity: float = field(default=0.5, metadata={"help": "share of weights to zero, in [0, 1)", "min": 0.0,
+                                                    "max_exclusive": 1.0})
+    criterion: str = field(default="magnitude", metadata={"help": "importance criterion", "choices": CRITERIA})
+    scope: str = field(default="layer", metadata={"help": "layer: each weight to the target; global: rank all "
+                                                          "weights together (scores / layer RMS)",
+                                                  "choices": ("layer", "global")})
+    include: str | None = field(default=None, metadata={"help": "regex on initializer/node names: only these "
+                                                                 "(also admits biases, norms, embeddings)"})
+    exclude: str | None = field(default=None, metadata={"help": "regex on initializer/node names to leave alone"})
+    min_params: int = field(default=0, metadata={"help": "skip weights with fewer elements", "min": 0})
+    min_keep: float = field(default=0.01, metadata={"help": "global scope: share of each layer always kept",
+                                                    "min": 0.0, "max": 1.0})
+
+    def validate(self) -> None:
+        """Cross-field checks."""
+        _regex(self.include, "include")
+        _regex(self.exclude, "exclude")
+        if self.scope == "global" and self.criterion == "sparsegpt":
+            raise ValueError("scope=global is not available with criterion=sparsegpt (it updates weights "
+                             "per layer); use scope=layer")
+
+
+@dataclass
+class NMOptions:
+    """Options of ``nm``."""
+
+    n: int = field(default=2, metadata={"help": "weights kept in every group", "min": 1})
+    m: int = field(default=4, metadata={"help": "group length along K", "min": 2})
+    criterion: str = field(default="magnitude", metadata={"help": "importance criterion", "choices": CRITERIA})
+    include: str | None = field(default=None, metadata={"help": "regex on initializer/node names: only these"})
+    exclude: str | None = field(default=None, metadata={"help": "regex on initializer/node names to leave alone"})
+    min_params: int = field(default=0, metadata={"help": "skip weights with fewer elements", "min": 0})
+
+    def validate(self) -> None:
+        """Cross-field checks."""
+        if self.n >= self.m:
+            raise ValueError(f"n={self.n} must be less than m={self.m}")
+        _regex(self.include, "include")
+        _regex(self.exclude, "exclude")
+
+
+# ---------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """A weight to prune and the options that apply to it."""
+
+    info: WeightInfo
+    options: Any
+    extra: bool = False  # included explicitly, not a GEMM weight (no K axis)
+
+
+def _extra_info(model: Model, name: str) -> WeightInfo:
+    t = model.initializer(name)
+    assert t is not None
+    dims = tuple(int(d) for d in t.dims)
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    users = [n.name or n.op_type for n in model.graph.node if name in n.input]
+    return WeightInfo(name=name, nodes=users, op_type="-", shape=dims,
+                      dtype=np.dtype(tensor_dtype_to_np_dtype(t.data_type)).name, k_axis=None, n_axis=None)
+
+
+def _is_float(dtype_name: str) -> bool:
+    return dtype_name == "bfloat16" or np.dtype(dtype_name).kind == "f"
+
+
+def _overrides(ctx: PassContext, pass_name: str) -> dict[str, dict[str, Any]]:
+    ov = ctx.recipe_overrides.get(pass_name) or {}
+    if not isinstance(ov, dict):
+        raise PipelineError(f"{pass_name}: recipe layer overrides must be a table of regex = {{option = value}}")
+    for rx in ov:
+        _regex_or_pipeline(rx, f"{pass_name}: layer override")
+    return ov
+
+
+def _regex_or_pipeline(rx: str, where: str) -> None:
+    try:
+        re.compile(rx)
+    except re.error as exc:
+        raise PipelineError(f"{where}: invalid regular expression {rx!r}: {exc}") from None
+
+
+def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any, options_cls: type,
+                   *, allow_extra: bool) -> tuple[list[Target], dict[str, str]]:
+    """Pick the weights a mask pass prunes, with per-layer options, and the skipped ones with reasons.
+
+    Raises:
+        PassError: ``include`` matches no initializer.
+        PipelineError: a bad per-layer override.
+    """
+    weights = find_weights(model)
+    overrides = _overrides(ctx, pass_name)
+    base = dataclasses.asdict(options)
+    include, exclude = options.include, options.exclude
+    inc_rx = re.compile(include) if include else None
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    matched_include = False
+    known = {w.name for w in weights}
+    candidates: list[tuple[WeightInfo, bool]] = [(w, False) for w in weights]
+    if inc_rx is not None:
+        for t in model.graph.initializer:
+            if t.name in known or not inc_rx.search(t.name) or not model.is_constant(t.name):
+                continue
+            info = _extra_info(model, t.name)
+            if _is_float(info.dtype):
+                candidates.append((info, True))
+    for info, extra in candidates:
+        explicit = inc_rx is not None and match_names(include, info)
+        matched_include |= explicit
+        if inc_rx is not None and not explicit:
+            continue
+        if exclude and match_names(exclude, info):
+            skipped[info.name] = f"excluded by pattern {exclude!r}"
+            continue
+        if info.skip_reason and not explicit:
+            skipped[info.name] = info.skip_reason
+            continue
+        if extra and not allow_extra:
+            skipped[info.name] = "no reduction axis (not a Conv/MatMul/Gemm weight)"
+            continue
+        if not _is_float(info.dtype) and info.quant is None:
+            skipped[info.name] = f"{info.dtype} weight without DequantizeLinear"
+            continue
+        opts = options
+        merged: dict[str, Any] = {}
+        for rx, values in overrides.items():
+            if re.search(rx, info.name):
+                if not isinstance(values, dict):
+                    raise PipelineError(f"{pass_name}: layer override {rx!r} must be a table of options")
+                merged.update(values)
+        if merged.pop("skip", False):
+            skipped[info.name] = "skipped by a recipe layer override"
+            continue
+        if merged:
+            opts = build_options(options_cls, {**base, **merged}, f"{pass_name} (layer override for {info.name})")
+        if info.size < opts.min_params:
+            skipped[info.name] = f"{info.size} elements < min_params={opts.min_params}"
+            continue
+        targets.append(Target(info, opts, extra))
+    if inc_rx is not None and not matched_include:
+        raise PassError(f"{pass_name}: include pattern {include!r} matches no weight or initializer")
+    return targets, skipped
+
+
+# ---------------------------------------------------------------------- per-weight work
+def _dequantized(model: Model, info: WeightInfo, q: np.ndarray) -> np.ndarray:
+    assert info.quant is not None
+    scale = np.asarray(model.get_array(info.quant.scale), dtype=np.float32)
+    if scale.size > 1:
+        shape = [1] * len(info.shape)
+        shape[info.quant.axis] = scale.size  # type: ignore[index]
+        scale = scale.reshape(shape)
+    zp = quant_zero_points(model, info)
+    return (q.astype(np.float32) - np.asarray(zp, dtype=np.float32)) * scale
+
+
+def _nonzero_mask(model: Model, info: WeightInfo, arr: np.ndarray) -> np.ndarray:
+    if info.quant is not None:
+        return arr != quant_zero_points(model, info)
+    return arr != 0
+
+
+def _write(model: Model, info: WeightInfo, arr: np.ndarray, keep: np.ndarray) -> None:
+    """Apply the keep-mask to ``arr`` (its own dtype; zero point for quantized weights) and store it."""
+    zero: Any = quant_zero_points(model, info) if info.quant is not None else np.zeros((), dtype=arr.dtype)
+    model.set_array(info.name, np.where(keep, arr, zero).astype(arr.dtype, copy=False))
+
+
+def _kn(arr: np.ndarray, info: WeightInfo) -> np.ndarray:
+    return to_kn(arr, info) if info.k_axis is not None else arr.reshape(-1, 1)
+
+
+def _unkn(arr2d: np.ndarray, info: WeightInfo) -> np.ndarray:
+    return from_kn(arr2d, info) if info.k_axis is not None else arr2d.reshape(info.shape)
+
+
+def prune_target(model: Model, target: Target, *, criterion: str, sparsity: float | None,
+                 nm: tuple[int, int] | None, stats: Any = None) -> tuple[int, int]:
+    """Prune one weight in place; returns ``(nnz_before, nnz_after)``."""
+    info = target.info
+    arr = np.asarray(model.get_array(info.name))
+    keep_before = _nonzero_mask(model, info, arr)
+    nnz_before = int(np.count_nonzero(keep_before))
+    values = _dequantized(model, info, arr) if info.quant is not None else arr
+    keep_kn = _kn(keep_before, info) if nnz_before < arr.size else None  # no zeros yet: no mask to keep
+    new_kn = prune_weight_kn(_kn(values, info), criterion=criterion, sparsity=sparsity, nm=nm,
+                             keep_mask_kn=keep_kn, stats=stats, options=target.options)
+    new = _unkn(new_kn, info)
+    if info.quant is not None:
+        keep = (new != 0) & keep_before
+        nnz_after = int(np.count_nonzero(keep))
+        if nnz_after != nnz_before:
+            _write(model, info, arr, keep)
+        return nnz_before, nnz_after
+    # magnitude / wanda return W * mask (mask ANDed with the current non-zeros); SparseGPT also
+    # updates the kept weights. Either way the result is stored as is, in the weight's dtype.
+    nnz_after = int(np.count_nonzero(new))
+    if criterion == "sparsegpt" or nnz_after != nnz_before:
+        model.set_array(info.name, new.astype(arr.dtype, copy=False))
+    return nnz_before, nnz_after
+
+
+def _collect_stats(model: Model, ctx: PassContext, targets: list[Target], criterion: str) -> dict[str, Any]:
+    """Calibration statistics per weight name for wanda / sparsegpt (one streaming pass)."""
+    if criterion not in CALIB_CRITERIA:
+        return {}
+    if ctx.calibration is None:
+        raise CalibrationError(f"criterion {criterion} needs calibration data: pass --calib FILE.npz "
+                               "(or calibration=... to onnxprune.optimize)")
+    try:
+        from onnxprune.analysis.calibration import collect
+    except ImportError:
+        raise CalibrationError(f"criterion {criterion}: this build has no calibration statistics "
+                               "(onnxprune.analysis.calibration.collect)") from None
+    return collect(model, ctx.calibration, [t.info for t in targets], criterion=criterion)
+
+
+def _result_stats(per_weight: dict[str, dict[str, int]], skipped: dict[str, str]) -> dict[str, Any]:
+    total = sum(v["size"] for v in per_weight.values())
+    before = sum(v["nnz_before"] for v in per_weight.values())
+    after = sum(v["nnz_after"] for v in per_weight.values())
+    return {
+        "weights_pruned": sum(1 for v in per_weight.values() if v["nnz_after"] != v["nnz_before"]),
+        "weights_targeted": len(per_weight), "weights_skipped": len(skipped),
+        "params": total, "nnz_before": before, "nnz_after": after,
+        "sparsity_after": round(1.0 - after / total, 6) if total else 0.0,
+        "weights": per_weight, "skipped": skipped,
+    }
+
+
+def _no_weights(model: Model, ctx: PassContext, pass_name: str) -> PassResult:
+    ctx.warn(f"{pass_name}: the model has no prunable weight (no Conv/ConvTranspose/MatMul/Gemm with a constant "
+             "weight); nothing changed")
+    return PassResult(model, False, {"weights_pruned": 0, "weights_targeted": 0})
+
+
+# ---------------------------------------------------------------------- passes
+@register_pass
+class MasksPass(Pass):
+    """Unstructured sparsity on constant weights."""
+
+    name = "masks"
+    description = "unstructured sparsity: zero the least important weights (magnitude, wanda, sparsegpt)"
+    Options = MasksOptions
+    preserves = ("weights",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Mask the targeted weights in place."""
+        opts: MasksOptions = self.options
+        targets, skipped = select_targets(model, ctx, self.name, opts, MasksOptions, allow_extra=True)
+        if not targets and not find_weights(model) and not opts.include:
+            return _no_weights(model, ctx, self.name)
+        per_weight: dict[str, dict[str, int]] = {}
+        calib = [t for t in targets if t.options.criterion in CALIB_CRITERIA]
+        for t in calib:
+            if t.extra or t.info.k_axis is None or t.info.conflict:
+                skipped[t.info.name] = f"{t.options.criterion} needs a Conv/MatMul/Gemm weight with one K axis"
+        targets = [t for t in targets if t.info.name not in skipped]
+        stats_by_crit = {c: _collect_stats(model, ctx, [t for t in targets if t.options.criterion == c], c)
+                         for c in {t.options.criterion for t in targets}}
+        glob = [t for t in targets if opts.scope == "global" and t.options.sparsity == opts.sparsity
+                and t.options.criterion == opts.criterion]
+        glob_names = {t.info.name for t in glob}
+        for t in targets:
+            if t.info.name in glob_names:
+                continue
+            crit = t.options.criterion
+            b, a = prune_target(model, t, criterion=crit, sparsity=t.options.sparsity, nm=None,
+                                stats=stats_by_crit.get(crit, {}).get(t.info.name))
+            per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
+        if glob:
+            per_weight.update(self._global(model, ctx, glob, opts, stats_by_crit.get(opts.criterion, {})))
+        if skipped:
+            log.info("masks: skipped %d weight(s): %s", len(skipped), skipped)
+        stats = _result_stats(per_weight, skipped)
+        return PassResult(model, stats["weights_pruned"] > 0, stats)
+
+    def _global(self, model: Model, ctx: PassContext, targets: list[Target], opts: MasksOptions,
+                stats: dict[str, Any]) -> dict[str, dict[str, int]]:
+        """Rank all ``targets`` together on RMS-normalised scores; guard each layer's minimum."""
+        scores = []
+        for t in targets:
+            info = t.info
+            arr = np.asarray(model.get_array(info.name))
+            keep = _nonzero_mask(model, info, arr)
+            values = _dequantized(model, info, arr) if info.quant is not None else arr
+            if opts.criterion == "wanda":
+                from onnxprune.criteria_calib import wanda_scores
+
+                st = stats.get(info.name)
+                s = wanda_scores(_kn(values, info), st["sumsq"] if isinstance(st, dict) else st)
+                s = _unkn(s.astype(np.float32), info)
+            else:
+                s = magnitude_scores(values).astype(np.float32, copy=False)
+            nz = s[keep]
+            rms = float(np.sqrt(np.mean(np.square(nz, dtype=np.float64)))) if nz.size else 1.0
+            s = np.where(keep, s / (rms if rms > 0 else 1.0), -np.inf).astype(np.float32).reshape(-1)
+            scores.append(s)
+        sizes = [s.size for s in scores]
+        flat = np.concatenate(scores)
+        del scores
+        keep_all = topk_mask(flat, opts.sparsity)
+        out: dict[str, dict[str, int]] = {}
+        offset = 0
+        guarded = []
+        for t, size in zip(targets, sizes):
+            info = t.info
+            layer_keep = keep_all[offset:offset + size]
+            layer_scores = flat[offset:offset + size]
+            offset += size
+            arr = np.asarray(model.get_array(info.name))
+            keep_before = _nonzero_mask(model, info, arr).reshape(-1)
+            nnz_before = int(np.count_nonzero(keep_before))
+            min_keep = min(nnz_before, max(1, math.ceil(opts.min_keep * size)))
+            if int(np.count_nonzero(layer_keep)) < min_keep:
+                layer_keep = topk_mask(layer_scores, 1.0 - min_keep / size)
+                guarded.append(info.name)
+            layer_keep = layer_keep & keep_before
+            nnz_after = int(np.count_nonzero(layer_keep))
+            if nnz_after != nnz_before:
+                _write(model, info, arr, layer_keep.reshape(info.shape))
+            out[info.name] = {"size": size, "nnz_before": nnz_before, "nnz_after": nnz_after}
+        if guarded:
+            ctx.warn(f"masks: global ranking would have left fewer than min_keep={opts.min_keep} of "
+                     f"{len(guarded)} layer(s); kept their top weights instead: {', '.join(guarded[:5])}")
+        return out
+
+
+@register_pass
+class NMPass(Pass):
+    """N:M sparsity along the reduction axis K."""
+
+    name = "nm"
+    description = "N:M sparsity along K (e.g. 2:4 for sparse tensor cores): keep n of every m consecutive weights"
+    Options = NMOptions
+    preserves = ("weights",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Apply the N:M pattern to every eligible weight in place."""
+        opts: NMOptions = self.options
+        targets, skipped = select_targets(model, ctx, self.name, opts, NMOptions, allow_extra=False)
+        if not targets and not find_weights(model) and not opts.include:
+            return _no_weights(model, ctx, self.name)
+        eligible = []
+        not_trt: dict[str, str] = {}
+        for t in targets:
+            info, o = t.info, t.options
+            if info.k_axis is None:
+                skipped[info.name] = info.skip_reason or "K axis not traceable"
+            elif info.conflict:
+                skipped[info.name] = info.conflict
+            elif (info.k or 0) % o.m:
+                skipped[info.name] = f"K={info.k} is not a multiple of m={o.m}"
+            else:
+                eligible.append(t)
+                reason = trt_sparse_reason(info)
+                if reason is not None:
+                    not_trt[info.name] = reason
+        stats_by_crit = {c: _collect_stats(model, ctx, [t for t in eligible if t.options.criterion == c], c)
+                         for c in {t.options.criterion for t in eligible}}
+        per_weight: dict[str, dict[str, int]] = {}
+        for t in eligible:
+            o = t.options
+            b, a = prune_target(model, t, criterion=o.criterion, sparsity=None, nm=(o.n, o.m),
+                                stats=stats_by_crit.get(o.criterion, {}).get(t.info.name))
+            per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
+        unusual = {k: v for k, v in skipped.items() if "multiple of" in v or "K axis" in v or "disagree" in v}
+        if unusual:
+            listing = ", ".join(f"{k} ({v})" for k, v in list(unusual.items())[:5])
+            ctx.warn(f"nm: skipped {len(unusual)} weight(s) that cannot hold {opts.n}:{opts.m} along K: {listing}"
+                     + (" ..." if len(unusual) > 5 else ""))
+        if not_trt:
+            ctx.warn(f"nm: {len(not_trt)} masked weight(s) TensorRT will not run sparse: "
+                     + ", ".join(f"{k} ({v})" for k, v in list(not_trt.items())[:5]))
+        stats = _result_stats(per_weight, skipped)
+        stats["not_tensorrt_sparse"] = not_trt
+        return PassResult(model, stats["weights_pruned"] > 0, stats)
+
+
+__all__ = ["MasksOptions", "MasksPass", "NMOptions", "NMPass", "Target", "prune_target", "select_targets"]

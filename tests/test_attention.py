@@ -1,0 +1,317 @@
+"""Attention-head analysis: block finding, shape edits, and masked-twin exactness.
+
+For every attention form (decomposed MHA from ``models.build_transformer_block``, fused QKV with
+Split, grouped-query attention with Expand, rotary embeddings, ``com.microsoft``
+MultiHeadAttention / Attention / GroupQueryAttention, opset-23 Attention) the group found must
+(1) have the right width and (2) satisfy the oracle: removing heads gives the same ONNX Runtime
+outputs as the masked twin (output-projection rows of those heads zeroed), while the masked twin
+differs from the dense model (so the check is not vacuous).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models import build_transformer_block, random_inputs
+from onnxprune.analysis.attention import find_ffn_groups, find_head_groups, prepare_model
+from onnxprune.analysis.removal import apply_removal, mask_group
+from onnxprune.check import run_model
+from onnxprune.model import Model
+
+B, S, E = 2, 8, 32
+
+
+# ---------------------------------------------------------------------- builders
+class _G:
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+
+    def c(self, value: object, dtype: object = None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        name = f"c{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def w(self, *shape: int, scale: float = 1.0) -> str:
+        return self.c(self.rng.standard_normal(shape) * scale / np.sqrt(shape[0]))
+
+    def n(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: object) -> list[str]:
+        self.k += 1
+        outs = [f"t{self.k}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=f"{op}_{self.k}", domain=domain, **attrs))
+        return outs
+
+    def n1(self, op: str, inputs: list[str], **attrs: object) -> str:
+        return self.n(op, inputs, **attrs)[0]
+
+    def linear(self, x: str, fan_in: int, fan_out: int, bias: bool = True) -> str:
+        y = self.n1("MatMul", [x, self.w(fan_in, fan_out)])
+        return self.n1("Add", [y, self.c(self.rng.standard_normal(fan_out) * 0.1)]) if bias else y
+
+    def model(self, out: str, opset: int = 17, ms: bool = False, ir: int = 8,
+              extra_inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
+        self.nodes[-1].output[0] = "y"
+        for node in self.nodes:
+            for i, x in enumerate(node.input):
+                if x == out:
+                    node.input[i] = "y"
+        graph = helper.make_graph(
+            self.nodes, "attn",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", S, E])] + (extra_inputs or []),
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", S, E])], initializer=self.inits)
+        imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
+        m = helper.make_model(graph, opset_imports=imports, ir_version=ir)
+        return m
+
+
+def _rotary(g: _G, t: str, d: int) -> str:
+    pos = np.arange(S)[:, None] * (1.0 / 10000 ** (np.arange(0, d, 2) / d))[None, :]
+    emb = np.concatenate([pos, pos], axis=-1)
+    lo = g.n1("Slice", [t, g.c([0], np.int64), g.c([d // 2], np.int64), g.c([-1], np.int64)])
+    hi = g.n1("Slice", [t, g.c([d // 2], np.int64), g.c([d], np.int64), g.c([-1], np.int64)])
+    rot = g.n1("Concat", [g.n1("Neg", [hi]), lo], axis=-1)
+    return g.n1("Add", [g.n1("Mul", [t, g.c(np.cos(emb))]), g.n1("Mul", [rot, g.c(np.sin(emb))])])
+
+
+def build_attention(hq: int = 4, hkv: int | None = None, d: int = 8, fused: bool = False, rotary: bool = False,
+                    seed: int = 0) -> onnx.ModelProto:
+    """Decomposed attention ``x [batch, 8, 32] -> y``: separate or fused (Split) Q/K/V, optional
+    GQA (``hkv < hq``: Unsqueeze -> Expand -> Reshape) and rotary embeddings on Q and K."""
+    hkv = hkv or hq
+    g = _G(seed)
+    sizes = [hq * d, hkv * d, hkv * d]
+    if fused:
+        qkv = g.linear("x", E, sum(sizes))
+        q, k, v = g.n("Split", [qkv, g.c(sizes, np.int64)], n_out=3, axis=-1)
+    else:
+        q, k, v = (g.linear("x", E, s) for s in sizes)
+    heads = {}
+    for name, t, h in (("q", q, hq), ("k", k, hkv), ("v", v, hkv)):
+        t = g.n1("Reshape", [t, g.c([0, 0, h, d], np.int64)])
+        heads[name] = g.n1("Transpose", [t], perm=[0, 2, 1, 3])
+    if rotary:
+        heads["q"], heads["k"] = _rotary(g, heads["q"], d), _rotary(g, heads["k"], d)
+    if hkv != hq:
+        for name in ("k", "v"):
+            t = g.n1("Unsqueeze", [heads[name], g.c([2], np.int64)])
+            t = g.n1("Expand", [t, g.c([1, hkv, hq // hkv, 1, 1], np.int64)])
+            heads[name] = g.n1("Reshape", [t, g.c([0, hq, -1, d], np.int64)])
+    kt = g.n1("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
+    scores = g.n1("Mul", [g.n1("MatMul", [heads["q"], kt]), g.c(1.0 / np.sqrt(d))])
+    probs = g.n1("Softmax", [scores], axis=-1)
+    ctx = g.n1("Transpose", [g.n1("MatMul", [probs, heads["v"]])], perm=[0, 2, 1, 3])
+    ctx = g.n1("Reshape", [ctx, g.c([0, 0, hq * d], np.int64)])
+    out = g.linear(ctx, hq * d, E)
+    return g.model(out)
+
+
+def build_ms_mha(h: int = 4, d: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """``com.microsoft.MultiHeadAttention`` on separate Q/K/V projections, then an output MatMul."""
+    g = _G(seed)
+    q, k, v = (g.linear("x", E, h * d) for _ in range(3))
+    a = g.n1("MultiHeadAttention", [q, k, v], domain="com.microsoft", num_heads=h)
+    return g.model(g.linear(a, h * d, E), ms=True)
+
+
+def build_ms_attention(h: int = 4, d: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """``com.microsoft.Attention`` with packed weights ``[E, 3*H*D]`` and bias, then an output MatMul."""
+    g = _G(seed)
+    w, b = g.w(E, 3 * h * d), g.c(g.rng.standard_normal(3 * h * d) * 0.1)
+    a = g.n1("Attention", ["x", w, b], domain="com.microsoft", num_heads=h)
+    return g.model(g.linear(a, h * d, E), ms=True)
+
+
+def build_ms_gqa(hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """``com.microsoft.GroupQueryAttention`` (no KV cache), then an output MatMul."""
+    g = _G(seed)
+    q = g.linear("x", E, hq * d)
+    k, v = g.linear("x", E, hkv * d), g.linear("x", E, hkv * d)
+    seqlens = g.c(np.full(B, S - 1, np.int32))
+    total = g.c(np.int32(S))
+    a = g.n("GroupQueryAttention", [q, k, v, "", "", seqlens, total], n_out=3, domain="com.microsoft",
+            num_heads=hq, kv_num_heads=hkv)[0]
+    return g.model(g.linear(a, hq * d, E), ms=True)
+
+
+def build_onnx_attention(hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """ai.onnx opset-23 ``Attention`` with 3-D inputs and q_num_heads/kv_num_heads attributes."""
+    g = _G(seed)
+    q = g.linear("x", E, hq * d)
+    k, v = g.linear("x", E, hkv * d), g.linear("x", E, hkv * d)
+    a = g.n1("Attention", [q, k, v], q_num_heads=hq, kv_num_heads=hkv)
+    return g.model(g.linear(a, hq * d, E), opset=23, ir=10)
+
+
+# ---------------------------------------------------------------------- oracle
+def _feeds(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    if any(i.name == "input_ids" for i in proto.graph.input):
+        return random_inputs(proto, batch=B, seq=S)
+    return {"x": np.random.default_rng(1).standard_normal((B, S, E)).astype(np.float32)}
+
+
+def check_masked_twin(proto: onnx.ModelProto, remove: list[int], expect_width: int, mode: str = "heads") -> None:
+    """Removal of ``remove`` equals the masked twin, which differs from the dense model."""
+    model = Model(proto)
+    prepare_model(model)
+    groups = find_head_groups(model) if mode == "heads" else find_ffn_groups(model)
+    assert groups, "no group found"
+    feeds = _feeds(proto)
+    dense = run_model(model, feeds)
+    for g in groups:
+        assert g.prunable, g.blocked
+        assert g.width == expect_width
+        twin, pruned = model.copy(), model.copy()
+        mask_group(twin, g, np.asarray(remove))
+        apply_removal(pruned, [(g, np.asarray(remove))])
+        onnx.checker.check_model(pruned.proto)
+        out_t, out_p = run_model(twin, feeds), run_model(pruned, feeds)
+        for name in dense:
+            assert out_p[name].shape == dense[name].shape
+            np.testing.assert_allclose(out_p[name], out_t[name], atol=1e-5, rtol=1e-5)
+            assert np.abs(out_t[name] - dense[name]).max() > 1e-4
+
+
+# ---------------------------------------------------------------------- tests
+def test_decomposed_mha_from_builder() -> None:
+    proto = build_transformer_block(layers=2)
+    model = Model(proto)
+    prepare_model(model)
+    groups = find_head_groups(model)
+    assert len(groups) == 2 and all(g.width == 4 and g.prunable for g in groups)
+    edits = {(e.target, e.index): e.per_channel for e in groups[0].shape_edits}
+    assert edits == {("layer0.attn.q.reshape.shape", 2): 1, ("layer0.attn.k.reshape.shape", 2): 1,
+                     ("layer0.attn.v.reshape.shape", 2): 1, ("layer0.attn.context.reshape.shape", 2): 16}
+    roles = {(s.initializer, s.role, s.block) for s in groups[0].slices}
+    assert ("layer0.attn.out.weight", "in", 16) in roles and ("layer0.attn.q.weight", "out", 16) in roles
+    check_masked_twin(proto, [0, 2], 4)
+
+
+@pytest.mark.parametrize("remove", [[1], [0, 3]])
+def test_separate_qkv(remove: list[int]) -> None:
+    check_masked_twin(build_attention(), remove, 4)
+
+
+def test_fused_qkv_split() -> None:
+    proto = build_attention(fused=True)
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    offsets = sorted(s.offset for s in g.slices if s.tag == "weight" and s.role == "out")
+    assert offsets == [0, 32, 64]
+    split_sizes = next(n for n in model.graph.node if n.op_type == "Split").input[1]
+    assert {e.index: e.per_channel for e in g.shape_edits if e.target == split_sizes} == {0: 8, 1: 8, 2: 8}
+    check_masked_twin(proto, [2], 4)
+
+
+def test_gqa_expand_removes_kv_head_with_its_query_group() -> None:
+    proto = build_attention(hq=4, hkv=2)
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    assert g.width == 2
+    blocks = {s.block for s in g.slices if s.tag == "weight"}
+    assert blocks == {8, 16}  # K/V: one head of 8; Q and output rows: two query heads of 8
+    check_masked_twin(proto, [1], 2)
+
+
+def test_gqa_fused_with_rotary() -> None:
+    check_masked_twin(build_attention(hq=6, hkv=2, fused=True, rotary=True), [0], 2)
+
+
+def test_rotary_mha() -> None:
+    check_masked_twin(build_attention(rotary=True), [1, 2], 4)
+
+
+def test_ms_multihead_attention() -> None:
+    proto = build_ms_mha()
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    assert any(e.kind == "attribute" and e.index == "num_heads" and e.per_channel == 1 for e in g.shape_edits)
+    check_masked_twin(proto, [1, 3], 4)
+
+
+def test_ms_attention_packed_weights() -> None:
+    proto = build_ms_attention()
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    packed = sorted(s.offset for s in g.slices if s.role == "out" and s.tag == "weight")
+    assert packed == [0, 32, 64]
+    check_masked_twin(proto, [0], 4)
+
+
+def test_ms_group_query_attention() -> None:
+    proto = build_ms_gqa()
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    edits = {e.index: e.per_channel for e in g.shape_edits if e.kind == "attribute"}
+    assert edits == {"num_heads": 2, "kv_num_heads": 1}
+    check_masked_twin(proto, [0], 2)
+
+
+def test_onnx_opset23_attention() -> None:
+    check_masked_twin(build_onnx_attention(), [1], 2)
+
+
+def test_head_with_zero_v_and_output_is_removed_without_change() -> None:
+    proto = build_transformer_block(layers=1)
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    for name, axis in (("layer0.attn.v.weight", 1), ("layer0.attn.v.bias", 0), ("layer0.attn.out.weight", 0)):
+        arr = np.array(model.get_array(name))
+        idx = [slice(None)] * arr.ndim
+        idx[axis] = slice(16, 32)  # head 1
+        arr[tuple(idx)] = 0
+        model.set_array(name, arr)
+    feeds = _feeds(proto)
+    dense = run_model(model, feeds)
+    pruned = model.copy()
+    apply_removal(pruned, [(g, np.array([1]))])
+    assert pruned.get_array("layer0.attn.out.weight").shape == (48, 64)
+    assert pruned.get_array("layer0.attn.context.reshape.shape").tolist() == [0, 0, 48]
+    out = run_model(pruned, feeds)
+    np.testing.assert_allclose(out["last_hidden_state"], dense["last_hidden_state"], atol=1e-5)
+
+
+def test_graph_output_carrying_heads_blocks_the_group() -> None:
+    proto = build_attention()
+    probs = next(n for n in proto.graph.node if n.op_type == "Softmax").output[0]
+    proto.graph.output.append(helper.make_tensor_value_info(probs, TensorProto.FLOAT, None))
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    assert not g.prunable and probs in g.blocked
+
+
+def test_head_mixing_op_blocks_with_reason() -> None:
+    proto = build_attention()
+    sm = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    sm.attribute[0].i = 1  # softmax over the heads axis mixes heads
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    assert not g.prunable and "Softmax" in g.blocked
+
+
+def test_shared_shape_constant_is_privatized() -> None:
+    proto = build_attention()
+    shapes = [n for n in proto.graph.node if n.op_type == "Reshape"][:3]
+    for n in shapes[1:]:
+        n.input[1] = shapes[0].input[1]  # Q, K and V share one target [0, 0, 4, 8]
+    model = Model(proto)
+    assert prepare_model(model) >= 2
+    (g,) = find_head_groups(model)
+    targets = [e.target for e in g.shape_edits if e.per_channel == 1]
+    assert len(set(targets)) == 3
+    check_masked_twin(proto, [1], 4)

@@ -1,0 +1,156 @@
+"""Tests of ``inspect_tensorrt``: which layers TensorRT could run on sparse tensor cores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from models import build_cnn, build_transformer_block
+from onnxprune.analysis.tensorrt_eligibility import format_tensorrt, inspect_tensorrt
+from onnxprune.model import from_proto
+
+F16 = TensorProto.FLOAT16
+F32 = TensorProto.FLOAT
+
+
+def _prune24_axis0(w: np.ndarray) -> np.ndarray:
+    """2:4 along axis 0 of a 2-D array (magnitude)."""
+    k, n = w.shape
+    g = w.T.reshape(n, k // 4, 4).copy()
+    order = np.argsort(np.abs(g), axis=2)
+    np.put_along_axis(g, order[:, :, :2], 0, axis=2)
+    return np.ascontiguousarray(g.reshape(n, k).T)
+
+
+def _model(dtype: int = F16, k: int = 8, prune: bool = True, conv_group: int = 1) -> onnxprune.Model:
+    np_t = np.float16 if dtype == F16 else np.float32
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, 16)).astype(np.float32)
+    if prune and k % 4 == 0:
+        w = _prune24_axis0(w)
+    cw = rng.standard_normal((8, 8 // conv_group, 3, 3)).astype(np.float32)
+    if prune:  # 2:4 along C: view as [C, N*kh*kw]
+        if conv_group == 1:
+            cw = np.moveaxis(_prune24_axis0(np.moveaxis(cw, 1, 0).reshape(8, -1)).reshape(8, 8, 3, 3), 0, 1)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("MatMul", ["h", "hT"], ["att"], name="qk"),
+        helper.make_node("Conv", ["img", "cw"], ["c"], name="conv", pads=[1, 1, 1, 1], group=conv_group),
+    ]
+    nodes.insert(1, helper.make_node("Transpose", ["h"], ["hT"], name="tr", perm=[1, 0]))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", dtype, [4, k]),
+         helper.make_tensor_value_info("img", dtype, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("att", dtype, [4, 4]),
+         helper.make_tensor_value_info("c", dtype, [1, 8, 6, 6])],
+        [numpy_helper.from_array(w.astype(np_t), "w"), numpy_helper.from_array(cw.astype(np_t), "cw")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return from_proto(proto)
+
+
+def _by_node(data: dict) -> dict[str, dict]:
+    return {e["node"]: e for e in data["layers"]}
+
+
+def test_fp16_24_layers_eligible_and_flops_share() -> None:
+    data = inspect_tensorrt(_model())
+    layers = _by_node(data)
+    assert layers["fc"]["eligible"] is True and layers["fc"]["nm_24"] is True
+    assert (layers["fc"]["K"], layers["fc"]["N"]) == (8, 16)
+    assert layers["conv"]["eligible"] is True and layers["conv"]["K"] == 8
+    assert layers["qk"]["eligible"] is False
+    assert any("dynamic weight" in r for r in layers["qk"]["reasons"])
+    # FLOPs: fc 2*4*16*8, qk 2*4*4*16, conv 2*(8*6*6)*(8*3*3)
+    fc, qk, conv = 2 * 4 * 16 * 8, 2 * 4 * 4 * 16, 2 * 8 * 36 * 72
+    assert layers["fc"]["flops"] == fc and layers["qk"]["flops"] == qk and layers["conv"]["flops"] == conv
+    assert data["summary"]["eligible_flops_share"] == pytest.approx((fc + conv) / (fc + qk + conv))
+    assert data["summary"]["eligible"] == 2
+    assert all(isinstance(e["eligible"], bool) for e in data["layers"])
+    json.dumps(data)  # JSON-ready
+    assert any("small" in n for n in layers["fc"]["notes"])
+
+
+def test_fp32_model_not_eligible_strongly_typed_reason() -> None:
+    data = inspect_tensorrt(_model(dtype=F32))
+    fc = _by_node(data)["fc"]
+    assert fc["eligible"] is False and fc["nm_24"] is True
+    assert any("strongly typed" in r for r in fc["reasons"])
+    assert data["summary"]["eligible"] == 0
+    assert any("strongly typed" in n for n in data["notes"])
+    assert "strongly typed" in format_tensorrt(data)
+
+
+def test_dense_weights_structurally_eligible_only() -> None:
+    data = inspect_tensorrt(_model(prune=False))
+    fc = _by_node(data)["fc"]
+    assert fc["structurally_eligible"] is True and fc["eligible"] is False and fc["nm_24"] is False
+    assert any("not 2:4" in r for r in fc["reasons"])
+    assert data["summary"]["structural_flops_share"] > data["summary"]["eligible_flops_share"] == 0.0
+
+
+def test_k_not_multiple_of_4_and_grouped_conv() -> None:
+    data = inspect_tensorrt(_model(k=6, conv_group=2))
+    layers = _by_node(data)
+    assert any("K=6 is not a multiple of 4" in r for r in layers["fc"]["reasons"])
+    assert layers["fc"]["nm_24"] is None and layers["fc"]["eligible"] is False
+    assert any("grouped convolution" in r for r in layers["conv"]["reasons"])
+
+
+def test_cnn_builder_reports_grouped_and_depthwise() -> None:
+    proto = build_cnn()
+    res = onnxprune.optimize(from_proto(proto), "nm(n=2,m=4),fp16")
+    data = inspect_tensorrt(res.model)
+    grouped = [e for e in data["layers"] if e["op_type"] == "Conv" and e["group"] > 1]
+    assert grouped and all(not e["eligible"] for e in grouped)
+    assert any(e["eligible"] for e in data["layers"] if e["op_type"] == "Conv")
+    text = format_tensorrt(data)
+    assert "TensorRT sparse tensor cores:" in text and "grouped convolution" in text
+
+
+def test_transformer_every_projection_eligible_after_nm_and_fp16() -> None:
+    proto = build_transformer_block()
+    res = onnxprune.optimize(from_proto(proto), "nm(n=2,m=4),fp16")
+    data = inspect_tensorrt(res.model)
+    with_weight = [e for e in data["layers"] if e["weight"] is not None and e["op_type"] in ("MatMul", "Gemm")]
+    assert len(with_weight) >= 6  # Q, K, V, O, FFN up, FFN down
+    bad = [(e["node"], e["reasons"]) for e in with_weight if not e["eligible"]]
+    assert not bad
+    dynamic = [e for e in data["layers"] if e["weight"] is None]
+    assert dynamic and not any(e["eligible"] for e in dynamic)
+    assert 0.0 < data["summary"]["eligible_flops_share"] < 1.0
+
+
+def test_dims_change_flops() -> None:
+    proto = build_transformer_block()
+    m = from_proto(proto)
+    a = inspect_tensorrt(m, dims={"batch": 1, "seq": 16})
+    b = inspect_tensorrt(m, dims={"batch": 1, "seq": 64})
+    fa = {e["node"]: e["flops"] for e in a["layers"]}
+    fb = {e["node"]: e["flops"] for e in b["layers"]}
+    lin = next(e["node"] for e in a["layers"] if e["weight"] is not None)
+    assert fb[lin] == pytest.approx(4 * fa[lin])
+
+
+def test_cli_inspect_tensorrt_json(tmp_path: Path) -> None:
+    res = onnxprune.optimize(from_proto(build_transformer_block()), "nm(n=2,m=4),fp16")
+    path = tmp_path / "t.onnx"
+    onnxprune.save(res.model, path)
+    out = subprocess.run([sys.executable, "-m", "onnxprune", "inspect", str(path), "--tensorrt", "--json"],
+                         capture_output=True, text=True, check=True)
+    doc = json.loads(out.stdout)
+    assert doc["tensorrt"]["summary"]["eligible"] >= 6
+    assert all(isinstance(e["eligible"], bool) for e in doc["tensorrt"]["layers"])
+    txt = subprocess.run([sys.executable, "-m", "onnxprune", "inspect", str(path), "--tensorrt"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "TensorRT sparse tensor cores:" in txt

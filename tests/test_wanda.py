@@ -1,0 +1,112 @@
+"""Tests of the Wanda criterion (onnxprune.criteria_calib.wanda_prune) and the OWL allocation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from models import build_transformer_block
+from onnxprune.allocation import outlier_ratio, owl_sparsities, weighted_mean
+from onnxprune.analysis.weights import find_weights, to_kn
+from onnxprune.criteria_calib import nm_groups_ok, prune_with_calibration, wanda_prune, wanda_scores
+from onnxprune.errors import CalibrationError, PipelineError
+from onnxprune.model import from_proto
+
+
+def _layer(K: int = 16, N: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    sumsq = np.exp(rng.standard_normal(K)) * 10
+    return W, sumsq
+
+
+def test_unstructured_mask_equals_brute_force_ranking() -> None:
+    W, sumsq = _layer()
+    K, N = W.shape
+    new, mask = wanda_prune(W, sumsq, sparsity=0.5)
+    norms = np.sqrt(sumsq)
+    for n in range(N):  # brute force: rank every weight of the column by |W|·‖X‖ with Python sorting
+        scores = [(abs(float(W[k, n])) * float(norms[k]), k) for k in range(K)]
+        pruned = {k for _, k in sorted(scores)[: K // 2]}
+        assert {k for k in range(K) if not mask[k, n]} == pruned
+    assert np.array_equal(new, np.where(mask, W, 0))
+    assert (mask.sum(0) == K - K // 2).all()  # per output column
+
+
+def test_nm_mask_equals_brute_force_and_holds() -> None:
+    W, sumsq = _layer(K=16, N=7, seed=3)
+    new, mask = wanda_prune(W, sumsq, nm=(2, 4))
+    assert nm_groups_ok(new, 2, 4)
+    s = wanda_scores(W, sumsq)
+    for g, n in itertools.product(range(4), range(7)):
+        rows = range(4 * g, 4 * g + 4)
+        best = sorted(rows, key=lambda k: -s[k, n])[:2]
+        assert {k for k in rows if mask[k, n]} == set(best)
+
+
+def test_activation_norm_changes_the_choice() -> None:
+    # equal |W| everywhere: only the activations decide; low-norm channels go first
+    W = np.ones((8, 3), np.float32)
+    sumsq = np.array([9, 1, 4, 16, 0.25, 25, 36, 0.5])
+    _, mask = wanda_prune(W, sumsq, sparsity=0.5)
+    assert set(np.flatnonzero(~mask[:, 0])) == {1, 4, 7, 2}
+
+
+def test_keep_mask_zeros_stay_zero_and_count() -> None:
+    W, sumsq = _layer(K=8, N=4)
+    keep = np.ones_like(W, dtype=bool)
+    keep[0, :] = False
+    new, mask = wanda_prune(W, sumsq, sparsity=0.5, keep_mask=keep)
+    assert not mask[0].any() and (new[0] == 0).all()
+    assert (mask.sum(0) == 4).all()
+
+
+def test_bad_args() -> None:
+    W, sumsq = _layer()
+    with pytest.raises(PipelineError, match="exactly one"):
+        wanda_prune(W, sumsq)
+    with pytest.raises(PipelineError, match="K = 16"):
+        wanda_prune(W, sumsq[:3], sparsity=0.5)
+    with pytest.raises(PipelineError, match="0 < n < m"):
+        wanda_prune(W, sumsq, nm=(4, 4))
+
+
+def test_owl_allocation_mean_and_caps() -> None:
+    ratios = {"a": 0.01, "b": 0.05, "c": 0.02, "d": 0.03}
+    sizes = {"a": 100, "b": 400, "c": 300, "d": 50}
+    s = owl_sparsities(ratios, sizes, 0.6, lam=0.1)
+    assert weighted_mean(s, sizes) == pytest.approx(0.6, abs=1e-9)
+    assert all(0.5 - 1e-12 <= v <= 0.7 + 1e-12 for v in s.values())
+    assert s["b"] < s["d"] < s["c"] < s["a"]  # more outliers -> less sparsity
+    assert owl_sparsities({"a": 0.1, "b": 0.1}, {"a": 1, "b": 2}, 0.5) == {"a": 0.5, "b": 0.5}
+    scores = np.array([1.0] * 99 + [1000.0])
+    assert outlier_ratio(scores, 5) == pytest.approx(0.01)
+
+
+def _calib(seed: int = 0, n: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        mask = np.ones((4, 8), np.int64)
+        mask[1, 5:] = 0
+        out.append({"input_ids": rng.integers(0, 100, (4, 8)).astype(np.int64), "attention_mask": mask})
+    return out
+
+
+def test_prune_with_calibration_owl_and_errors() -> None:
+    model = from_proto(build_transformer_block(layers=2))
+    weights = [w for w in find_weights(model) if not w.skip_reason]
+    rep = prune_with_calibration(model, weights, _calib(), criterion="wanda", sparsity=0.6, allocation="owl",
+                                 owl_lambda=0.1)
+    sizes = {w.name: w.size for w in weights}
+    assert weighted_mean(rep["target"], sizes) == pytest.approx(0.6, abs=1e-6)
+    assert len(set(np.round(list(rep["target"].values()), 6))) > 1
+    for w in weights:  # achieved = floor(target*K)/K per column
+        z = float((to_kn(model.get_array(w.name), w) == 0).mean())
+        assert z == pytest.approx(rep["target"][w.name], abs=1.0 / w.shape[0] + 1e-9)
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        prune_with_calibration(model, weights, None, criterion="wanda", sparsity=0.5)
+    with pytest.raises(PipelineError, match="N:M"):
+        prune_with_calibration(model, weights, _calib(), criterion="wanda", nm=(2, 4), allocation="owl")

@@ -22,13 +22,15 @@ target must be reachable inside the caps (it always is, since ``target`` itself 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from onnxprune.errors import PipelineError
 
-__all__ = ["ALLOCATIONS", "outlier_ratio", "owl_sparsities", "uniform_sparsities", "weighted_mean"]
+__all__ = ["ALLOCATIONS", "outlier_ratio", "owl_for_weights", "owl_sparsities", "uniform_sparsities",
+           "weighted_mean"]
 
 ALLOCATIONS = ("uniform", "owl")
 
@@ -107,3 +109,31 @@ def owl_sparsities(
             b = mid
     s = np.clip(base + 0.5 * (a + b), lo, hi)
     return {k: float(v) for k, v in zip(names, s)}
+
+
+def owl_for_weights(
+    model: Any,
+    weights: Sequence[Any],
+    calib: Any,
+    target: float,
+    *,
+    lam: float = 0.08,
+    m: float = 5.0,
+    token_mask_input: str | None = "auto",
+) -> dict[str, float]:
+    """OWL sparsities for ``weights`` (:class:`~onnxprune.analysis.weights.WeightInfo`) of ``model``.
+
+    One sums-of-squares calibration pass on the model as it is; the outlier ratio of each weight
+    uses its Wanda scores in the ``[K, N]`` layout. Weights without statistics keep ``target``.
+    """
+    from onnxprune.analysis.calibration import collect
+    from onnxprune.analysis.weights import to_kn
+    from onnxprune.criteria_calib import wanda_scores
+
+    info = {w.name: w for w in weights}
+    stats = collect(model, calib, weights, criterion="wanda", token_mask_input=token_mask_input)
+    ratios = {n: outlier_ratio(wanda_scores(to_kn(np.asarray(model.get_array(n)), info[n]), s["sumsq"]), m)
+              for n, s in stats.items()}
+    out = {w.name: float(target) for w in weights}
+    out.update(owl_sparsities(ratios, {n: info[n].size for n in ratios}, target, lam))
+    return out

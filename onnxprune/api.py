@@ -16,7 +16,7 @@ import numpy as np
 
 from onnxprune.check import compare
 from onnxprune.model import Model
-from onnxprune.pass_infra import Pass, PassContext, PassManager, parse_pipeline
+from onnxprune.pass_infra import Pass, PassContext, PassManager, parse_pipeline, preflight
 from onnxprune.report import Report
 from onnxprune.summary import summarize
 
@@ -71,7 +71,8 @@ def optimize(
         recipe_overrides: Per-layer overrides ``{pass: {regex: {option: value}}}``.
         options: Global options for the context (e.g. ``{"seed": 0}``).
         inplace: Change ``model`` itself instead of a copy (saves memory on big models).
-        verify: Run checker and shape inference after every modifying pass.
+        verify: Run strict shape inference on the input first (refusing an inconsistent model up
+            front), and the checker and shape inference after every modifying pass.
         input_path: Path to report as the input (defaults to ``model.path``).
         per_layer: Put per-initializer rows (shape, size, non-zeros) into the before/after
             summaries (for the HTML report's per-layer chart).
@@ -83,6 +84,8 @@ def optimize(
         OnnxPruneError: bad pipeline, bad calibration data, a pass that failed, a failed check.
     """
     passes = parse_pipeline(pipeline)
+    if verify:
+        preflight(model, str(input_path or model.path or "the input model"))
     before = summarize(model, input_path or model.path, per_initializer=per_layer)
     work = model if inplace else model.copy()
     ctx = PassContext(

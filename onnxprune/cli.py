@@ -1,7 +1,8 @@
 """Command line: ``onnxprune optimize|inspect|check|passes|demo``.
 
 Every user error becomes one line on stderr and exit code 2 (a traceback only with ``-v``);
-``check`` exits 1 when given tolerances are exceeded. ``optimize`` writes its output (and
+``check`` exits 1 when given tolerances are exceeded; an unexpected internal error prints one line and
+exits 3. ``optimize`` writes its output (and
 report) atomically and only after every pass and the optional check succeeded, so a failed run
 leaves no output file behind, and it never writes over its input unless ``--inplace``; with
 ``--check --atol/--rtol`` a result outside the tolerance exits 1 and writes only the report.
@@ -28,6 +29,7 @@ log = logging.getLogger("onnxprune")
 
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 1
+EXIT_INTERNAL = 3
 
 #: Passes the demo runs, in order; those not registered in this build are skipped.
 DEMO_PIPELINE = ["cleanup", "channels(ratio=0.3,round_to=8)", "nm(n=2,m=4)"]
@@ -65,7 +67,11 @@ def _write_report(path: Path, report: Any) -> None:
         _write_text_atomic(path, report.to_json())
 
 
-def _check_report_path(path: Path) -> None:
+def _check_report_path(path: Path, inp: Path, out: Path) -> None:
+    for other, what in ((inp, "the input model"), (out, "the output model"),
+                        (out.parent / (out.name + ".data"), "the output's external data")):
+        if path.resolve() == other.resolve() or (path.exists() and other.exists() and os.path.samefile(path, other)):
+            raise OnnxPruneError(f"--report {path}: is {what}; choose another file")
     if path.is_dir():
         raise OnnxPruneError(f"--report {path}: is a directory")
     if not path.parent.exists():
@@ -102,7 +108,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not out.parent.exists():
         raise OnnxPruneError(f"{out.parent}: output folder does not exist")
     if args.report:
-        _check_report_path(Path(args.report))
+        _check_report_path(Path(args.report), inp, out)
     if getattr(args, "emit_trtexec", False):  # a missing TensorRT then warns instead of failing
         for p in passes:
             if p.name == "tensorrt":
@@ -383,6 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # disk full, permission denied, ... outside the model writer
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: still one line (the traceback with -v), never a partial output
+        if args.verbose:
+            log.exception("internal error")
+        msg = " ".join(str(exc).split())[:300]
+        print(f"error: internal error ({type(exc).__name__}: {msg}); rerun with -v for the traceback and "
+              "please report it", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,11 @@ an interrupted save leaves either the old file or the new one. The serialized mo
 one initializer at a time (protobuf merges repeated embedded messages, so a model written as
 "graph without initializers" followed by one ``{graph: {initializer: [t]}}`` fragment per weight
 parses as the whole model): peak memory stays near one copy of the weights. Large models (or
-models loaded with external data) are written with external data in ``OUT.onnx.data``.
+models loaded with external data) are written with external data in ``OUT.onnx.data``; that file
+goes through the same temp-file/fsync/rename path and is renamed into place just before the
+``.onnx`` that points at it. (Two renames cannot be one atomic step: a hard kill in the
+microseconds between them, while overwriting an existing output pair, can leave the new data file
+beside the old ``.onnx``.)
 
 Preconditions: the file is an ONNX ``ModelProto`` with a graph and an ``ai.onnx`` opset >= 7.
 External data must lie inside the model's folder; paths that escape it are refused.
@@ -29,7 +33,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +54,17 @@ EXTERNAL_MIN_BYTES = 1024
 
 @dataclass(frozen=True)
 class ExternalRef:
-    """Where an external initializer's bytes live."""
+    """Where an external initializer's bytes live.
+
+    ``inline`` marks bytes that live inside the ``.onnx`` file itself (a large model's raw data,
+    memory-mapped at load instead of parsed into the proto); such a model is still saved as one
+    file by default.
+    """
 
     path: Path
     offset: int
     length: int
+    inline: bool = False
 
 
 def _np_dtype(data_type: int) -> np.dtype:
@@ -198,7 +208,7 @@ class Model:
     def as_file(self) -> Iterator[Path]:
         """Yield the path of a temporary copy of this model on disk (for ONNX Runtime).
 
-        If the model is unchanged and came from a file, that file is yielded directly.
+        The copy (and its external data, if any) lives in a temporary folder removed on exit.
         """
         with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
             out = Path(tmp) / "model.onnx"
@@ -261,6 +271,63 @@ def _read_exact(f: object, n: int) -> bytes:
     return data
 
 
+#: In a streamed parse, initializers at least this large keep their raw bytes in the file
+#: (memory-mapped on access, like external data) instead of in the proto.
+INLINE_REF_BYTES = 1 << 20
+
+
+def _read_tensor_by_reference(f: object, length: int, path: Path) -> onnx.TensorProto:
+    """Parse a TensorProto of ``length`` bytes at the file position, leaving ``raw_data`` in the file.
+
+    The returned tensor points at its raw bytes with ``external_data`` (location: the model file
+    itself, offset, length), so :func:`load` memory-maps them like any external initializer.
+    """
+    end = f.tell() + length  # type: ignore[attr-defined]
+    meta = bytearray()
+    raw: tuple[int, int] | None = None
+    while f.tell() < end:  # type: ignore[attr-defined]
+        number, wire, header, n = _read_field(f) or (0, 0, b"", 0)
+        if number == 0:
+            raise ValueError("truncated tensor")
+        if number == 9 and wire == 2:  # raw_data
+            raw = (f.tell(), n)  # type: ignore[attr-defined]
+            f.seek(n, 1)  # type: ignore[attr-defined]
+            continue
+        meta += header
+        if wire == 2:
+            meta += _read_exact(f, n)
+        elif wire == 0:
+            v = _read_varint(f)
+            if v is None:
+                raise ValueError("truncated varint")
+            meta += v[1]
+        elif wire in (1, 5):
+            meta += _read_exact(f, 8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if f.tell() != end:  # type: ignore[attr-defined]
+        raise ValueError("tensor overruns its length")
+    t = onnx.TensorProto()
+    t.ParseFromString(bytes(meta))
+    if raw is not None:
+        offset, n = raw
+        plain = t.data_location != onnx.TensorProto.EXTERNAL and not len(t.external_data)
+        try:
+            fits = plain and _nbytes(t) == n
+        except (TypeError, ValueError, KeyError):  # dtypes numpy cannot size (string, 4-bit ...)
+            fits = False
+        if fits:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", path.name), ("offset", str(offset)), ("length", str(n))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        else:
+            f.seek(offset)  # type: ignore[attr-defined]
+            t.raw_data = _read_exact(f, n)
+            f.seek(end)  # type: ignore[attr-defined]
+    return t
+
+
 def _parse_streaming(path: Path) -> onnx.ModelProto:
     """Parse a ``ModelProto`` field by field, merging each graph field into the result.
 
@@ -279,6 +346,12 @@ def _parse_streaming(path: Path) -> onnx.ModelProto:
                     sub = _read_field(f)
                     if sub is None or sub[3] < 0:
                         raise ValueError("malformed graph field")
+                    if sub[0] == 5 and sub[3] >= INLINE_REF_BYTES:  # a large initializer
+                        if batch:
+                            proto.graph.MergeFromString(bytes(batch))
+                            batch = bytearray()
+                        proto.graph.initializer.append(_read_tensor_by_reference(f, sub[3], path))
+                        continue
                     batch += sub[2]
                     batch += _read_exact(f, sub[3])
                     if len(batch) >= _MERGE_BATCH:
@@ -387,6 +460,45 @@ def _external_ref(tensor: onnx.TensorProto, base_dir: Path, where: str) -> Exter
     return ExternalRef(target, offset, length)
 
 
+def _nested_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor that is not a main-graph initializer: subgraph initializers and the tensors of
+    node attributes (Constant values...), in the main graph, its subgraphs and model functions."""
+
+    def from_nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from from_graph(attr.g)
+                for g in attr.graphs:
+                    yield from from_graph(g)
+
+    def from_graph(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        yield from from_nodes(g.node)
+
+    yield from from_nodes(proto.graph.node)
+    for f in proto.functions:
+        yield from from_nodes(f.node)
+
+
+def _inline_nested_external(proto: onnx.ModelProto, base_dir: Path, where: str) -> None:
+    """Validate (inside the model's folder, in range) and read into ``raw_data`` every external
+    tensor outside the main graph's initializers; they are small, and saving needs them inline."""
+    for t in _nested_tensors(proto):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        ref = _external_ref(t, base_dir, where)
+        with open(ref.path, "rb") as f:
+            f.seek(ref.offset)
+            data = f.read(ref.length)
+        t.ClearField("external_data")
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = data
+
+
 def _densify_sparse_initializers(proto: onnx.ModelProto) -> None:
     """Turn ``graph.sparse_initializer`` entries into ordinary dense initializers."""
     graph = proto.graph
@@ -426,7 +538,11 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
     external: dict[str, ExternalRef] = {}
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            external[tensor.name] = _external_ref(tensor, base_dir, where)
+            ref = _external_ref(tensor, base_dir, where)
+            if _same_file(ref.path, path):
+                ref = ExternalRef(ref.path, ref.offset, ref.length, inline=True)
+            external[tensor.name] = ref
+    _inline_nested_external(proto, base_dir, where)
     if len(proto.graph.sparse_initializer):
         _densify_sparse_initializers(proto)
     model = Model(proto=proto, path=path, base_dir=base_dir, external=external)
@@ -448,10 +564,15 @@ def validate_graph(model: Model, where: str = "model", _sorted: bool = False) ->
     Raises:
         ModelLoadError: the graph is malformed (cycle, undefined input, duplicate names...).
     """
+    if not len(model.graph.output):
+        raise ModelLoadError(f"{where}: the graph has no outputs; nothing it computes could be kept")
+    valid_types = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
     seen: set[str] = set()
     for t in model.graph.initializer:
         if t.name in seen:
             raise ModelLoadError(f"{where}: duplicate initializer name {t.name!r}")
+        if t.data_type not in valid_types:
+            raise ModelLoadError(f"{where}: initializer {t.name!r} has an undefined data type ({t.data_type})")
         seen.add(t.name)
     produced: set[str] = set()
     for node in model.graph.node:
@@ -734,12 +855,15 @@ def save(
     if path.is_dir():
         raise ModelSaveError(f"{path}: is a directory")
     if external_data is None:
-        external_data = bool(model.external) or model.weight_bytes() > EXTERNAL_DATA_LIMIT
+        external_data = (any(not r.inline for r in model.external.values())
+                         or model.weight_bytes() > EXTERNAL_DATA_LIMIT)
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     for ref in model.external.values():
         if _same_file(ref.path, data_path) and not inplace:
             raise ModelSaveError(f"{data_path}: refusing to write over the input's external data")
+        if _same_file(ref.path, path) and not (inplace and model.path is not None and _same_file(path, model.path)):
+            raise ModelSaveError(f"{path}: is the external data file of the input model; choose another output")
 
     shell = copy_without_initializers(model.proto)
 
@@ -777,7 +901,17 @@ def save(
                     e.key, e.value = k, v
                 offset += len(buf)
             elif t.name in model.external:
-                frag.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
+                # write the mapped bytes straight from the file mapping: no copy of the weight
+                buf = np.ascontiguousarray(arr)
+                meta = onnx.TensorProto()
+                meta.CopyFrom(t)
+                meta.ClearField("external_data")
+                meta.ClearField("data_location")
+                head = meta.SerializeToString() + b"\x4a" + _varint(buf.nbytes)  # raw_data: field 9
+                yield _initializer_fragment_header(len(head) + buf.nbytes)
+                yield head
+                yield memoryview(buf.reshape(-1).view(np.uint8))
+                continue
             else:  # serialize in place: no copy of the tensor into a fragment message
                 payload = t.SerializeToString()
                 yield _initializer_fragment_header(len(payload))

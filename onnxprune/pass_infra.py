@@ -554,6 +554,26 @@ def verify_model(model: Model, where: str) -> None:
     model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in init_names)
 
 
+def preflight(model: Model, where: str = "the input model") -> None:
+    """Strict shape inference on a pipeline's input, without changing it.
+
+    A model that is already inconsistent (a type mismatch the checker's structural pass does not
+    see) is refused up front instead of the first modifying pass being blamed for it.
+
+    Raises:
+        UnsupportedModelError: shape/type inference fails on the input.
+    """
+    from onnxprune.errors import UnsupportedModelError
+
+    try:
+        onnx.shape_inference.infer_shapes(_shell(model.proto), strict_mode=True, data_prop=True)
+    except Exception as exc:  # InferenceError and friends
+        raise UnsupportedModelError(
+            f"{where} fails ONNX shape/type inference before any pass ran: {' '.join(str(exc).split())[:300]} "
+            "(fix the model, or skip all checks with --no-verify)"
+        ) from None
+
+
 @dataclass
 class PassRecord:
     """One pass's entry in the report."""

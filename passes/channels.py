@@ -14,7 +14,7 @@ Criteria (per channel ``c`` of a group with slices ``S``):
 * ``activation``: mean ``|x_c|`` over calibration data at every tensor where readers see the
   channel (ONNX Runtime with extra outputs, streamed batch by batch).
 
-``scope=layer`` removes ``floor(ratio * width)`` channels of each group; ``scope=global``
+``scope=layer`` removes ``round(ratio * width)`` channels of each group (nearest, halves up); ``scope=global``
 normalises scores by each group's mean and removes every channel below the global
 ``ratio``-quantile. Then the survivor count is rounded to a multiple of ``round_to`` (rounding
 up, never above the width) and kept at least ``min_keep``.
@@ -79,11 +79,20 @@ def count_params(model: Model) -> int:
 
 
 # ---------------------------------------------------------------------- scores
-def _slice_matrix(model: Model, s: Any, width: int) -> np.ndarray:
-    arr = np.asarray(model.get_array(s.initializer), dtype=np.float64)
-    taken = np.take(arr, positions(s, np.arange(width)), axis=s.axis)
-    taken = np.moveaxis(taken, s.axis, 0)
-    return taken.reshape(width, -1)
+def _per_channel_stat(model: Model, s: Any, width: int, p: int) -> np.ndarray:
+    """Mean of ``|w|`` (p=1) or ``w**2`` (p=2) over each channel's positions of slice ``s``."""
+    arr = model.get_array(s.initializer)
+    if s.step == s.block:  # contiguous: a view, no gather
+        idx = [slice(None)] * arr.ndim
+        idx[s.axis] = slice(s.offset, s.offset + width * s.block)
+        sub = arr[tuple(idx)]
+    else:
+        sub = np.take(arr, positions(s, np.arange(width)), axis=s.axis)
+    vals = np.abs(sub) if p == 1 else np.square(sub, dtype=np.float64 if sub.dtype.itemsize < 4 else None)
+    other = tuple(i for i in range(vals.ndim) if i != s.axis)
+    per_pos = vals.sum(axis=other, dtype=np.float64) if other else vals.astype(np.float64)
+    n = vals.size // max(vals.shape[s.axis], 1) * s.block
+    return per_pos.reshape(width, s.block).sum(axis=1) / max(n, 1)
 
 
 def norm_scores(model: Model, group: PruneGroup, p: int) -> np.ndarray:
@@ -92,8 +101,8 @@ def norm_scores(model: Model, group: PruneGroup, p: int) -> np.ndarray:
     for s in group.slices:
         if s.role not in ("out", "in"):
             continue
-        m = _slice_matrix(model, s, group.width)
-        score += np.abs(m).mean(axis=1) if p == 1 else np.sqrt((m * m).mean(axis=1))
+        stat = _per_channel_stat(model, s, group.width, p)
+        score += stat if p == 1 else np.sqrt(stat)
     return score
 
 
@@ -102,7 +111,7 @@ def bn_scores(model: Model, group: PruneGroup) -> np.ndarray | None:
     found = [s for s in group.slices if s.tag in ("bn_scale", "in_scale")]
     if not found:
         return None
-    return sum(np.abs(_slice_matrix(model, s, group.width)).mean(axis=1) for s in found)  # type: ignore[return-value]
+    return sum(_per_channel_stat(model, s, group.width, 1) for s in found)  # type: ignore[return-value]
 
 
 def _batches(calibration: Any) -> Iterable[dict[str, np.ndarray]]:
@@ -173,7 +182,7 @@ def select(groups: list[PruneGroup], scores: dict[str, np.ndarray], opts: Channe
         thr = np.quantile(allv, opts.ratio) if opts.ratio > 0 else -np.inf
         n_rm = {g.name: int((normed[g.name] < thr).sum()) for g in groups}
     else:
-        n_rm = {g.name: int(np.floor(opts.ratio * g.width + 1e-9)) for g in groups}
+        n_rm = {g.name: int(np.floor(opts.ratio * g.width + 0.5)) for g in groups}
     for g in groups:
         keep = _keep_count(g.width, n_rm[g.name], opts.round_to, opts.min_keep)
         n = g.width - keep

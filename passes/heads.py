@@ -93,19 +93,23 @@ def unit_scores(model: Model, group: PruneGroup) -> np.ndarray:
 def channel_means(model: Model, tensors: Iterable[str], calibration: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Stream calibration batches through ONNX Runtime; per tensor, per last-axis channel.
 
+    Where the model has an attention-mask input ``[B, S]`` and a tensor is ``[B, S, C]``, only
+    the positions whose mask is non-zero count (padding would bias the means).
+
     Returns:
         Tensor -> ``(mean |x|, mean x)`` over every position except the last axis, in float64.
 
     Raises:
         CalibrationError: no calibration data, or data that does not fit the model.
     """
-    from onnxprune.analysis.calibration import CalibrationData
+    from onnxprune.analysis.calibration import CalibrationData, find_mask_input
     from onnxprune.check import make_session
 
     names = list(dict.fromkeys(tensors))
     if calibration is None:
         raise CalibrationError("this criterion needs calibration data (give --calibration DATA.npz)")
     calib = CalibrationData.from_any(calibration, model)
+    mask_name = find_mask_input(model, "auto")
     n_out = len(model.graph.output)
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
@@ -122,8 +126,13 @@ def channel_means(model: Model, tensors: Iterable[str], calibration: Any) -> dic
         except Exception as exc:
             raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
                                    f"{' '.join(str(exc).split())[:300]}") from None
+        mask = np.asarray(feed[mask_name]) if mask_name and mask_name in feed else None
         for name, x in zip(names, outs):
-            rows = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+            x = np.asarray(x)
+            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                rows = x[mask != 0].astype(np.float64)
+            else:
+                rows = x.astype(np.float64).reshape(-1, x.shape[-1])
             sums_abs[name] = sums_abs.get(name, 0.0) + np.abs(rows).sum(axis=0)
             sums[name] = sums.get(name, 0.0) + rows.sum(axis=0)
             counts[name] += rows.shape[0]

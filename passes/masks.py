@@ -41,6 +41,15 @@ integer weight behind ``DequantizeLinear`` is scored on its dequantized value
 ``(q - zero_point) * scale`` and masked by setting ``q = zero_point`` (per-axis zero points along
 the quantization axis), so the dequantized value is exactly 0.
 
+**Calibration criteria** (``criterion=wanda|sparsegpt``, both passes) need calibration data
+(``--calib``; :class:`~onnxprune.errors.CalibrationError` otherwise). ``mode=parallel`` takes all
+statistics from the unpruned model in one ONNX Runtime pass; ``mode=sequential`` prunes stage by
+stage (weights grouped by depth, ``stage_group`` stages per pass), each stage's statistics taken
+from the model with the earlier stages already pruned. ``blocksize``/``percdamp`` tune SparseGPT;
+``mask_input`` names the attention mask whose zeros are padding. ``masks(allocation=owl)`` gives
+each weight its own sparsity from its outlier ratio (OWL, :mod:`onnxprune.allocation`) with the
+parameter-weighted mean equal to ``sparsity``.
+
 Stats: per weight ``nnz_before``/``nnz_after``/``size``; ``skipped`` (name -> reason); totals.
 """
 
@@ -59,6 +68,7 @@ from onnxprune.analysis.weights import WeightInfo, find_weights, from_kn, match_
 from onnxprune.errors import CalibrationError, PassError, PipelineError
 from onnxprune.model import Model
 from onnxprune.pass_infra import Pass, PassContext, PassResult, build_options, register_pass
+from onnxprune.allocation import ALLOCATIONS
 from onnxprune.sparsity import CRITERIA, magnitude_scores, prune_weight_kn, quant_zero_points, topk_mask
 
 log = logging.getLogger(__name__)
@@ -91,6 +101,23 @@ class MasksOptions:
     min_params: int = field(default=0, metadata={"help": "skip weights with fewer elements", "min": 0})
     min_keep: float = field(default=0.01, metadata={"help": "global scope: share of each layer always kept",
                                                     "min": 0.0, "max": 1.0})
+    mode: str = field(default="parallel", metadata={"help": "wanda/sparsegpt statistics: parallel (dense model, one "
+                                                          "calibration pass) or sequential (stage by stage, on the "
+                                                          "model pruned so far)",
+                                                  "choices": ("parallel", "sequential")})
+    stage_group: int = field(default=1, metadata={"help": "sequential: depth stages per calibration pass", "min": 1})
+    blocksize: int = field(default=128, metadata={"help": "sparsegpt: input channels per block", "min": 1})
+    percdamp: float = field(default=0.01, metadata={"help": "sparsegpt: dampening, share of the mean Hessian diagonal",
+                                                    "min": 0.0})
+    mask_input: str = field(default="auto", metadata={"help": "calibration: attention-mask input whose zeros are "
+                                                              "padding ('auto': found by name; 'none')"})
+    allocation: str = field(default="uniform", metadata={"help": "per-layer sparsity: uniform, or owl (outlier-"
+                                                                 "weighted; needs calibration)",
+                                                         "choices": ALLOCATIONS})
+    owl_lambda: float = field(default=0.08, metadata={"help": "owl: largest deviation of a layer from the target",
+                                                      "min": 0.0, "max_exclusive": 1.0})
+    owl_m: float = field(default=5.0, metadata={"help": "owl: outlier threshold, multiple of the layer's mean score",
+                                                "min_exclusive": 0.0})
 
     def validate(self) -> None:
         """Cross-field checks."""
@@ -99,6 +126,8 @@ class MasksOptions:
         if self.scope == "global" and self.criterion == "sparsegpt":
             raise ValueError("scope=global is not available with criterion=sparsegpt (it updates weights "
                              "per layer); use scope=layer")
+        if self.scope == "global" and self.allocation != "uniform":
+            raise ValueError("allocation=owl sets per-layer sparsities; use it with scope=layer")
 
 
 @dataclass
@@ -111,6 +140,16 @@ class NMOptions:
     include: str | None = field(default=None, metadata={"help": "regex on initializer/node names: only these"})
     exclude: str | None = field(default=None, metadata={"help": "regex on initializer/node names to leave alone"})
     min_params: int = field(default=0, metadata={"help": "skip weights with fewer elements", "min": 0})
+    mode: str = field(default="parallel", metadata={"help": "wanda/sparsegpt statistics: parallel (dense model, one "
+                                                          "calibration pass) or sequential (stage by stage, on the "
+                                                          "model pruned so far)",
+                                                  "choices": ("parallel", "sequential")})
+    stage_group: int = field(default=1, metadata={"help": "sequential: depth stages per calibration pass", "min": 1})
+    blocksize: int = field(default=128, metadata={"help": "sparsegpt: input channels per block", "min": 1})
+    percdamp: float = field(default=0.01, metadata={"help": "sparsegpt: dampening, share of the mean Hessian diagonal",
+                                                    "min": 0.0})
+    mask_input: str = field(default="auto", metadata={"help": "calibration: attention-mask input whose zeros are "
+                                                              "padding ('auto': found by name; 'none')"})
 
     def validate(self) -> None:
         """Cross-field checks."""
@@ -297,6 +336,51 @@ def _collect_stats(model: Model, ctx: PassContext, targets: list[Target], criter
     return collect(model, ctx.calibration, [t.info for t in targets], criterion=criterion)
 
 
+def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts: Any,
+                     pattern: Any, skipped: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Prune ``targets`` one by one; ``pattern(target) -> (sparsity, nm)``.
+
+    wanda / sparsegpt targets get their statistics from
+    :func:`onnxprune.analysis.calibration.calibration_stages`: ``mode=parallel`` collects all of
+    them on the model before pruning (one pass), ``mode=sequential`` one depth stage at a time on
+    the model pruned so far.
+    """
+    per_weight: dict[str, dict[str, int]] = {}
+
+    def one(t: Target, stats: Any) -> None:
+        sparsity, nm = pattern(t)
+        b, a = prune_target(model, t, criterion=t.options.criterion, sparsity=sparsity, nm=nm, stats=stats)
+        per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
+
+    for t in targets:
+        if t.options.criterion not in CALIB_CRITERIA:
+            one(t, None)
+    for crit in CALIB_CRITERIA:
+        group = [t for t in targets if t.options.criterion == crit]
+        if not group:
+            continue
+        if ctx.calibration is None:
+            raise CalibrationError(f"criterion {crit} needs calibration data: pass --calib FILE.npz "
+                                   "(or calibration=... to onnxprune.optimize)")
+        from onnxprune.analysis.calibration import as_calibration, calib_targets, calibration_stages
+
+        calib = as_calibration(ctx.calibration, model)
+        by_name = {t.info.name: t for t in group}
+        ctargets = calib_targets(model, [t.info for t in group])
+        for ct in ctargets:
+            if ct.skip_reason:
+                skipped[ct.weight] = f"{crit}: {ct.skip_reason}"
+        stages = calibration_stages(model, ctargets, calib, kind="hessian" if crit == "sparsegpt" else "sumsq",
+                                    mode=opts.mode, token_mask_input=opts.mask_input, stage_group=opts.stage_group)
+        for stage, stats in stages:
+            for ct in stage:
+                if ct.weight in stats:
+                    one(by_name[ct.weight], stats[ct.weight])
+                else:
+                    skipped[ct.weight] = f"{crit}: consumers of the weight disagree on its input channels"
+    return per_weight
+
+
 def _result_stats(per_weight: dict[str, dict[str, int]], skipped: dict[str, str]) -> dict[str, Any]:
     total = sum(v["size"] for v in per_weight.values())
     before = sum(v["nnz_before"] for v in per_weight.values())
@@ -338,18 +422,22 @@ class MasksPass(Pass):
             if t.extra or t.info.k_axis is None or t.info.conflict:
                 skipped[t.info.name] = f"{t.options.criterion} needs a Conv/MatMul/Gemm weight with one K axis"
         targets = [t for t in targets if t.info.name not in skipped]
-        stats_by_crit = {c: _collect_stats(model, ctx, [t for t in targets if t.options.criterion == c], c)
-                         for c in {t.options.criterion for t in targets}}
         glob = [t for t in targets if opts.scope == "global" and t.options.sparsity == opts.sparsity
                 and t.options.criterion == opts.criterion]
         glob_names = {t.info.name for t in glob}
-        for t in targets:
-            if t.info.name in glob_names:
-                continue
-            crit = t.options.criterion
-            b, a = prune_target(model, t, criterion=crit, sparsity=t.options.sparsity, nm=None,
-                                stats=stats_by_crit.get(crit, {}).get(t.info.name))
-            per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
+        stats_by_crit = {c: _collect_stats(model, ctx, [t for t in glob if t.options.criterion == c], c)
+                         for c in {t.options.criterion for t in glob}}
+        layer = [t for t in targets if t.info.name not in glob_names]
+        goal = {t.info.name: t.options.sparsity for t in layer}
+        if opts.allocation == "owl" and layer:
+            from onnxprune.allocation import owl_for_weights
+
+            if ctx.calibration is None:
+                raise CalibrationError("masks: allocation=owl needs calibration data (--calib FILE.npz)")
+            free = [t for t in layer if t.options.sparsity == opts.sparsity and t.info.k_axis is not None]
+            goal.update(owl_for_weights(model, [t.info for t in free], ctx.calibration, opts.sparsity,
+                                        lam=opts.owl_lambda, m=opts.owl_m, token_mask_input=opts.mask_input))
+        per_weight.update(_prune_layerwise(model, ctx, layer, opts, lambda t: (goal[t.info.name], None), skipped))
         if glob:
             per_weight.update(self._global(model, ctx, glob, opts, stats_by_crit.get(opts.criterion, {})))
         if skipped:
@@ -438,14 +526,8 @@ class NMPass(Pass):
                 reason = trt_sparse_reason(info)
                 if reason is not None:
                     not_trt[info.name] = reason
-        stats_by_crit = {c: _collect_stats(model, ctx, [t for t in eligible if t.options.criterion == c], c)
-                         for c in {t.options.criterion for t in eligible}}
-        per_weight: dict[str, dict[str, int]] = {}
-        for t in eligible:
-            o = t.options
-            b, a = prune_target(model, t, criterion=o.criterion, sparsity=None, nm=(o.n, o.m),
-                                stats=stats_by_crit.get(o.criterion, {}).get(t.info.name))
-            per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
+        per_weight = _prune_layerwise(model, ctx, eligible, opts, lambda t: (None, (t.options.n, t.options.m)),
+                                      skipped)
         unusual = {k: v for k, v in skipped.items() if "multiple of" in v or "K axis" in v or "disagree" in v}
         if unusual:
             listing = ", ".join(f"{k} ({v})" for k, v in list(unusual.items())[:5])

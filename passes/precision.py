@@ -9,7 +9,8 @@ sparse (or any FP16) tensor-core tactics, so the precision must be in the ONNX i
   Softmax/LogSoftmax, reductions whose sums outgrow float16, large-range ``Pow``/``Exp``/``Log``,
   and ops with poor float16 support such as ``Resize``, ``TopK``, ``Range``, ``CumSum``);
 * its name matches the regex ``node_block_list``;
-* it is outside the default ONNX domain, carries a subgraph (If/Loop/Scan), or has no schema;
+* it is outside the default ONNX domain, carries a subgraph (If/Loop/Scan), has no schema, or
+  reads a tensor whose type shape inference cannot tell (e.g. a custom op's output);
 * it reads a constant that has to stay float32 (below).
 
 For a float16 node, each input whose type parameter (from the op schema, e.g. ``T``) admits
@@ -31,8 +32,8 @@ values are counted and reported (a warning) — they change a sparsity mask. Zer
 
 **Graph boundary.** With ``keep_io_types=true`` float32 graph inputs and outputs keep their type:
 inputs are cast to float16 before their first float16 consumer, and a float16 output ``y`` is
-produced as ``y_fp16`` and cast back to float32 under its own name. With ``false`` the inputs and
-outputs become float16.
+produced as ``y_fp16`` and cast back to float32 under its own name. With ``false`` float32 inputs
+and the outputs of float16 nodes become float16 (an output of a node kept in float32 stays float32).
 
 Preconditions: the graph is topologically sorted (every model that passed the checker). Stats:
 ``nodes_fp16``, ``nodes_fp32`` with ``kept_ops`` (op -> count) and ``kept_reasons``, ``casts_added``,
@@ -196,8 +197,12 @@ class _ConstPlan:
     value16: np.ndarray | None = None
 
 
-def _plan_constant(arr: np.ndarray, clamp: bool) -> _ConstPlan:
-    """Range and underflow check of one float32 array; the float16 value if it converts."""
+def _plan_constant(arr: np.ndarray, clamp: bool, keep_value: bool = True) -> _ConstPlan:
+    """Range and underflow check of one float32 array; with ``keep_value`` the float16 value too.
+
+    Initializers are planned without keeping the value (so a large model never holds every
+    converted weight at once) and converted again, one at a time, when they are replaced.
+    """
     plan = _ConstPlan()
     a = np.asarray(arr, dtype=np.float32)
     finite = np.isfinite(a)
@@ -223,7 +228,7 @@ def _plan_constant(arr: np.ndarray, clamp: bool) -> _ConstPlan:
     # zeros must survive exactly (masks): float16(0) == 0, checked anyway
     if int(np.count_nonzero(~nz32 & nz16)):
         raise AssertionError("a zero became non-zero in float16")  # pragma: no cover - impossible
-    plan.value16 = a16
+    plan.value16 = a16 if keep_value else None
     return plan
 
 
@@ -265,7 +270,8 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
         attr = next(a for a in const_nodes[name].attribute if a.name == "value")
         return numpy_helper.to_array(attr.t)
 
-    plans: dict[str, _ConstPlan] = {name: _plan_constant(const_array(name), opts.clamp) for name in f32_consts}
+    plans: dict[str, _ConstPlan] = {name: _plan_constant(const_array(name), opts.clamp, keep_value=name not in inits)
+                                    for name in f32_consts}
 
     # ---- phase 1: which nodes run in float16, and which params they convert
     nodes = list(graph.node)
@@ -285,6 +291,10 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
             reason = "has a subgraph"
         elif schema is None:
             reason = "no schema"
+        else:
+            untyped = next((x for x in node.input if x and x not in orig), None)
+            if untyped is not None:  # e.g. the output of a custom-domain op: stay safe in float32
+                reason = f"input {untyped} has no inferred type"
         params: set[str] = set()
         if not reason and node.op_type not in ("Constant", "Cast"):  # Cast takes any input type as is
             in_params = _formal_params(list(schema.inputs), len(node.input))
@@ -443,10 +453,14 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
         stats_sub += plan.subnormal
         stats_clamped += plan.clamped
         if name in inits:
-            before_zeros = int(plan.value16.size - np.count_nonzero(const_array(name)))  # type: ignore[union-attr]
-            model.set_array(name, plan.value16)  # type: ignore[arg-type]
-            after_zeros = int(plan.value16.size - np.count_nonzero(plan.value16))  # type: ignore[union-attr]
-            zeros_ok &= after_zeros == before_zeros + plan.flushed
+            arr = const_array(name)
+            value16 = _plan_constant(arr, opts.clamp).value16
+            assert value16 is not None  # planned as convertible above
+            before_zeros = int(arr.size - np.count_nonzero(arr))
+            del arr
+            model.set_array(name, value16)
+            zeros_ok &= int(value16.size - np.count_nonzero(value16)) == before_zeros + plan.flushed
+            del value16
             converted += 1
     total_changes = int(sum(changes.values()) + n_casts + converted)
     if total_changes:

@@ -121,9 +121,10 @@ def _make_logger(trt: Any) -> Any:
 
         def log(self, severity: Any, msg: str) -> None:
             text = str(msg)
-            if "(Sparsity)" in text or severity <= trt.ILogger.Severity.WARNING:
+            level = int(severity)
+            if "(Sparsity)" in text or level <= int(trt.ILogger.Severity.WARNING):
                 self.lines.append(text)
-            if severity <= trt.ILogger.Severity.ERROR:
+            if level <= int(trt.ILogger.Severity.ERROR):
                 self.errors.append(text)
             log.debug("TensorRT: %s", text)
 
@@ -165,7 +166,10 @@ def build_engine(trt: Any, onnx_file: str, settings: BuildSettings) -> dict[str,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mb) << 20)
     if settings.sparse:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+        sparse_flag = getattr(trt.BuilderFlag, "SPARSE_WEIGHTS", None)
+        if sparse_flag is None:
+            raise PassError(f"tensorrt: TensorRT {trt.__version__} has no BuilderFlag.SPARSE_WEIGHTS; use sparse=false")
+        config.set_flag(sparse_flag)
     config.builder_optimization_level = int(settings.opt_level)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if settings.timing_cache:
@@ -238,9 +242,14 @@ class TensorRTPass(Pass):
         try:
             from onnxprune.analysis.tensorrt_eligibility import inspect_tensorrt
 
-            summary = inspect_tensorrt(model)["summary"]
+            data = inspect_tensorrt(model)
+            summary = data["summary"]
             stats["onnx_eligible"] = summary["eligible"]
             stats["onnx_eligible_flops_share"] = round(summary["eligible_flops_share"], 4)
+            fp32 = sum(1 for e in data["layers"] if any(r.startswith("FP32 math") for r in e["reasons"]))
+            if opts.sparse and fp32:
+                ctx.warn(f"tensorrt: {fp32} GEMM layer(s) compute in FP32; TensorRT builds them FP32 with no sparse "
+                         "kernels (strongly typed). Run the fp16 pass first")
         except Exception as exc:  # noqa: BLE001 - the analysis is informative only
             log.debug("eligibility analysis failed: %s", exc)
         try:

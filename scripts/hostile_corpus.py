@@ -115,6 +115,11 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         sub.mkdir()
         return Case("a directory", sub, expect_words=("directory",))
 
+    def fifo(d: Path) -> Case:
+        pipe = d / "pipe.onnx"
+        os.mkfifo(pipe)  # opening it would block forever: must be refused without reading
+        return Case("named pipe (would hang)", pipe, expect_words=("not a regular file",))
+
     def empty(d: Path) -> Case:
         return Case("empty file", _write(d / "empty.onnx", b""), expect_words=("empty",))
 
@@ -196,6 +201,60 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("external data symlink out of folder", _external_model(d, "ext_link.onnx", "link.bin"),
                     expect_words=("outside",))
 
+    def ext_constant_escape(d: Path) -> Case:
+        m = _tiny_model()
+        value = helper.make_tensor("c", TensorProto.FLOAT, [8], [0.0] * 8)
+        value.ClearField("float_data")
+        value.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", "../../etc/passwd"), ("offset", "0"), ("length", "32")):
+            e = value.external_data.add()
+            e.key, e.value = k, v
+        m.graph.node.append(helper.make_node("Constant", [], ["C"], value=value, name="const"))
+        m.graph.node.append(helper.make_node("Add", ["Y", "C"], ["Z"], name="add2"))
+        m.graph.output[0].name = "Z"
+        return Case("Constant value escapes folder", _write(d / "const_escape.onnx", m.SerializeToString()),
+                    expect_words=("outside",))
+
+    def ext_subgraph_missing(d: Path) -> Case:
+        m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c, float[8] x) => (float[8] y) {
+            y = If(c) <then_branch = t () => (float[8] a) { a = Add(x, K) },
+                       else_branch = e () => (float[8] b) { b = Identity(x) }>
+        }""")
+        k = numpy_helper.from_array(np.ones(8, np.float32), "K")
+        k.ClearField("raw_data")
+        k.data_location = TensorProto.EXTERNAL
+        e = k.external_data.add()
+        e.key, e.value = "location", "sub_missing.bin"
+        m.graph.node[0].attribute[0].g.initializer.append(k)
+        return Case("subgraph external data missing", _write(d / "sub_missing.onnx", m.SerializeToString()),
+                    expect_words=("sub_missing.bin", "missing"))
+
+    def no_outputs(d: Path) -> Case:
+        m = _tiny_model()
+        del m.graph.output[:]
+        return Case("graph without outputs", _write(d / "no_outputs.onnx", m.SerializeToString()),
+                    expect_words=("no outputs",))
+
+    def undefined_dtype(d: Path) -> Case:
+        m = _tiny_model()
+        m.graph.initializer[0].data_type = 0
+        return Case("initializer of undefined type", _write(d / "undef.onnx", m.SerializeToString()),
+                    expect_words=("'w'", "undefined data type"))
+
+    def type_mismatch(d: Path) -> Case:
+        m = _tiny_model()
+        m.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64  # int64 @ float weight
+        return Case("type mismatch (inference fails)", _write(d / "types.onnx", m.SerializeToString()),
+                    expect_words=("inference", "types.onnx"))
+
+    def unknown_op(d: Path) -> Case:
+        m = _tiny_model()
+        m.graph.node[1].op_type = "FooBar"
+        return Case("unknown op in ai.onnx", _write(d / "unknown_op.onnx", m.SerializeToString()),
+                    expect_words=("foobar",))
+
     def low_opset(d: Path) -> Case:
         return Case("opset 6", _write(d / "opset6.onnx", _tiny_model(opset=6).SerializeToString()),
                     expect_words=("opset 6",))
@@ -223,9 +282,10 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("unbalanced pipeline", p, passes="cleanup(fold_constants=true", expect_words=("unbalanced",))
 
     return [(f.__name__, f) for f in (
-        missing, directory, empty, random_bytes, truncated, tensor_proto, graph_proto, cycle, undefined_input,
+        missing, directory, fifo, empty, random_bytes, truncated, tensor_proto, graph_proto, cycle, undefined_input,
         duplicate_output, duplicate_init, init_is_input, ext_missing, ext_offset, ext_length, ext_escape,
-        ext_absolute, ext_symlink, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range,
+        ext_absolute, ext_symlink, ext_constant_escape, ext_subgraph_missing, no_outputs,
+        undefined_dtype, type_mismatch, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range,
         bad_pipeline,
     )]
 
@@ -305,12 +365,14 @@ def run_case(case: Case, outdir: Path, timeout: float = 120.0) -> Outcome:
     return Outcome(case, proc.returncode, stderr, left, changed, problems)
 
 
-def format_table(outcomes: list[Outcome]) -> str:
-    """A plain-text table: input, exit code, message, output left, verdict."""
+def format_table(outcomes: list[Outcome], root: Path | None = None, width: int = 110) -> str:
+    """A plain-text table: input, exit code, message (paths relative to ``root``), output left, verdict."""
     rows = [("input", "exit", "message", "left", "ok")]
     for o in outcomes:
         msg = o.stderr.splitlines()[-1] if o.stderr else ""
-        msg = msg if len(msg) <= 100 else msg[:97] + "..."
+        if root is not None:
+            msg = msg.replace(str(root) + os.sep, "")
+        msg = msg if len(msg) <= width else msg[: width - 3] + "..."
         rows.append((o.case.name, str(o.code), msg, ", ".join(o.left) or "none",
                      "ok" if not o.problems else "FAIL: " + "; ".join(o.problems)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -332,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         corpus = root / "corpus"
         cases = build_corpus(corpus)
         outcomes = [run_case(c, root / "out" / c.input.parent.name) for c in cases]
-    print(format_table(outcomes))
+        print(format_table(outcomes, corpus))
     bad = [o for o in outcomes if o.problems]
     print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} cases behaved")
     return 1 if bad else 0

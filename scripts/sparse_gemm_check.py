@@ -17,7 +17,7 @@ Weights found (no onnxprune needed; plain ``onnx`` + ``numpy``):
   ``K = kh*kw*C``; the weight is laid out as ``[N, kh, kw, C]`` → ``[N, kh*kw*C]`` so that the
   2:4 groups along ``C`` (what TensorRT requires, ``C % 4 == 0``) are contiguous along K.
 
-Per weight and token count ``M`` (``--tokens``): FP16 dense GEMM (``torch.mm``, the faster of
+Per weight and token count ``M`` (``--tokens``): FP16 (``--dtype bf16``: BF16) dense GEMM (``torch.mm``, the faster of
 ``x @ W`` and ``Wᵀ @ xᵀ``) versus the cuSPARSELt sparse GEMM (plan compressed once, algorithm
 picked with ``torch._cslt_sparse_mm_search`` when available); the sparse result is checked
 against the dense one (max |Δ| / max |y_dense| ≤ ``--rtol``). Timing is kernel time: each GEMM
@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -120,8 +121,14 @@ def prune_rows_24(wt: np.ndarray) -> np.ndarray:
 def random_24(rng: np.random.Generator, n: int, k: int, scale: float | None = None) -> np.ndarray:
     """A random ``[n, k]`` float32 weight with exactly 2 non-zeros per 4 along the last axis."""
     scale = scale if scale is not None else 1.0 / math.sqrt(k)
-    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(scale)
-    return prune_rows_24(w)
+    if k % 4:
+        raise ValueError(f"K={k} is not a multiple of 4")
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(scale)
+    patterns = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]], dtype=bool)
+    mask = patterns[rng.integers(0, 6, size=(n, k // 4))].reshape(n, k)
+    w[~mask] = 0.0
+    w[mask & (w == 0)] = np.float32(scale)  # keep exactly two non-zeros per group
+    return w
 
 
 def _const_source(name: str, inits: dict[str, Any], producers: dict[str, Any]) -> tuple[str | None, list[str]]:
@@ -354,6 +361,32 @@ def format_table(results: list[LayerResult]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(doc: dict[str, Any]) -> str:
+    """A README-ready markdown summary of a results document: per distinct (K, N) and M the median
+    dense/sparse kernel time and speedup, then the FLOP-weighted speedup per M, with the device."""
+    env = doc.get("env", {})
+    layers = [r for r in doc.get("layers", []) if r.get("dense_us") and r.get("sparse_us")]
+    groups: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for r in layers:
+        groups.setdefault((r["K"], r["N"], r["M"]), []).append(r)
+    lines = [f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
+             f"cuSPARSELt {env.get('cusparselt', '?')}; source: {doc.get('source', '?')}; "
+             f"{str(doc.get('options', {}).get('dtype', 'fp16')).upper()}, kernel time from "
+             "CUDA-graph replays.", "",
+             "| K x N | layers | M (tokens) | dense µs | 2:4 sparse µs | speedup | max rel err |",
+             "|---|---|---|---|---|---|---|"]
+    for (k, n, m), rs in sorted(groups.items()):
+        d = statistics.median(r["dense_us"] for r in rs)
+        sp = statistics.median(r["sparse_us"] for r in rs)
+        err = max(r["max_err"] or 0.0 for r in rs)
+        lines.append(f"| {k}x{n} | {len(rs)} | {m} | {d:.1f} | {sp:.1f} | {d / sp:.2f} | {err:.1e} |")
+    lines += ["", "| M (tokens) | FLOP-weighted speedup | total GEMM time dense / sparse µs |", "|---|---|---|"]
+    for m, srow in doc.get("summary", {}).items():
+        lines.append(f"| {m} | {srow['flop_weighted_speedup']:.2f} | {srow['dense_us_total']:.0f} / "
+                     f"{srow['sparse_us_total']:.0f} ({srow['time_speedup']:.2f}x) |")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict[str, dict[str, Any]]) -> str:
     """Summary lines per token count."""
     lines = []
@@ -390,6 +423,7 @@ def environment() -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             env["cusparselt"] = None
         env["has_cslt"] = hasattr(torch, "_cslt_compress")
+        env["fp16_reduced_precision_reduction"] = bool(torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
     except ImportError:
         env["torch"] = None
     return env
@@ -448,7 +482,12 @@ def time_cuda_graph(torch: Any, fn: Callable[[], Any], inner: int, target_ms: fl
 
 
 class SparseOperand:
-    """A compressed 2:4 operand ``Wᵀ[N, K]`` and how to multiply it by a dense ``[K, M]``."""
+    """A compressed 2:4 operand ``Wᵀ[N, K]`` and how to multiply it by a dense ``[K, M]``.
+
+    A *plan* is the keyword arguments of ``torch._cslt_sparse_mm`` that select the kernel:
+    ``{}`` (cuSPARSELt's default algorithm) or what ``torch._C._cusparselt.mm_search`` (or the
+    older ``torch._cslt_sparse_mm_search``, which reports only the algorithm id) found best.
+    """
 
     def __init__(self, torch: Any, wt16: Any) -> None:
         self.torch = torch
@@ -459,23 +498,56 @@ class SparseOperand:
             from torch.sparse import to_sparse_semi_structured
 
             self.packed = to_sparse_semi_structured(wt16)
-        self.alg: dict[tuple[int, ...], int] = {}
+        self._argnames = self._schema_args(torch)
 
-    def mm(self, b: Any, alg_id: int = 0) -> Any:
-        """``Wᵀ @ b``."""
+    @staticmethod
+    def _schema_args(torch: Any) -> set[str]:
+        try:
+            schemas = torch._C._jit_get_schemas_for_operator("aten::_cslt_sparse_mm")
+            return {a.name for a in schemas[0].arguments}
+        except Exception:  # noqa: BLE001
+            return {"alg_id"}
+
+    def mm(self, b: Any, plan: dict[str, Any] | None = None) -> Any:
+        """``Wᵀ @ b`` with the kernel chosen by ``plan``."""
         if self.backend == "cslt":
-            return self.torch._cslt_sparse_mm(self.packed, b, alg_id=alg_id) if alg_id else \
-                self.torch._cslt_sparse_mm(self.packed, b)
+            return self.torch._cslt_sparse_mm(self.packed, b, **(plan or {}))
         return self.torch.mm(self.packed, b)
 
-    def search(self, b: Any) -> int:
-        """Best cuSPARSELt algorithm id for this operand pair (0 if search is unavailable)."""
-        if self.backend != "cslt" or not hasattr(self.torch, "_cslt_sparse_mm_search"):
-            return 0
-        try:
-            return int(self.torch._cslt_sparse_mm_search(self.packed, b))
-        except Exception:  # noqa: BLE001
-            return 0
+    def search(self, b: Any) -> dict[str, Any]:
+        """The best plan for this operand pair ({} if no search is available or it fails)."""
+        if self.backend != "cslt":
+            return {}
+        mm_search = getattr(getattr(getattr(self.torch, "_C", None), "_cusparselt", None), "mm_search", None)
+        if mm_search is not None:
+            try:
+                found = tuple(mm_search(self.packed, b, None, None, None, False))
+                plan: dict[str, Any] = {"alg_id": int(found[0])}
+                if len(found) > 1 and "split_k" in self._argnames:
+                    plan["split_k"] = int(found[1])
+                if len(found) > 2:
+                    if "split_k_mode" in self._argnames:
+                        plan["split_k_mode"] = int(found[2])
+                    elif "split_k_one_kernel" in self._argnames:
+                        plan["split_k_one_kernel"] = bool(found[2])
+                self.mm(b, plan)  # the plan must run
+                return plan
+            except Exception:  # noqa: BLE001 - fall back to the older search
+                pass
+        if hasattr(self.torch, "_cslt_sparse_mm_search"):
+            try:
+                return {"alg_id": int(self.torch._cslt_sparse_mm_search(self.packed, b))}
+            except Exception:  # noqa: BLE001
+                return {}
+        return {}
+
+
+def _plan_label(plan: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in plan.items()) or "default"
+
+
+def _dtype(torch: Any, name: str) -> Any:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def _rel_err(torch: Any, got: Any, ref: Any) -> float:
@@ -489,18 +561,19 @@ def run_layer(torch: Any, w: GemmWeight, m: int, xs: dict[tuple[int, int], Any],
     """Verify and time one weight at ``m`` tokens."""
     res = LayerResult(display_name(w), w.op, w.K, w.N, m, 2.0 * m * w.K * w.N)
     dev = torch.device("cuda")
-    wt = torch.from_numpy(np.array(w.wt, dtype=np.float32)).to(dev, torch.float16)
+    dt = _dtype(torch, getattr(args, "dtype", "fp16"))
+    wt = torch.from_numpy(np.array(w.wt, dtype=np.float32)).to(dev, dt)
     key = (m, w.K)
     if key not in xs:
         gen = torch.Generator(device=dev).manual_seed(1234 + m + w.K)
-        xs[key] = torch.randn(m, w.K, device=dev, dtype=torch.float16, generator=gen)
+        xs[key] = torch.randn(m, w.K, device=dev, dtype=dt, generator=gen)
     x = xs[key]
     xt = x.t()  # [K, M] column-major view
     w_kn = wt.t().contiguous()  # [K, N]
     # dense: best of the two orientations
     y_dense_t = torch.mm(wt, xt)  # [N, M]
-    out_a = torch.empty(m, w.N, device=dev, dtype=torch.float16)
-    out_b = torch.empty(w.N, m, device=dev, dtype=torch.float16)
+    out_a = torch.empty(m, w.N, device=dev, dtype=dt)
+    out_b = torch.empty(w.N, m, device=dev, dtype=dt)
     t_a, how_a = time_cuda_graph(torch, lambda: torch.mm(x, w_kn, out=out_a), args.inner, args.target_ms, args.repeats)
     t_b, how_b = time_cuda_graph(torch, lambda: torch.mm(wt, xt, out=out_b), args.inner, args.target_ms, args.repeats)
     res.dense_us, res.dense_variant = (t_a, "x@W") if t_a <= t_b else (t_b, "Wt@xt")
@@ -516,17 +589,20 @@ def run_layer(torch: Any, w: GemmWeight, m: int, xs: dict[tuple[int, int], Any],
         try:
             if b is None:
                 b = xt.contiguous()
-            alg = sp.search(b) if args.search else 0
-            y = sp.mm(b, alg)
-            if tuple(y.shape) != (w.N, m):
-                y = y.reshape(w.N, m) if y.numel() == w.N * m else y
-            e = _rel_err(torch, y, y_dense_t)
-            err_val = e if err_val is None else min(err_val, e)
-            bb = b
-            t, how = time_cuda_graph(torch, lambda bb=bb, alg=alg: sp.mm(bb, alg), args.inner, args.target_ms, args.repeats)
-            timings.append(how)
-            if best is None or t < best[0]:
-                best = (t, f"{sp.backend}:{lname}:alg{alg}")
+            plans: list[dict[str, Any]] = [{}]
+            if args.search:
+                found = sp.search(b)
+                if found and found != {"alg_id": 0}:
+                    plans.append(found)
+            for plan in plans:
+                y = sp.mm(b, plan)
+                e = _rel_err(torch, y, y_dense_t)
+                err_val = e if err_val is None else max(err_val, e)
+                t, how = time_cuda_graph(torch, lambda bb=b, pl=plan: sp.mm(bb, pl), args.inner, args.target_ms,
+                                         args.repeats)
+                timings.append(how)
+                if best is None or t < best[0]:
+                    best = (t, f"{sp.backend}:{lname}:{_plan_label(plan)}")
         except Exception as exc:  # noqa: BLE001
             errs.append(f"{lname}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
     if best is not None:
@@ -541,6 +617,25 @@ def run_layer(torch: Any, w: GemmWeight, m: int, xs: dict[tuple[int, int], Any],
         res.int8 = run_int8(torch, w, m, args)
     del sp
     return res
+
+
+def verify_layer(torch: Any, w: GemmWeight, m: int, xs: dict[tuple[int, int], Any], dtype: str = "fp16") -> float:
+    """max |sparse - dense| / max |dense| of one weight at ``m`` tokens (no timing)."""
+    dev = torch.device("cuda")
+    dt = _dtype(torch, dtype)
+    wt = torch.from_numpy(np.array(w.wt, dtype=np.float32)).to(dev, dt)
+    key = (m, w.K)
+    if key not in xs:
+        gen = torch.Generator(device=dev).manual_seed(1234 + m + w.K)
+        xs[key] = torch.randn(m, w.K, device=dev, dtype=dt, generator=gen)
+    xt = xs[key].t()
+    ref = torch.mm(wt, xt)
+    sp = SparseOperand(torch, wt)
+    try:
+        y = sp.mm(xt)
+    except Exception:  # noqa: BLE001 - some builds want a contiguous dense operand
+        y = sp.mm(xt.contiguous())
+    return _rel_err(torch, y, ref)
 
 
 def run_int8(torch: Any, w: GemmWeight, m: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -610,6 +705,9 @@ def select_weights(weights: list[GemmWeight], args: argparse.Namespace) -> tuple
             rejected.append({"name": w.name, "K": w.K, "N": w.N,
                              "reason": f"K % 4 = {w.K % 4}, N % 8 = {w.N % 8} (cuSPARSELt needs K%4 == 0 and N%8 == 0)"})
             continue
+        if args.exclude and re.search(args.exclude, display_name(w)):
+            rejected.append({"name": w.name, "K": w.K, "N": w.N, "reason": f"matches --exclude {args.exclude!r}"})
+            continue
         if w.K < args.min_k or w.N < args.min_n:
             rejected.append({"name": w.name, "K": w.K, "N": w.N, "reason": "below --min-k/--min-n"})
             continue
@@ -642,11 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-test", action="store_true", help="random 2:4 weights of BERT-base and Llama-7B shapes")
     p.add_argument("--tokens", default="512,4096,16384", help="comma-separated token counts M")
     p.add_argument("--json", help="write results here (updated after every layer)")
+    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="floating-point GEMM type")
     p.add_argument("--int8", action="store_true", help="also time INT8 sparse GEMMs (failures reported)")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip cuSPARSELt algorithm search")
     p.add_argument("--prune", action="store_true", help="make non-2:4 weights 2:4 (magnitude) instead of skipping")
     p.add_argument("--dedupe", action="store_true", help="time each distinct (K,N) once (all weights still listed)")
     p.add_argument("--max-layers", type=int, default=0, help="time at most this many weights (0: all)")
+    p.add_argument("--exclude", default="", help="regex on layer names to leave out (e.g. 'pooler': the BERT "
+                   "pooler sees one row per sequence, not --tokens rows)")
     p.add_argument("--min-k", type=int, default=0)
     p.add_argument("--min-n", type=int, default=0)
     p.add_argument("--inner", type=int, default=20, help="GEMMs per captured CUDA graph")
@@ -655,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=2e-2, help="max |sparse-dense| / max |dense| accepted")
     p.add_argument("--finder", choices=("auto", "onnxprune", "builtin"), default="auto",
                    help="weight finder: onnxprune.analysis.weights (auto: when importable) or the built-in one")
+    p.add_argument("--from-json", metavar="PATH", help="print the markdown summary of an earlier --json result and exit")
     p.add_argument("--list", action="store_true", help="list eligible weights and exit (no GPU needed)")
     return p
 
@@ -662,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        print(format_markdown(json.loads(Path(args.from_json).read_text())))
+        return 0
     tokens = _parse_tokens(args.tokens)
     if args.self_test:
         weights, skipped, source = self_test_weights(), [], "self-test"
@@ -698,7 +803,6 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(args.json, doc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     print(f"device: {doc['env'].get('device')}  torch {doc['env'].get('torch')}  cuda {doc['env'].get('cuda')}  "
           f"cuSPARSELt {doc['env'].get('cusparselt')}", flush=True)
     results: list[LayerResult] = []
@@ -710,7 +814,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.dedupe and (w.K, w.N) in seen:
                 ref = seen[(w.K, w.N)]
                 r = LayerResult(**{**asdict(ref), "name": display_name(w), "op": w.op})
-                r.timing = f"dedupe of {ref.name}"
+                r.timing = f"timing copied from {ref.name} (--dedupe)"
+                try:  # the result is still checked for this weight
+                    r.max_err = verify_layer(torch, w, m, xs, args.dtype)
+                    r.ok = r.max_err <= args.rtol
+                except Exception as exc:  # noqa: BLE001
+                    r.ok, r.error = False, f"verify: {type(exc).__name__}: {str(exc)[:160]}"
             else:
                 try:
                     r = run_layer(torch, w, m, xs, args)
@@ -737,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print()
     print(format_summary(doc["summary"]))
+    print()
+    print(format_markdown(doc))
     failed = [r for r in results if r.ok is False]
     if failed:
         print(f"\n{len(failed)} layer(s) exceeded rtol={args.rtol}", file=sys.stderr)

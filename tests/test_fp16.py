@@ -244,3 +244,25 @@ def test_second_run_changes_nothing() -> None:
     again = onnxprune.optimize(res.model, "fp16")
     assert again.report.passes[0].modified is False
     assert len(again.model.graph.node) == len(res.model.graph.node)
+
+
+def test_custom_op_output_keeps_downstream_fp32() -> None:
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((8, 8)).astype(np.float32)
+    w2 = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [2, 8])],
+                              [helper.make_tensor_value_info("y", F32, [2, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    res = _fp16(proto)
+    st = _stats(res)
+    assert st["kept_reasons"].get("domain com.microsoft") == 1
+    assert any("no inferred type" in r for r in st["kept_reasons"])
+    types = _init_types(res.model)
+    assert types["w1"] == F16 and types["w2"] == F32
+    x = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(res.model, x)["y"], run_model(from_proto(proto), x)["y"], rtol=1e-2, atol=1e-2)

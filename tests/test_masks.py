@@ -481,3 +481,66 @@ def test_cnn_builder_grouped_and_depthwise():
     g = np.array(res.model.get_array("gconv.conv.weight"))  # [32, 16, 3, 3], group 2: 2:4 along C/g
     assert ((np.moveaxis(g, 1, 0).reshape(4, 4, -1) != 0).sum(axis=1) == 2).all()
     _assert_masked_twin(proto, res.model, random_inputs(proto))
+
+
+# ---------------------------------------------------------------------- the large-model path
+@pytest.fixture()
+def streamed(monkeypatch):
+    """Make onnxprune.load take its large-file path (streamed parse, raw data mapped) for small files."""
+    import onnxprune.model as model_mod
+
+    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 0)
+    monkeypatch.setattr(model_mod, "INLINE_REF_BYTES", 1024)
+
+
+def test_streamed_load_masks_and_single_file_save(tmp_path, streamed):
+    from models import build_transformer_block, random_inputs
+
+    proto = build_transformer_block(hidden=64, ffn=128, layers=2)
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, str(src))
+    model = onnxprune.load(src)
+    assert any(r.inline for r in model.external.values())  # big raw data stays in the file, mapped
+    for t in proto.graph.initializer:
+        np.testing.assert_array_equal(model.get_array(t.name), nh.to_array(t))
+    res = onnxprune.optimize(model, "nm(n=2,m=4)", inplace=True)
+    out = tmp_path / "out.onnx"
+    onnxprune.save(res.model, out)
+    assert not (tmp_path / "out.onnx.data").exists()  # the input was one file: so is the output
+    saved = onnx.load(str(out))
+    assert all(t.data_location == T.DEFAULT for t in saved.graph.initializer)
+    _assert_masked_twin(proto, onnxprune.load(out), random_inputs(proto))
+    onnxprune.save(res.model, src, inplace=True)  # over the file the weights are mapped from
+    again = onnxprune.load(src)
+    for t in saved.graph.initializer:
+        np.testing.assert_array_equal(again.get_array(t.name), nh.to_array(t))
+
+
+def test_streamed_load_rejects_truncated_file(tmp_path, streamed):
+    from models import build_transformer_block
+
+    src = tmp_path / "t.onnx"
+    data = build_transformer_block().SerializeToString()
+    src.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(onnxprune.errors.ModelLoadError, match="corrupt or truncated"):
+        onnxprune.load(src)
+
+
+def test_bench_script_runs_on_a_small_model(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from models import build_transformer_block
+
+    src = tmp_path / "m.onnx"
+    onnx.save(build_transformer_block(hidden=64, ffn=128), str(src))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_masks.py"
+    out = subprocess.run([sys.executable, str(script), str(src), "--no-polygraphy", "--json",
+                          "--out", str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    o = doc["onnxprune"]
+    assert o["weights_pruned"] == 6 and o["nm_check"]["ok"] == 6 and o["nm_check"]["violates"] == 0
+    assert o["wall_s"] > 0 and o["peak_rss"] > 0

@@ -208,3 +208,13 @@ def test_load_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as info:
         load(p)
     assert "\n" not in str(info.value) and str(p) in str(info.value)
+
+
+def test_refuses_output_onto_input_external_data(tmp_path: Path) -> None:
+    path, _ = _save_external(tmp_path, "in.onnx")
+    m = load(path)
+    before = (tmp_path / "in.onnx.bin").read_bytes()
+    for inplace in (False, True):
+        with pytest.raises(ModelSaveError, match="external data file of the input"):
+            save(m, tmp_path / "in.onnx.bin", inplace=inplace)
+    assert (tmp_path / "in.onnx.bin").read_bytes() == before

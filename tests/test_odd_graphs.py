@@ -410,3 +410,98 @@ def test_inplace_with_external_data(tmp_path: Path) -> None:
     else:
         w = onnxprune.load(src).get_array("fc0.weight")
         assert np.count_nonzero(w) == w.size // 2
+
+
+def test_subgraph_initializer_with_external_data(tmp_path: Path) -> None:
+    """External data inside a subgraph is validated, read inline at load, and saved inline."""
+    m = _if_model()
+    then = next(a.g for a in m.graph.node[1].attribute if a.name == "then_branch")
+    wsub = then.initializer[0]
+    arr = numpy_helper.to_array(wsub)
+    (tmp_path / "wsub.bin").write_bytes(b"\0" * 16 + arr.tobytes())
+    wsub.ClearField("raw_data")
+    wsub.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "wsub.bin"), ("offset", "16"), ("length", str(arr.nbytes))):
+        e = wsub.external_data.add()
+        e.key, e.value = k, v
+    src = tmp_path / "if.onnx"
+    onnx.save(m, src)
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    feeds = {"c": np.array(True), "x": x}
+    ref = run_model(str(src), feeds)["y"]
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    assert main(["optimize", str(src), "--passes", "cleanup", "-o", str(out_dir / "m.onnx"), "-q"]) == 0
+    assert os.listdir(out_dir) == ["m.onnx"]  # the small subgraph weight went inline
+    np.testing.assert_allclose(run_model(str(out_dir / "m.onnx"), feeds)["y"], ref, rtol=1e-6)
+
+
+def test_custom_domain_op_blocks_channel_groups() -> None:
+    """A channel group that flows through an op without a handler is blocked, with the op named."""
+    if "channels" not in onnxprune.registered_passes():
+        pytest.skip("channels not registered in this build")
+    text = """
+    <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+    g (float[N, 8] X) => (float[N, 4] Y) {
+        H = MatMul(X, W1)
+        R = Relu(H)
+        Z = com.example.Foo(R)
+        Y = MatMul(Z, W2)
+    }
+    """
+    m = onnx.parser.parse_model(text)
+    m.graph.initializer.extend([_init("W1", (8, 16)), _init("W2", (16, 4))])
+    r = onnxprune.optimize(from_proto(m), "channels(ratio=0.5)")
+    assert [list(t.dims) for t in r.model.graph.initializer] == [[8, 16], [16, 4]]
+    assert r.report.passes[0].stats["groups_blocked"] == 1
+    assert any("Foo" in w for w in r.report.warnings)
+
+
+def _qdq_mlp() -> onnx.ModelProto:
+    """Three Gemm layers whose int8 weights go through per-channel DequantizeLinear (axis 0)."""
+    rng = np.random.default_rng(4)
+    nodes, inits, x = [], [], "X"
+    dims = [8, 16, 12, 4]
+    for i in range(3):
+        k, n = dims[i], dims[i + 1]
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (n, k)).astype(np.int8), f"w{i}_q"),
+                  numpy_helper.from_array(rng.uniform(0.005, 0.02, n).astype(np.float32), f"w{i}_s"),
+                  numpy_helper.from_array(np.zeros(n, np.int8), f"w{i}_z"),
+                  numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}_q", f"w{i}_s", f"w{i}_z"], [f"w{i}"], axis=0,
+                                   name=f"dq{i}"),
+                  helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], ["Y" if i == 2 else f"h{i}"], transB=1, name=f"fc{i}")]
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    m = helper.make_model(helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_qdq_channel_removal_slices_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel removal through per-channel DequantizeLinear: int8 rows, scales and zero points shrink
+    together, and the result equals its masked twin."""
+    if "channels" not in onnxprune.registered_passes():
+        pytest.skip("channels not registered in this build")
+    from test_fuzz import check_masked_twin
+
+    m = _qdq_mlp()
+    r = onnxprune.optimize(from_proto(m), "channels(ratio=0.5)")
+    dims = {t.name: list(t.dims) for t in r.model.graph.initializer}
+    assert dims["w0_q"] == [8, 8] and dims["w0_s"] == [8] and dims["w0_z"] == [8] and dims["w1_q"] == [6, 8]
+    assert r.model.initializer("w0_q").data_type == TensorProto.INT8
+    assert check_masked_twin(m, "channels", {"ratio": 0.5}, monkeypatch) == "ok"
+
+
+def test_qdq_masks_keep_int8() -> None:
+    m = _qdq_mlp()
+    for spec in _sparsifiers():
+        r = onnxprune.optimize(from_proto(m), spec)
+        w = np.asarray(r.model.get_array("w1_q"))
+        assert w.dtype == np.int8 and 0 < np.count_nonzero(w) < w.size
+        run_model(r.model, {"X": RNG.standard_normal((2, 8)).astype(np.float32)})

@@ -126,3 +126,28 @@ def test_driver_on_transformer_beats_magnitude(mode: str) -> None:
         assert nm_groups_ok(to_kn(sg.get_array(w.name), w), 2, 4)
         assert rep["sparsity"][w.name] == pytest.approx(0.5)
     assert cos(sg) > cos(mag)
+
+
+def test_optimize_nm_sparsegpt_end_to_end(tmp_path) -> None:
+    from onnxprune import optimize
+    from onnxprune.errors import CalibrationError
+
+    dense = from_proto(build_transformer_block(layers=2))
+    feeds = _feeds(0)
+    path = tmp_path / "calib.npz"
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in ("input_ids", "attention_mask")})
+    held = {k: np.concatenate([f[k] for f in _feeds(7, 2)]) for k in ("input_ids", "attention_mask")}
+    results = {}
+    for spec in ("nm(n=2,m=4,criterion=sparsegpt)", "nm(n=2,m=4,criterion=sparsegpt,mode=sequential,blocksize=32)",
+                 "nm(n=2,m=4)"):
+        res = optimize(dense, spec, calibration=str(path), calibration_batch=4)
+        st = res.report.passes[0].stats
+        assert st["weights_targeted"] == 12 and st["sparsity_after"] == pytest.approx(0.5)
+        for w in find_weights(res.model):
+            if not w.skip_reason:
+                assert nm_groups_ok(to_kn(res.model.get_array(w.name), w), 2, 4)
+        results[spec] = compare(dense, res.model, feeds=held).outputs[0].cosine
+    assert results["nm(n=2,m=4,criterion=sparsegpt)"] > results["nm(n=2,m=4)"]
+    assert results["nm(n=2,m=4,criterion=sparsegpt,mode=sequential,blocksize=32)"] > results["nm(n=2,m=4)"]
+    with pytest.raises(CalibrationError, match="calibration data"):
+        optimize(dense, "nm(criterion=sparsegpt)")

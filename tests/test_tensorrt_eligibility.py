@@ -154,3 +154,32 @@ def test_cli_inspect_tensorrt_json(tmp_path: Path) -> None:
     txt = subprocess.run([sys.executable, "-m", "onnxprune", "inspect", str(path), "--tensorrt"],
                          capture_output=True, text=True, check=True).stdout
     assert "TensorRT sparse tensor cores:" in txt
+
+
+def _dq_model(quantize_activation: bool) -> onnxprune.Model:
+    rng = np.random.default_rng(1)
+    q = _prune24_axis0(rng.integers(-100, 100, size=(8, 16)).astype(np.float32)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(np.array(0.02, dtype=np.float32), "ws"),
+             numpy_helper.from_array(np.array(0.1, dtype=np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, dtype=np.int8), "xz")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dq_w")]
+    act = "x"
+    if quantize_activation:
+        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x"),
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq_x")]
+        act = "xd"
+    nodes.append(helper.make_node("MatMul", [act, "w"], ["y"], name="fc"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [4, 8])],
+                              [helper.make_tensor_value_info("y", F32, [4, 16])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return from_proto(proto)
+
+
+def test_int8_qdq_eligible_weight_only_not() -> None:
+    fc = _by_node(inspect_tensorrt(_dq_model(True)))["fc"]
+    assert fc["compute_dtype"] == "int8 (Q/DQ)" and fc["nm_24"] is True and fc["eligible"] is True
+    fc = _by_node(inspect_tensorrt(_dq_model(False)))["fc"]
+    assert fc["eligible"] is False and any("weight-only" in n for n in fc["notes"])
+    assert any("FP32 math" in r for r in fc["reasons"])

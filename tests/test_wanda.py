@@ -110,3 +110,40 @@ def test_prune_with_calibration_owl_and_errors() -> None:
         prune_with_calibration(model, weights, None, criterion="wanda", sparsity=0.5)
     with pytest.raises(PipelineError, match="N:M"):
         prune_with_calibration(model, weights, _calib(), criterion="wanda", nm=(2, 4), allocation="owl")
+
+
+def test_optimize_masks_wanda_end_to_end() -> None:
+    from onnxprune import optimize
+
+    dense = from_proto(build_transformer_block(layers=2))
+    feeds = _calib()
+    res = optimize(dense, "masks(sparsity=0.5,criterion=wanda)", calibration=feeds)
+    st = res.report.passes[0].stats
+    assert st["weights_targeted"] == 12 and st["sparsity_after"] == pytest.approx(0.5)
+    # layer 0's Q reads the embedding rows of the real (unpadded) tokens: compute Wanda directly
+    E = dense.get_array("embeddings.word_embeddings.weight").astype(np.float64)
+    X = np.concatenate([E[f["input_ids"][f["attention_mask"].astype(bool)]] for f in feeds])
+    W = dense.get_array("layer0.attn.q.weight")
+    want, _ = wanda_prune(W, (X ** 2).sum(0), sparsity=0.5)
+    np.testing.assert_array_equal(res.model.get_array("layer0.attn.q.weight"), want)
+    # OWL through the pass: layers differ, the parameter-weighted mean stays at the target
+    res = optimize(dense, "masks(sparsity=0.5,criterion=wanda,allocation=owl,owl_lambda=0.1)", calibration=feeds)
+    st = res.report.passes[0].stats
+    assert st["sparsity_after"] == pytest.approx(0.5, abs=0.01)
+    per = [1 - v["nnz_after"] / v["size"] for v in st["weights"].values()]
+    assert max(per) - min(per) > 0.05 and all(0.39 <= p <= 0.61 for p in per)
+    with pytest.raises(CalibrationError):
+        optimize(dense, "masks(criterion=wanda)")
+    with pytest.raises(PipelineError, match="scope=layer"):
+        optimize(dense, "masks(criterion=wanda,scope=global,allocation=owl)", calibration=feeds)
+
+
+def test_masks_global_scope_wanda_uses_collected_stats() -> None:
+    from onnxprune import optimize
+
+    dense = from_proto(build_transformer_block(layers=2))
+    res = optimize(dense, "masks(sparsity=0.6,criterion=wanda,scope=global)", calibration=_calib())
+    st = res.report.passes[0].stats
+    assert st["sparsity_after"] == pytest.approx(0.6, abs=0.01)
+    per = [1 - v["nnz_after"] / v["size"] for v in st["weights"].values()]
+    assert max(per) - min(per) > 0.01  # global ranking: layers end up at different sparsities

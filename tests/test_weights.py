@@ -197,6 +197,7 @@ def test_inspect_weights_and_nm():
     trt = {t["name"]: t for t in data["tensorrt"]}
     assert trt["W"]["eligible"] and trt["C"]["eligible"]
     assert not trt["Cg"]["eligible"] and "grouped" in trt["Cg"]["reason"]
+    assert trt["W"]["size_note"].startswith("small") and trt["Cg"]["size_note"] is None
     assert data["summary"]["tensorrt_eligible_and_sparse"] == 1
     out = format_nm(data)
     assert "1 ok" in out and "TensorRT" in out and "grouped convolution" in out

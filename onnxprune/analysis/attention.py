@@ -356,7 +356,11 @@ def _shapes_from_ort(model: Model, shell: onnx.ModelProto, names: list[str]) -> 
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        if model.external:  # external weights: go through a file next to copies of the refs
+            with Model(proto, model.path, model.base_dir, dict(model.external)).as_file() as path:
+                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        else:
+            sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs = sess.run(names, feeds)
     except Exception as exc:  # the model may not run on neutral inputs; shapes stay unknown
         log.info("shape capture on ONNX Runtime failed: %s", exc)
@@ -981,6 +985,7 @@ class _Engine:
         slices: list[ParamSlice] = []
         edits: dict[tuple[str, str, int | str], int] = defaultdict(int)
         split_cov: dict[str, dict[int, int]] = defaultdict(dict)
+        self._slice_cov: dict[str, list[tuple[str, int, int, int]]] = defaultdict(list)
         back_refs: dict[tuple[str, int, int], int] = defaultdict(int)
         path = set(comp.path_nodes)
         for tensor, offset, length, start in comp.streams:
@@ -1008,6 +1013,8 @@ class _Engine:
                 self.shape_edit(comp, node_name, idx, pos, contrib, width, "reshape", edits)
             except _Blocked as exc:
                 blocked.append(f"reshape {node_name!r}: {exc}")
+        for source, pieces in self._slice_cov.items():
+            self._slice_edits(source, pieces, width, edits, blocked)
         for split_name, cov in split_cov.items():
             node = self.nodes[split_name]
             outs = [o for o in node.output]
@@ -1101,6 +1108,11 @@ class _Engine:
                 offset += sum(sizes[:k])
                 split_cov[node.name][k] = split_cov[node.name].get(k, 0) + length
                 cur = node.input[0]
+            elif op == "Slice":
+                start_, end_ = self._last_axis_slice(node)
+                self._slice_cov[node.input[0]].append((node.name, start_, end_, length))
+                offset += start_
+                cur = node.input[0]
             elif op == "Reshape":
                 i, o = self._need(node.input[0]), self._need(node.output[0])
                 if i[-1] != o[-1]:
@@ -1110,6 +1122,53 @@ class _Engine:
             else:
                 raise _Blocked(f"cannot trace through {op} {node.name!r}")
         raise _Blocked("projection chain too long")
+
+    def _last_axis_slice(self, node: onnx.NodeProto) -> tuple[int, int]:
+        """``(start, end)`` of a step-1 Slice along the last axis with constant bounds."""
+        dims = self._need(node.input[0])
+        rank = len(dims)
+        consts = [self.const(x) if len(node.input) > k and node.input[k] else None for k, x in
+                  ((k, node.input[k] if len(node.input) > k else "") for k in range(5))]
+        starts, ends = consts[1], consts[2]
+        axes = consts[3] if consts[3] is not None else (np.arange(len(starts)) if starts is not None else None)
+        if starts is None or ends is None or axes is None:
+            raise _Blocked(f"Slice {node.name!r} bounds are not constant")
+        axes = [int(a) % rank for a in axes.reshape(-1)]
+        if axes != [rank - 1] or (consts[4] is not None and int(consts[4].reshape(-1)[0]) != 1):
+            raise _Blocked(f"Slice {node.name!r} is not a step-1 slice of the channel axis only")
+        total = dims[-1]
+        start, end = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+        start = min(max(start + total if start < 0 else start, 0), total)
+        end = min(max(end + total if end < 0 else end, 0), total)
+        return start, end
+
+    def _slice_edits(self, source: str, pieces: list[tuple[str, int, int, int]], width: int,
+                     edits: dict[tuple[str, str, int | str], int], blocked: list[str]) -> None:
+        """Slices of one fused projection: every channel must belong to a piece; bounds shift."""
+        total = self._need(source)[-1]
+        spans = sorted({(a, b, c) for _, a, b, c in pieces})
+        covered = 0
+        for a, b, c in spans:
+            if a != covered or b - a != c:
+                blocked.append(f"slices of {source!r} do not tile it into head-aligned pieces")
+                return
+            covered = b
+        other = [n for n in self.consumers.get(source, []) if n.op_type != "Slice" and n.op_type not in SHAPE_ONLY]
+        if covered != total or other:
+            blocked.append(f"fused projection {source!r} has channels outside the attention block")
+            return
+        for name, a, b, _ in dict.fromkeys(pieces):
+            node = self.nodes[name]
+            before_start = sum(c // width for s0, e0, c in spans if e0 <= a)
+            before_end = sum(c // width for s0, e0, c in spans if e0 <= b)
+            for slot, shift, value in ((1, before_start, a), (2, before_end, b)):
+                raw = int(self.const(node.input[slot]).reshape(-1)[0])
+                if raw < 0:
+                    blocked.append(f"Slice {name!r}: bound {raw} counts from the end of a shrinking axis")
+                    continue
+                if shift == 0 or raw >= (1 << 31):
+                    continue  # 0 stays 0; "to the end" (INT_MAX) needs no edit
+                edits[("initializer", node.input[slot], 0)] += shift
 
     def _raise_if_shared(self, init: str, node: onnx.NodeProto) -> None:
         users = {n.name for n in self.consumers.get(init, [])}

@@ -20,7 +20,8 @@ Where the model has an attention-mask input ``[B, S]`` (found by name, or named 
 and an activation is shaped ``[B, S, K]``, only tokens whose mask is non-zero count.
 
 Memory is O(Σ K²) for Hessians (or O(Σ K) for sums of squares) plus one batch of activations,
-independent of the number of batches. When all requested Hessians exceed ``chunk_bytes`` the
+independent of the number of batches (sequential mode additionally caches the tensors that cross
+the current stage boundary for every batch; see :class:`SegmentRunner`). When all requested Hessians exceed ``chunk_bytes`` the
 tensors are split into chunks and the data is streamed once per chunk.
 
 **Stages.** :func:`calib_targets` maps weights to the activations they multiply;
@@ -47,8 +48,9 @@ from onnxprune.progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibTarget", "CalibrationData", "TensorStats", "calib_targets", "calibration_stages",
-           "collect_input_stats", "find_mask_input", "plan_chunks", "target_stages", "weight_stats"]
+__all__ = ["CalibTarget", "CalibrationData", "SegmentRunner", "TensorStats", "as_calibration", "calib_targets",
+           "calibration_stages", "collect", "collect_input_stats", "find_mask_input", "plan_chunks", "target_stages",
+           "weight_stats"]
 
 DEFAULT_BATCH = 8
 #: Default memory budget for the accumulated statistics of one streaming pass.
@@ -431,6 +433,115 @@ def collect_input_stats(
     return stats
 
 
+# ---------------------------------------------------------------------- sequential runner
+class SegmentRunner:
+    """Sequential statistics without re-running the graph prefix for every stage.
+
+    For each stage it runs only the nodes that the stage's activations need and that have not run
+    yet (a *segment*), fed from a per-batch cache of earlier tensors, and keeps in the cache only
+    tensors that nodes not yet run will read. Over all stages every node runs once, so sequential
+    calibration costs about one pass over the data plus one small session per stage.
+
+    Correctness: a node that runs in the segment of stage ``s`` is an ancestor of a stage-``s``
+    activation, so it reads no weight of stage ``s`` or later (those weights' ops have greater
+    depth); weights of earlier stages were written into the model before the segment's session
+    was built. Cached tensors therefore always reflect the model pruned so far.
+
+    Memory: the cache holds the frontier tensors (for a transformer: the residual stream and
+    the mask tensors) for every batch — it grows with the calibration set, as in the SparseGPT
+    reference code, which caches every layer input.
+    """
+
+    def __init__(self, model: Model, calib: CalibrationData, token_mask_input: str | None = "auto") -> None:
+        from onnxprune.pass_infra import _subgraph_outer_inputs
+
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.reads = [[x for x in n.input if x] + sorted(_subgraph_outer_inputs(n)) for n in self.nodes]
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.executed: set[int] = set()
+        self.cache = [dict(f) for f in calib.batches()]
+        mask_name = find_mask_input(model, token_mask_input)
+        self.masks = [None if mask_name is None else np.asarray(f[mask_name]) for f in calib.batches()]
+        self.inputs = {i.name: i for i in model.graph.input}
+        outs = [o for n in self.nodes for o in n.output if o]
+        self.types = _value_types(model, outs)
+        self.segments = 0
+
+    def _future_reads(self) -> set[str]:
+        return {x for i, r in enumerate(self.reads) if i not in self.executed for x in r}
+
+    def _session(self, seg: list[int], feeds: list[str], outputs: list[str]) -> Any:
+        from onnxprune.check import make_session
+        from onnxprune.model import copy_without_initializers
+
+        sub = copy_without_initializers(self.model.proto)
+        g = sub.graph
+        del g.node[:]
+        g.node.extend(self.nodes[i] for i in seg)
+        del g.input[:]
+        for x in feeds:
+            if x in self.inputs:
+                g.input.append(self.inputs[x])
+            else:
+                g.input.append(onnx.helper.make_tensor_value_info(x, self.types.get(x, onnx.TensorProto.FLOAT), None))
+        del g.output[:]
+        g.output.extend(onnx.helper.make_tensor_value_info(o, self.types.get(o, onnx.TensorProto.FLOAT), None)
+                        for o in outputs)
+        del g.value_info[:]
+        inits = self.model.initializer_map()
+        used = sorted({x for i in seg for x in self.reads[i] if x in inits and x not in feeds})
+        g.initializer.extend(inits[x] for x in used)
+        sub_model = Model(sub, self.model.path, self.model.base_dir,
+                          {k: v for k, v in self.model.external.items() if k in used})
+        return make_session(sub_model)
+
+    def run(self, wanted: Mapping[str, int], kind: Literal["sumsq", "hessian"]) -> dict[str, TensorStats]:
+        """Statistics of ``wanted`` (name -> channel axis) on the model as it is now."""
+        cached = set(self.cache[0]) if self.cache else set()
+        need: set[int] = set()
+        stack = [w for w in wanted if w not in cached]
+        seen: set[str] = set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            i = self.producer.get(t)
+            if i is None or i in self.executed:
+                if t not in cached and t not in self.model.initializer_map():
+                    raise CalibrationError(f"sequential calibration: tensor {t!r} is neither cached nor computable")
+                continue
+            need.add(i)
+            stack.extend(x for x in self.reads[i] if x not in cached)
+        seg = sorted(need)
+        seg_out = {o for i in seg for o in self.nodes[i].output if o}
+        feeds = sorted({x for i in seg for x in self.reads[i] if x not in seg_out and x in cached})
+        self.executed |= need
+        future = self._future_reads()
+        outputs = sorted((set(wanted) & seg_out) | (seg_out & future))
+        acc = {n: TensorStats(n, axis) for n, axis in wanted.items()}
+        session = self._session(seg, feeds, outputs) if seg else None
+        if seg:
+            self.segments += 1
+        for bi, cache in enumerate(progress(self.cache, total=len(self.cache), desc="calibration", unit="batch")):
+            got: dict[str, np.ndarray] = {}
+            if session is not None:
+                try:
+                    vals = session.run(outputs, {x: cache[x] for x in feeds})
+                except Exception as exc:
+                    raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
+                                           f"{' '.join(str(exc).split())[:300]}") from None
+                got = dict(zip(outputs, vals))
+            for name, axis in wanted.items():
+                x = got[name] if name in got else cache[name]
+                acc[name].add(_rows(np.asarray(x), axis, self.masks[bi]), kind == "hessian")
+            cache.update({k: v for k, v in got.items() if k in future})
+            for k in [k for k in cache if k not in future]:
+                del cache[k]
+        return acc
+
+
 # ---------------------------------------------------------------------- weights -> activations
 @dataclass
 class CalibTarget:
@@ -597,8 +708,9 @@ def calibration_stages(
 
     ``parallel``: one stage with every target, statistics from the model as it is now (dense).
     ``sequential``: one stage per depth (:func:`target_stages`); the statistics of each stage are
-    collected from ``model`` when the stage is reached, so the caller must write the pruned
-    weights of a stage into ``model`` before asking for the next one. ``stage_group`` merges that
+    collected from ``model`` when the stage is reached (by a :class:`SegmentRunner`, which runs
+    each node once over all stages), so the caller must write the pruned weights of a stage into
+    ``model`` before asking for the next one. ``stage_group`` merges that
     many consecutive depth stages into one pass (4 on a BERT layer = one pass per layer, the
     granularity of the SparseGPT reference code; 1 = every depth stage on its own). Targets with
     a ``skip_reason`` are not yielded.
@@ -616,12 +728,54 @@ def calibration_stages(
         depth_stages = target_stages(model, usable)
         stages = [[t for st in depth_stages[i:i + stage_group] for t in st]
                   for i in range(0, len(depth_stages), stage_group)]
+    runner = SegmentRunner(model, calib, token_mask_input) if mode == "sequential" else None
     for si, stage in enumerate(stages):
         acts: dict[str, int] = {}
         for t in stage:
             for a, axis in t.inputs:
                 acts.setdefault(a, axis)
         log.info("calibration stage %d/%d: %d weights, %d activations", si + 1, len(stages), len(stage), len(acts))
-        stats = collect_input_stats(model, calib, acts, kind=kind, token_mask_input=token_mask_input,
-                                    chunk_bytes=chunk_bytes)
+        if runner is not None:
+            stats = runner.run(acts, kind)
+        else:
+            stats = collect_input_stats(model, calib, acts, kind=kind, token_mask_input=token_mask_input,
+                                        chunk_bytes=chunk_bytes)
         yield stage, weight_stats(stage, stats)
+
+
+def as_calibration(calib: Any, model: Model) -> CalibrationData:
+    """``calib`` as :class:`CalibrationData` (validated against ``model``).
+
+    Raises:
+        CalibrationError: ``calib`` is None or does not fit the model.
+    """
+    if calib is None:
+        raise CalibrationError("no calibration data: pass --calib DATA.npz (or calibration=... to "
+                               "onnxprune.optimize)")
+    return calib if isinstance(calib, CalibrationData) else CalibrationData.from_any(calib, model)
+
+
+def collect(
+    model: Model,
+    calib: Any,
+    weights: Sequence[Any],
+    *,
+    criterion: str,
+    token_mask_input: str | None = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, dict[str, Any]]:
+    """Parallel-mode statistics per weight: ``{name: {"sumsq", "H", "tokens"}}`` (one pass per chunk).
+
+    ``criterion`` ``sparsegpt`` collects Hessians, anything else sums of squares. Weights that
+    calibration criteria cannot handle (see :func:`calib_targets`) are absent from the result.
+    """
+    calib = as_calibration(calib, model)
+    targets = [t for t in calib_targets(model, weights) if not t.skip_reason]
+    acts: dict[str, int] = {}
+    for t in targets:
+        for a, axis in t.inputs:
+            acts.setdefault(a, axis)
+    kind: Literal["sumsq", "hessian"] = "hessian" if criterion == "sparsegpt" else "sumsq"
+    stats = collect_input_stats(model, calib, acts, kind=kind, token_mask_input=token_mask_input,
+                                chunk_bytes=chunk_bytes)
+    return weight_stats(targets, stats)

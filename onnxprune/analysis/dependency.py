@@ -652,22 +652,22 @@ def groups_from(a: Analysis) -> list[PruneGroup]:
         classes[a.find(sid)].append(sid)
     groups: list[PruneGroup] = []
     for root, sids in classes.items():
-        slices: list[ParamSlice] = []
+        slices_d: dict[ParamSlice, None] = {}
         edits: list[ShapeEdit] = []
-        reasons: list[str] = []
-        approx: list[str] = []
-        members: list[str] = []
-        probes: list[tuple[str, int, int, int]] = []
+        reasons_d: dict[str, None] = {}
+        approx_d: dict[str, None] = {}
+        members_d: dict[str, None] = {}
+        probes_d: dict[tuple[str, int, int, int], None] = {}
         for s in sids:
-            probes.extend(p for p in a.probes.get(s, []) if p not in probes)
-            for p in a.slices.get(s, []):
-                if p not in slices:
-                    slices.append(p)
+            probes_d.update(dict.fromkeys(a.probes.get(s, [])))
+            slices_d.update(dict.fromkeys(a.slices.get(s, [])))
             edits.extend(a.edits.get(s, []))
-            reasons.extend(r for r in a.reasons.get(s, []) if r not in reasons)
-            approx.extend(r for r in a.approx.get(s, []) if r not in approx)
-            members.append(a.spaces[s].desc)
-            members.extend(m for m in a.members.get(s, []) if m not in members)
+            reasons_d.update(dict.fromkeys(a.reasons.get(s, [])))
+            approx_d.update(dict.fromkeys(a.approx.get(s, [])))
+            members_d[a.spaces[s].desc] = None
+            members_d.update(dict.fromkeys(a.members.get(s, [])))
+        slices, reasons, approx = list(slices_d), list(reasons_d), list(approx_d)
+        members, probes = list(members_d)[:40], list(probes_d)
         sp = a.spaces[min(sids)]
         blocked = "; ".join(reasons[:3]) if reasons else None
         if blocked is None and not any(p.role == "in" for p in slices):

@@ -16,7 +16,7 @@ whether TensorRT could pick a sparse kernel for it. TensorRT's rules (see docs/F
   keeps the faster, so eligibility is necessary, not sufficient.
 
 ``eligible`` is true when every rule holds *and* the weight is 2:4 along K. Layers with
-``K·N < 4096·4096`` get the note ``small``: on an H100 (cuSPARSELt 0.8, FP16) BERT-base-sized
+``K·N < 4096·4096`` (Conv: ``K = C·kh·kw``) get the note ``small``: on an H100 (cuSPARSELt 0.8, FP16) BERT-base-sized
 GEMMs ran 0.7–1.15× dense and Llama-7B-sized ones 1.1–1.5×, so small layers rarely gain.
 
 FLOPs: ``2 · prod(output shape) · K`` per layer (Conv: ``K = C/group · kh · kw``), from shape
@@ -147,6 +147,23 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         for lbl in info.nodes:
             by_node.setdefault(lbl, []).append(info)
     nm_cache: dict[str, bool | None] = {}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    consumers_of: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers_of.setdefault(x, set()).update(n.output)
+
+    def weight_chain(info: WeightInfo) -> set[str]:
+        """The initializer and the tensors its pass-through chain produces."""
+        chain, frontier = {info.name}, [info.name]
+        while frontier:
+            t = frontier.pop()
+            for o in consumers_of.get(t, ()):
+                if producers.get(o) in ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear") and o not in chain:
+                    chain.add(o)
+                    frontier.append(o)
+        return chain
+
     layers: list[dict[str, Any]] = []
     assumed_all: set[str] = set()
     for idx, node in enumerate(model.graph.node):
@@ -186,8 +203,13 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
             elif (info.k or 0) % 4:
                 reasons.append(f"K={info.k} is not a multiple of 4")
             if info.quant is not None:
-                compute = "int8"
-                entry["compute_dtype"] = "int8 (Q/DQ)"
+                act = next((x for x in node.input[:2] if x and x not in weight_chain(info)), None)
+                if act is not None and producers.get(act) == "DequantizeLinear":
+                    compute = "int8"
+                    entry["compute_dtype"] = "int8 (Q/DQ)"
+                else:
+                    notes.append("weight-only quantization: the activation is not quantized, so the layer "
+                                 f"computes in {compute}")
             if compute not in SPARSE_DTYPES:
                 if compute == "float32":
                     reasons.append("FP32 math: " + STRONGLY_TYPED_NOTE)
@@ -199,7 +221,8 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
             if info.name not in nm_cache:
                 nm_cache[info.name] = _is_24(model, info) if info.k_axis is not None else None
             entry["nm_24"] = nm_cache[info.name]
-            kn = (info.k or 0) * (entry["N"] or 0)
+            k_gemm = int(np.prod(info.shape[1:])) if node.op_type == "Conv" and len(info.shape) > 2 else (info.k or 0)
+            kn = k_gemm * (entry["N"] or 0)  # Conv: implicit GEMM with K = C*kh*kw
             if kn and kn < SMALL_KN:
                 notes.append("small: K*N < 4096*4096, sparse kernels rarely beat dense here")
         structural = not reasons

@@ -166,7 +166,19 @@ class Model:
         tensor = self.initializer(name)
         if tensor is None:
             raise KeyError(f"no initializer named {name!r}")
-        new = numpy_helper.from_array(np.asarray(value, order="C"), name)
+        arr = np.asarray(value, order="C")
+        if (arr.dtype == _np_dtype(tensor.data_type) and arr.dtype.kind in "fiub" and arr.dtype.byteorder in "=|<"
+                and tensor.data_type != onnx.TensorProto.STRING):
+            # same element type: rewrite raw_data in place (one copy fewer than from_array + CopyFrom)
+            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data"):
+                tensor.ClearField(f)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.dims[:]
+            tensor.dims.extend(arr.shape)
+            tensor.raw_data = arr.tobytes()
+            self.external.pop(name, None)
+            return
+        new = numpy_helper.from_array(arr, name)
         doc = tensor.doc_string
         tensor.CopyFrom(new)
         if doc:
@@ -423,21 +435,21 @@ def _check_opset(proto: onnx.ModelProto, where: str) -> None:
         )
 
 
-def _external_ref(tensor: onnx.TensorProto, base_dir: Path, where: str) -> ExternalRef:
+def _external_ref(tensor: onnx.TensorProto, base_dir: Path, where: str, kind: str = "initializer") -> ExternalRef:
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location")
     if not location:
-        raise ModelLoadError(f"{where}: initializer {tensor.name!r} has external data without a location")
+        raise ModelLoadError(f"{where}: {kind} {tensor.name!r} has external data without a location")
     base = base_dir.resolve()
     target = (base / location).resolve()
     if os.path.isabs(location) or not target.is_relative_to(base):
         raise ModelLoadError(
-            f"{where}: initializer {tensor.name!r} points at external data {location!r} outside the "
+            f"{where}: {kind} {tensor.name!r} points at external data {location!r} outside the "
             "model's folder; refusing to read it"
         )
     if not target.is_file():
         raise ModelLoadError(
-            f"{where}: external data file {location!r} for initializer {tensor.name!r} is missing "
+            f"{where}: external data file {location!r} for {kind} {tensor.name!r} is missing "
             f"(looked in {base})"
         )
     try:
@@ -445,16 +457,16 @@ def _external_ref(tensor: onnx.TensorProto, base_dir: Path, where: str) -> Exter
         expected = _nbytes(tensor)
         length = int(info.get("length", expected))
     except ValueError:
-        raise ModelLoadError(f"{where}: initializer {tensor.name!r} has a malformed offset/length") from None
+        raise ModelLoadError(f"{where}: {kind} {tensor.name!r} has a malformed offset/length") from None
     size = target.stat().st_size
     if offset < 0 or length < 0 or offset + length > size:
         raise ModelLoadError(
-            f"{where}: initializer {tensor.name!r} wants bytes {offset}..{offset + length} of "
+            f"{where}: {kind} {tensor.name!r} wants bytes {offset}..{offset + length} of "
             f"{location!r}, which has only {size} bytes"
         )
     if length != expected:
         raise ModelLoadError(
-            f"{where}: initializer {tensor.name!r} needs {expected} bytes for shape "
+            f"{where}: {kind} {tensor.name!r} needs {expected} bytes for shape "
             f"{list(tensor.dims)} but its external data length in {location!r} is {length}"
         )
     return ExternalRef(target, offset, length)
@@ -490,7 +502,7 @@ def _inline_nested_external(proto: onnx.ModelProto, base_dir: Path, where: str) 
     for t in _nested_tensors(proto):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        ref = _external_ref(t, base_dir, where)
+        ref = _external_ref(t, base_dir, where, kind="tensor")
         with open(ref.path, "rb") as f:
             f.seek(ref.offset)
             data = f.read(ref.length)
@@ -574,6 +586,10 @@ def validate_graph(model: Model, where: str = "model", _sorted: bool = False) ->
         if t.data_type not in valid_types:
             raise ModelLoadError(f"{where}: initializer {t.name!r} has an undefined data type ({t.data_type})")
         seen.add(t.name)
+    dup = _duplicate_node_name(model.graph)
+    if dup:
+        raise ModelLoadError(f"{where}: two nodes are named {dup!r}; node names must be unique (ONNX Runtime "
+                             "refuses such models)")
     produced: set[str] = set()
     for node in model.graph.node:
         for out in node.output:
@@ -596,6 +612,21 @@ def validate_graph(model: Model, where: str = "model", _sorted: bool = False) ->
             _toposort_inplace(model.graph, available)
             return validate_graph(model, where, _sorted=True)
         raise ModelLoadError(f"{where}: invalid ONNX model: {_first_line(msg)}") from None
+
+
+def _duplicate_node_name(graph: onnx.GraphProto) -> str | None:
+    """The first non-empty node name used twice in ``graph`` (each subgraph is its own scope)."""
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.name and node.name in seen:
+            return node.name
+        seen.add(node.name)
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                inner = _duplicate_node_name(g)
+                if inner:
+                    return inner
+    return None
 
 
 def _first_line(msg: str, limit: int = 300) -> str:

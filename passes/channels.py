@@ -211,12 +211,12 @@ class ChannelsPass(Pass):
         opts: ChannelsOptions = self.options
         if not 0.0 <= opts.ratio < 1.0:
             raise PipelineError(f"channels: option ratio must be in [0, 1), got {opts.ratio}")
+        params_before = count_params(model)
         prepared = prepare(model)
         if prepared:
             ctx.invalidate()
         groups = ctx.get_analysis(f"dependency:{opts.allow_approximate}",
                                   lambda: build_groups(model, opts.allow_approximate, prepare_model=False))
-        params_before = count_params(model)
         prunable = [g for g in groups if g.prunable]
         cands = [g for g in prunable if (not opts.include or _matches(g, opts.include))
                  and not (opts.exclude and _matches(g, opts.exclude))]

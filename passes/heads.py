@@ -246,16 +246,18 @@ def _param_count(model: Model) -> int:
 
 def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> PassResult:
     label = "heads" if mode == "heads" else "ffn"
-    prepared = prepare_model(model)
     params_before = _param_count(model)
+    prepared = prepare_model(model)
     groups, exits = find_groups(model, mode, static_shapes(model))
     blocked = [g for g in groups if not g.prunable]
     for g in blocked:
         ctx.warn(f"{label}: block {g.name} not pruned: {g.blocked}")
     live = [g for g in groups if g.prunable and g.width > 1]
-    stats: dict[str, Any] = {"blocks_found": len(groups), "blocks_blocked": len(blocked)}
+    stats: dict[str, Any] = {"blocks_found": len(groups), "blocks_blocked": len(blocked),
+                             "normalized_constants": prepared}
     if not live or opts.ratio == 0:
-        stats.update(params_before=params_before, params_after=params_before, units_removed=0)
+        stats.update(params_before=params_before, params_after=_param_count(model), params_removed=0,
+                     units_removed=0)
         return PassResult(model, prepared > 0, stats)
     needs_calib = opts.criterion == "activation" or opts.compensate
     means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -284,6 +286,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     stats.update(
         params_before=params_before,
         params_after=_param_count(model),
+        params_removed=result["params_removed"],
         units_removed=int(sum(c.size for _, c in removals)),
         units_total=int(sum(g.width for g in live)),
         blocks_pruned=len(removals),

@@ -324,9 +324,10 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
     namer = _Namer(graph)
     cur: dict[str, int] = {}
     changes = Counter()
+    all_inits = {t.name for t in graph.initializer}  # an initializer that is also an input keeps its type
     for i in graph.input:
         t = orig.get(i.name)
-        if t == F32 and not opts.keep_io_types and i.name not in inits:
+        if t == F32 and not opts.keep_io_types and i.name not in all_inits:
             i.type.tensor_type.elem_type = F16
             cur[i.name] = F16
             changes["io"] += 1

@@ -204,3 +204,19 @@ def test_sigkill_mid_save_leaves_old_or_new(tmp_path: Path, external: bool) -> N
         for n in _hidden_tmp(outdir):  # a hard kill may leave hidden temp files; never the target
             (outdir / n).unlink()
     assert "old" in seen  # the writer was really interrupted at least once
+
+
+def test_interrupt_inside_a_pass_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxprune.pass_infra import PassManager
+
+    def interrupted(self: Any, model: Any, ctx: Any = None) -> Any:
+        raise KeyboardInterrupt
+
+    inp = tmp_path / "in.onnx"
+    inp.write_bytes(_model(0).SerializeToString())
+    monkeypatch.setattr(PassManager, "run", interrupted)
+    assert main(["optimize", str(inp), "--passes", "cleanup", "-o", str(tmp_path / "o.onnx"),
+                 "--report", str(tmp_path / "r.json")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]

@@ -332,3 +332,24 @@ def test_internal_error_is_one_line_exit_3(mlp_file: Path, monkeypatch: pytest.M
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "internal error" in err[0] and "simulated bug" in err[0]
     assert not (mlp_file.parent / "o.onnx").exists()
+
+
+def test_html_report_escapes_names_and_handles_missing_rows(tmp_path: Path) -> None:
+    """Tensor names come from the model file: they are escaped, never interpreted as markup."""
+    import onnxprune
+    from onnxprune.report_html import render_html
+
+    proto = build_mlp(seed=4)
+    evil = "<script>alert(1)</script>"
+    for t in proto.graph.initializer:
+        if t.name == "fc0.weight":
+            t.name = evil
+    for n in proto.graph.node:
+        n.input[:] = [evil if x == "fc0.weight" else x for x in n.input]
+    res = onnxprune.optimize(onnxprune.model.from_proto(proto), "cleanup", per_layer=True)
+    res.report.warnings.append('warn <img src=x onerror="1">')
+    page = render_html(res.report)
+    assert "<script" not in page and "<img" not in page and "&lt;script&gt;" in page
+    res.report.before.per_initializer = []
+    res.report.after.per_initializer = []
+    assert "No per-layer data" in render_html(res.report)

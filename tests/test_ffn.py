@@ -93,7 +93,7 @@ def test_ffn_pass_widths(ratio: float, round_to: int, kept: int) -> None:
         assert res.model.get_array(f"layer{layer}.ffn.up.weight").shape == (64, kept)
         assert res.model.get_array(f"layer{layer}.ffn.down.weight").shape == (kept, 64)
     stats = res.report.passes[0].stats
-    assert stats["params_before"] - stats["params_after"] == 2 * (96 - kept) * (64 + 1 + 64)
+    assert stats["params_removed"] == stats["params_before"] - stats["params_after"] == 2 * (96 - kept) * (64 + 1 + 64)
 
 
 def _calib(proto: onnx.ModelProto, n: int = 4) -> list[dict[str, np.ndarray]]:

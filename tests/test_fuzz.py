@@ -145,6 +145,35 @@ def test_random_pipelines_refuse_or_stay_valid(proto: onnx.ModelProto, steps: li
     check_pipeline(proto, steps)
 
 
+def make_overridable(proto: onnx.ModelProto, index: int) -> str:
+    """Declare the ``index``-th float initializer (of rank >= 2) a graph input too; return its name."""
+    floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+    t = floats[index % len(floats)]
+    proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return t.name
+
+
+def check_overridable_untouched(proto: onnx.ModelProto, steps: list[tuple[str, dict]], name: str) -> str:
+    """Property 1, plus: the overridable initializer is still an input and bit-identical."""
+    before = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
+    outcome = check_pipeline(proto, steps)
+    if outcome == "ok":
+        model = onnxprune.optimize(from_proto(proto), [onnxprune.get_pass(n)(**o) for n, o in steps]).model
+        assert name in {i.name for i in model.graph.input}, f"{steps}: input {name} dropped"
+        after = np.asarray(model.get_array(name))
+        assert after.dtype == before.dtype and after.shape == before.shape, f"{steps}: {name} changed shape/type"
+        np.testing.assert_array_equal(after, before, err_msg=f"{steps}: overridable {name} was modified")
+    return outcome
+
+
+@SETTINGS
+@given(proto=models(), steps=pipelines(), index=st.integers(0, 50))
+def test_overridable_initializers_are_left_alone(proto: onnx.ModelProto, steps: list[tuple[str, dict]],
+                                                 index: int) -> None:
+    """An initializer that is also a graph input may be fed at run time: no pass may change it."""
+    check_overridable_untouched(proto, steps, make_overridable(proto, index))
+
+
 class _Recorder:
     """Wraps ``apply_removal`` in a pass module: snapshots the model and the plan before removal."""
 
@@ -243,3 +272,15 @@ def test_model_zoo_channels_match_masked_twin(name: str, monkeypatch: pytest.Mon
     proto = _zoo(name)
     assert check_pipeline(proto, [("cleanup", {}), ("channels", {"ratio": 0.5, "scope": "global"})]) == "ok"
     assert check_masked_twin(proto, "channels", {"ratio": 0.5, "scope": "global"}, monkeypatch) == "ok"
+
+
+@pytest.mark.parametrize("builder, index", [(build_mlp, 2), (build_transformer_block, 0), (build_cnn, 1)])
+def test_regression_fp16_keep_io_types_false_with_overridable_initializer(builder: Callable[..., onnx.ModelProto],
+                                                                          index: int) -> None:
+    """Found by the fuzzer: fp16(keep_io_types=false) turned the graph-input declaration of an
+    initializer to float16 while the initializer stayed float32 (shape inference then failed)."""
+    if "fp16" not in onnxprune.registered_passes():
+        pytest.skip("fp16 not registered in this build")
+    proto = builder(seed=1)
+    name = make_overridable(proto, index)
+    assert check_overridable_untouched(proto, [("fp16", {"keep_io_types": False})], name) == "ok"

@@ -28,7 +28,8 @@ def test_heads_pass_per_layer() -> None:
     res = optimize(Model(proto), "heads(ratio=0.5)", check=True, check_inputs=random_inputs(proto))
     stats = res.report.passes[0].stats
     assert stats["units_removed"] == 4 and stats["blocks_pruned"] == 2
-    assert stats["params_before"] - stats["params_after"] == 4 * PER_HEAD
+    assert stats["params_removed"] == 4 * PER_HEAD
+    assert stats["params_before"] - stats["params_after"] == 4 * PER_HEAD  # no constants to normalise
     m = res.model
     assert m.get_array("layer1.attn.q.reshape.shape").tolist() == [0, 0, 2, 16]
     assert m.get_array("layer1.attn.context.reshape.shape").tolist() == [0, 0, 32]
@@ -199,7 +200,19 @@ def test_torch_exports(arch: str, exporter: str, tmp_path) -> None:  # noqa: ANN
     heads, ffn = (p.stats for p in res.report.passes)
     assert heads["blocks_found"] == 2 and heads["blocks_blocked"] == 0 and heads["units_removed"] == 2
     assert ffn["blocks_found"] == 2 and ffn["blocks_blocked"] == 0
-    assert heads["params_before"] - ffn["params_after"] == drop
+    assert heads["params_removed"] + ffn["params_removed"] == drop
     diff = res.report.check.outputs[0]
     assert diff.shape_a == diff.shape_b and np.isfinite(diff.max_abs)
     onnx.checker.check_model(res.model.materialized())
+
+
+def test_blocked_block_is_reported_and_left_alone() -> None:
+    from onnx import TensorProto, helper
+
+    proto = build_attention()
+    probs = next(n for n in proto.graph.node if n.op_type == "Softmax").output[0]
+    proto.graph.output.append(helper.make_tensor_value_info(probs, TensorProto.FLOAT, None))
+    res = optimize(Model(proto), "heads(ratio=0.5)")
+    stats = res.report.passes[0].stats
+    assert stats["blocks_blocked"] == 1 and stats["units_removed"] == 0 and stats["params_removed"] == 0
+    assert any("heads" in w and probs in w for w in res.report.warnings)

@@ -90,6 +90,24 @@ def test_prune_weight_kn_magnitude_persistence_and_dtype():
         prune_weight_kn(W, criterion="magnitude")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int8])
+def test_apply_mask_bit_exact(dtype):
+    from onnxprune.sparsity import apply_mask
+
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((8, 6)) * 50).astype(dtype)
+    if np.dtype(dtype).kind != "i":
+        W[0, :3] = [np.nan, np.inf, -0.0]
+    keep = rng.random((8, 6)) < 0.5
+    keep[0, :3] = [True, True, False]
+    for w, k in ((W, keep), (W.T, keep.T)):  # contiguous and transposed views
+        out = apply_mask(w, k)
+        ref = np.where(k, w, np.zeros((), w.dtype))
+        assert out.dtype == w.dtype
+        bits = lambda a: np.ascontiguousarray(a).view(np.uint8)  # noqa: E731  (compare bit patterns)
+        np.testing.assert_array_equal(bits(out), bits(ref))
+
+
 # ---------------------------------------------------------------------- test models
 RNG = np.random.default_rng(1)
 #: initializer -> the axis K lies on, worked out by hand from the op semantics
@@ -544,3 +562,18 @@ def test_bench_script_runs_on_a_small_model(tmp_path):
     o = doc["onnxprune"]
     assert o["weights_pruned"] == 6 and o["nm_check"]["ok"] == 6 and o["nm_check"]["violates"] == 0
     assert o["wall_s"] > 0 and o["peak_rss"] > 0
+
+
+def test_cli_recipe_layer_overrides(tmp_path, capsys):
+    src = tmp_path / "zoo.onnx"
+    onnx.save(zoo_model(), str(src))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "masks"\nsparsity = 0.5\n[pass.layers]\n"^G0$" = { sparsity = 0.9 }\n'
+                      '"^Wc$" = { skip = true }\n')
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--recipe", str(recipe), "-q"]) == 0
+    m = onnxprune.load(out)
+    g0, wmm = m.get_array("G0"), m.get_array("Wmm")
+    assert np.count_nonzero(g0) == g0.size - int(0.9 * g0.size)
+    assert np.count_nonzero(wmm) == wmm.size // 2
+    assert np.count_nonzero(m.get_array("Wc")) == 16 * 32

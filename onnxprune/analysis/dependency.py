@@ -405,6 +405,8 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
 
 
 # ---------------------------------------------------------------------- preparation
+#: Shared float constants up to this size are duplicated per use by :func:`prepare`.
+UNSHARE_MAX_ELEMENTS = 1 << 22
 _SHAPE_INPUTS = {"Reshape": (1,), "Split": (1,), "Slice": (1, 2, 3, 4), "Resize": (3,), "Expand": (1,)}
 
 
@@ -430,9 +432,12 @@ def _infer_shapes(model: Model) -> dict[str, list[int | None] | None]:
 def prepare(model: Model) -> bool:
     """Make a model ready for analysis without changing what it computes.
 
-    Names unnamed nodes, turns ``Constant`` nodes into initializers, gives equal Splits explicit
-    sizes, and gives each shape-constant input (Reshape target, Split sizes, Slice bounds, Resize
-    sizes, Expand shape) its own initializer. Returns True if anything changed.
+    Names unnamed nodes, turns ``Constant`` nodes into initializers, folds small constant
+    subgraphs, gives equal Splits explicit sizes, gives each shape-constant input (Reshape target,
+    Split sizes, Slice bounds, Resize sizes, Expand shape) its own initializer, and duplicates
+    float constants (up to :data:`UNSHARE_MAX_ELEMENTS`) that several nodes read, so exporter
+    de-duplication of equal tensors does not tie unrelated channels. Returns True if anything
+    changed.
     """
     g = model.graph
     changed = False
@@ -485,6 +490,21 @@ def prepare(model: Model) -> bool:
     for n in g.node:
         for x in n.input:
             uses[x] += 1
+    # float constants used by several nodes (exporters dedupe equal tensors, e.g. zero biases):
+    # give each use its own copy so unrelated channel spaces are not tied together
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            t = model.initializer(x) if uses.get(x, 0) > 1 and x in inits else None
+            if t is None or x in model.graph_input_names() or \
+                    onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind != "f" or \
+                    int(np.prod(t.dims, dtype=np.int64)) > UNSHARE_MAX_ELEMENTS:
+                continue
+            new = fresh(x)
+            model.add_initializer(new, np.asarray(model.get_array(x)))
+            inits.add(new)
+            uses[x] -= 1
+            n.input[i] = new
+            changed = True
     for n in g.node:
         for i in _SHAPE_INPUTS.get(n.op_type, ()):
             if i < len(n.input) and n.input[i] in inits and uses[n.input[i]] > 1 and \

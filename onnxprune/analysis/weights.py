@@ -27,7 +27,8 @@ that is also the data of a ``Gather`` (an embedding, e.g. a tied LM head) gets a
 other axes flattened, in order, on axis 1) and back; every criterion works in that layout.
 
 Preconditions: the model passed the checker (names are unique). Nothing here reads weight
-values except the ``inspect_*`` helpers and Reshape targets.
+values except the ``inspect_*`` helpers, Reshape targets and DequantizeLinear scales (to tell
+per-tensor from per-axis quantization).
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ and the shift ``c`` is found by bisection so that the **parameter-weighted** mea
     Σ_l n_l · s_l / Σ_l n_l = target           (n_l = number of weights of layer l)
 
 (the OWL paper uses the plain mean because its blocks are equal-sized; ours are not). ``uniform``
-gives every layer the target.
+gives every layer the target. A "layer" may be a block of weights (``owl_blocks``, a regex whose
+capture group names the block, e.g. ``layer\\.(\\d+)/`` for the transformer layers of a BERT
+export): the ratio is then taken over the block's concatenated scores and all its weights share
+one sparsity, which is the OWL paper's granularity.
 
 Preconditions: ``0 <= target < 1``, ``λ >= 0``, ``M > 0``; every layer has a positive size. The
 target must be reachable inside the caps (it always is, since ``target`` itself lies inside them).
@@ -22,6 +25,7 @@ target must be reachable inside the caps (it always is, since ``target`` itself 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +33,7 @@ import numpy as np
 
 from onnxprune.errors import PipelineError
 
-__all__ = ["ALLOCATIONS", "outlier_ratio", "owl_for_weights", "owl_sparsities", "uniform_sparsities",
+__all__ = ["ALLOCATIONS", "block_keys", "outlier_ratio", "owl_for_weights", "owl_sparsities", "uniform_sparsities",
            "weighted_mean"]
 
 ALLOCATIONS = ("uniform", "owl")
@@ -111,6 +115,32 @@ def owl_sparsities(
     return {k: float(v) for k, v in zip(names, s)}
 
 
+def block_keys(weights: Sequence[Any], pattern: str | None) -> dict[str, str]:
+    """Weight -> block key: the first capture group (or the whole match) of ``pattern`` searched
+    in the initializer name, then in its consumer node names; a weight that matches nothing is a
+    block of its own. ``pattern=None``: every weight is its own block.
+
+    Raises:
+        PipelineError: ``pattern`` is not a valid regular expression.
+    """
+    if not pattern:
+        return {w.name: w.name for w in weights}
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise PipelineError(f"allocation: owl_blocks {pattern!r} is not a valid regular expression: {exc}") from None
+    out = {}
+    for w in weights:
+        key = None
+        for text in [w.name, *getattr(w, "nodes", [])]:
+            m = rx.search(text)
+            if m:
+                key = "block:" + (m.group(1) if m.groups() else m.group(0))
+                break
+        out[w.name] = key or w.name
+    return out
+
+
 def owl_for_weights(
     model: Any,
     weights: Sequence[Any],
@@ -119,21 +149,31 @@ def owl_for_weights(
     *,
     lam: float = 0.08,
     m: float = 5.0,
+    blocks: str | None = None,
     token_mask_input: str | None = "auto",
 ) -> dict[str, float]:
     """OWL sparsities for ``weights`` (:class:`~onnxprune.analysis.weights.WeightInfo`) of ``model``.
 
-    One sums-of-squares calibration pass on the model as it is; the outlier ratio of each weight
-    uses its Wanda scores in the ``[K, N]`` layout. Weights without statistics keep ``target``.
+    One sums-of-squares calibration pass on the model as it is; the outlier ratio uses the Wanda
+    scores in the ``[K, N]`` layout. With ``blocks`` (a regex, see :func:`block_keys`) the ratio is
+    taken over the concatenated scores of each block and every weight of a block gets the
+    block's sparsity (the OWL paper's granularity is the transformer block); without it, every
+    weight is its own block. Weights without statistics keep ``target``.
     """
     from onnxprune.analysis.calibration import collect
     from onnxprune.analysis.weights import to_kn
     from onnxprune.criteria_calib import wanda_scores
 
     info = {w.name: w for w in weights}
+    keys = block_keys(weights, blocks)
     stats = collect(model, calib, weights, criterion="wanda", token_mask_input=token_mask_input)
-    ratios = {n: outlier_ratio(wanda_scores(to_kn(np.asarray(model.get_array(n)), info[n]), s["sumsq"]), m)
-              for n, s in stats.items()}
+    scores: dict[str, list[np.ndarray]] = {}
+    for n, st in stats.items():
+        s = wanda_scores(to_kn(np.asarray(model.get_array(n)), info[n]), st["sumsq"])
+        scores.setdefault(keys[n], []).append(s.ravel())
+    ratios = {k: outlier_ratio(np.concatenate(v), m) for k, v in scores.items()}
+    sizes = {k: int(sum(a.size for a in v)) for k, v in scores.items()}
+    per_block = owl_sparsities(ratios, sizes, target, lam)
     out = {w.name: float(target) for w in weights}
-    out.update(owl_sparsities(ratios, {n: info[n].size for n in ratios}, target, lam))
+    out.update({n: per_block[keys[n]] for n in stats})
     return out

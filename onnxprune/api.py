@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxprune.check import compare
 from onnxprune.model import Model
@@ -39,6 +40,33 @@ def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
     if isinstance(calibration, CalibrationData):
         return calibration
     return CalibrationData.from_any(calibration, model, batch_size=batch_size)
+
+
+def subgraph_weights(model: Model) -> list[str]:
+    """Floating-point weights (more than one element) that If/Loop/Scan bodies use: main-graph
+    initializers read from inside a body, and initializers stored in a body. Sorted, deduplicated."""
+    from onnxprune.pass_infra import _subgraph_outer_inputs
+
+    def is_weight(t: onnx.TensorProto) -> bool:
+        return t.data_type in _FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > 1
+
+    main = {t.name: t for t in model.graph.initializer}
+    names: set[str] = set()
+
+    def walk(g: onnx.GraphProto, top: bool) -> None:
+        for node in g.node:
+            if top:
+                names.update(n for n in _subgraph_outer_inputs(node) if n in main and is_weight(main[n]))
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    names.update(t.name for t in sub.initializer if is_weight(t))
+                    walk(sub, False)
+
+    walk(model.graph, True)
+    return sorted(names)
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def optimize(
@@ -106,6 +134,12 @@ def optimize(
     report = Report(before=before, after=after, passes=records,
                     input_path=str(input_path or model.path) if (input_path or model.path) else None)
     report.warnings.extend(ctx.warnings)
+    if any(p.name != "cleanup" for p in passes):
+        inner = subgraph_weights(out)
+        if inner:
+            report.warnings.append(
+                f"{len(inner)} weight(s) used inside If/Loop/Scan bodies were not pruned (subgraphs are not "
+                f"handled): {', '.join(inner[:8])}{' ...' if len(inner) > 8 else ''}")
     if reference is not None:
         report.check = compare(reference, out, feeds=check_inputs, dims=check_dims)
     return OptimizeResult(out, report)

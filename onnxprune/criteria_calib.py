@@ -313,6 +313,7 @@ def prune_with_calibration(
     chunk_bytes: int | None = None,
     sparsities: Mapping[str, float] | None = None,
     stage_group: int = 1,
+    owl_blocks: str | None = None,
 ) -> dict[str, Any]:
     """Prune ``weights`` of ``model`` in place with ``wanda`` or ``sparsegpt``.
 
@@ -337,6 +338,8 @@ def prune_with_calibration(
         allocation: ``uniform`` or ``owl``.
         owl_lambda: OWL's maximal deviation from the target.
         owl_m: OWL's outlier threshold (multiple of the layer mean score).
+        owl_blocks: Regex grouping weights into OWL blocks (see
+            :func:`onnxprune.allocation.block_keys`); None: every weight on its own.
         mask_input: Attention-mask input name, ``auto`` or None.
         chunk_bytes: Accumulator budget per calibration pass (default 1 GiB).
         sparsities: Explicit per-weight sparsities (override ``sparsity`` and ``allocation``).
@@ -404,7 +407,8 @@ def prune_with_calibration(
         goal = {t.weight: float(sparsity) for t in targets}
         if allocation == "owl" and targets:
             goal.update(owl_for_weights(model, [info[t.weight] for t in targets], calib, float(sparsity),
-                                        lam=owl_lambda, m=owl_m, token_mask_input=mask_input))
+                                        lam=owl_lambda, m=owl_m, blocks=owl_blocks,
+                                        token_mask_input=mask_input))
     t_cal += time.perf_counter() - t0
     achieved: dict[str, float] = {}
     t_prune = 0.0

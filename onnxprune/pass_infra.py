@@ -262,6 +262,10 @@ def option_specs(options_cls: type) -> list[OptionSpec]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    optional = origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and \
+        type(None) in typing.get_args(tp)
+    if value is None and not optional and tp is not Any:
+        raise PipelineError(f"{where}: needs a value (got None)")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = typing.get_args(tp)
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -298,11 +302,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise PipelineError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:
-            return float(str(value))
-        except ValueError:
-            raise PipelineError(f"{where}: expected a number, got {value!r}") from None
+            out = float(value)
+        else:
+            try:
+                out = float(str(value))
+            except ValueError:
+                raise PipelineError(f"{where}: expected a number, got {value!r}") from None
+        if out != out:  # NaN slips through every bound check
+            raise PipelineError(f"{where}: expected a number, got NaN")
+        return out
     if tp is str:
         return str(value)
     if origin in (list, tuple) or tp in (list, tuple):

@@ -72,14 +72,12 @@ def _prune_k(flat: np.ndarray, k: int) -> np.ndarray:
         return np.ones(size, dtype=bool)
     if k >= size:
         return np.zeros(size, dtype=bool)
-    thr = np.partition(flat, k - 1)[k - 1]
-    below = flat < thr
-    n_below = int(np.count_nonzero(below))
-    ties = flat == thr
-    need = k - n_below  # how many of the ties to prune, lowest indices first
-    tie_rank = np.cumsum(ties, dtype=np.int64)
-    prune = below | (ties & (tie_rank <= need))
-    return ~prune
+    thr = np.partition(flat, k - 1)[k - 1]  # the partitioned copy is freed at once
+    keep = flat >= thr
+    need = k - (size - int(np.count_nonzero(keep)))  # how many ties to prune, lowest indices first
+    if need > 0:
+        keep[np.flatnonzero(flat == thr)[:need]] = False
+    return keep
 
 
 def nm_mask(scores_kn: np.ndarray, n: int, m: int) -> np.ndarray:

@@ -88,6 +88,8 @@ def _per_channel_stat(model: Model, s: Any, width: int, p: int) -> np.ndarray:
         sub = arr[tuple(idx)]
     else:
         sub = np.take(arr, positions(s, np.arange(width)), axis=s.axis)
+    if sub.dtype.kind != "f":  # quantised weights seen through DequantizeLinear
+        sub = sub.astype(np.float32)
     vals = np.abs(sub) if p == 1 else np.square(sub, dtype=np.float64 if sub.dtype.itemsize < 4 else None)
     other = tuple(i for i in range(vals.ndim) if i != s.axis)
     per_pos = vals.sum(axis=other, dtype=np.float64) if other else vals.astype(np.float64)
@@ -116,7 +118,7 @@ def bn_scores(model: Model, group: PruneGroup) -> np.ndarray | None:
 
 def _batches(calibration: Any) -> Iterable[dict[str, np.ndarray]]:
     if calibration is None:
-        raise CalibrationError("channels: criterion=activation needs calibration data (--calibration DATA)")
+        raise CalibrationError("channels: criterion=activation needs calibration data (--calib DATA.npz, or calibration= in the API)")
     batches = getattr(calibration, "batches", None)
     return batches() if callable(batches) else calibration
 
@@ -131,12 +133,17 @@ def activation_scores(model: Model, groups: list[PruneGroup], calibration: Any) 
 
     wanted = sorted({(p[0], p[1]) for g in groups for p in g.probes})
     names = sorted({t for t, _ in wanted})
-    work = model.copy()
-    existing = {o.name for o in work.graph.output}
+    graph_outputs = model.graph.output
+    n_out = len(graph_outputs)
+    existing = {o.name for o in graph_outputs}
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     for name in names:
         if name not in existing:
-            work.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = make_session(work)
+            graph_outputs.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    try:
+        sess = make_session(model)
+    finally:
+        del graph_outputs[n_out:]
     in_names = [i.name for i in sess.get_inputs()]
     running: dict[tuple[str, int], np.ndarray] = {}
     count = 0

@@ -187,9 +187,10 @@ def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray,
         block = mean.size // width
         ch = (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
         w = np.asarray(model.get_array(node.input[1]), dtype=np.float64)
-        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        trans_b = node.op_type == "Gemm" and bool(attrs.get("transB", 0))
         rows = w[:, ch].T if trans_b else w[ch, :]
-        delta = mean[ch] @ rows  # [N]
+        delta = float(attrs.get("alpha", 1.0)) * (mean[ch] @ rows)  # [N]
         _add_to_bias(model, node, delta)
         done += 1
     return done
@@ -200,9 +201,11 @@ def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
     out = node.output[0]
     inits = model.initializer_map()
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
         c = np.asarray(model.get_array(node.input[2]))
-        model.set_array(node.input[2], (np.broadcast_to(c, delta.shape) + delta).astype(c.dtype))
-        return
+        if beta != 0:
+            model.set_array(node.input[2], (np.broadcast_to(c, delta.shape) + delta / beta).astype(c.dtype))
+            return
     users = [n for n in graph.node if out in n.input]
     if len(users) == 1 and users[0].op_type == "Add" and out not in {o.name for o in graph.output}:
         other = [x for x in users[0].input if x != out]

@@ -118,6 +118,9 @@ class MasksOptions:
                                                       "min": 0.0, "max_exclusive": 1.0})
     owl_m: float = field(default=5.0, metadata={"help": "owl: outlier threshold, multiple of the layer's mean score",
                                                 "min_exclusive": 0.0})
+    owl_blocks: str | None = field(default=None, metadata={"help": "owl: regex whose capture group names a block of "
+                                                                   "weights sharing one sparsity (e.g. 'layer\\.(\\d+)'"
+                                                                   "); default: each weight alone"})
 
     def validate(self) -> None:
         """Cross-field checks."""
@@ -126,6 +129,7 @@ class MasksOptions:
         if self.scope == "global" and self.criterion == "sparsegpt":
             raise ValueError("scope=global is not available with criterion=sparsegpt (it updates weights "
                              "per layer); use scope=layer")
+        _regex(self.owl_blocks, "owl_blocks")
         if self.scope == "global" and self.allocation != "uniform":
             raise ValueError("allocation=owl sets per-layer sparsities; use it with scope=layer")
 
@@ -436,7 +440,8 @@ class MasksPass(Pass):
                 raise CalibrationError("masks: allocation=owl needs calibration data (--calib FILE.npz)")
             free = [t for t in layer if t.options.sparsity == opts.sparsity and t.info.k_axis is not None]
             goal.update(owl_for_weights(model, [t.info for t in free], ctx.calibration, opts.sparsity,
-                                        lam=opts.owl_lambda, m=opts.owl_m, token_mask_input=opts.mask_input))
+                                        lam=opts.owl_lambda, m=opts.owl_m, blocks=opts.owl_blocks,
+                                        token_mask_input=opts.mask_input))
         per_weight.update(_prune_layerwise(model, ctx, layer, opts, lambda t: (goal[t.info.name], None), skipped))
         if glob:
             per_weight.update(self._global(model, ctx, glob, opts, stats_by_crit.get(opts.criterion, {})))
@@ -448,7 +453,9 @@ class MasksPass(Pass):
     def _global(self, model: Model, ctx: PassContext, targets: list[Target], opts: MasksOptions,
                 stats: dict[str, Any]) -> dict[str, dict[str, int]]:
         """Rank all ``targets`` together on RMS-normalised scores; guard each layer's minimum."""
-        scores = []
+        sizes = [t.info.size for t in targets]
+        flat = np.empty(sum(sizes), dtype=np.float32)  # one buffer: no concatenated copy
+        offset = 0
         for t in targets:
             info = t.info
             arr = np.asarray(model.get_array(info.name))
@@ -464,11 +471,8 @@ class MasksPass(Pass):
                 s = magnitude_scores(values).astype(np.float32, copy=False)
             nz = s[keep]
             rms = float(np.sqrt(np.mean(np.square(nz, dtype=np.float64)))) if nz.size else 1.0
-            s = np.where(keep, s / (rms if rms > 0 else 1.0), -np.inf).astype(np.float32).reshape(-1)
-            scores.append(s)
-        sizes = [s.size for s in scores]
-        flat = np.concatenate(scores)
-        del scores
+            flat[offset:offset + info.size] = np.where(keep, s / (rms if rms > 0 else 1.0), -np.inf).reshape(-1)
+            offset += info.size
         keep_all = topk_mask(flat, opts.sparsity)
         out: dict[str, dict[str, int]] = {}
         offset = 0

@@ -173,7 +173,7 @@ def neighbour_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 
 def prune(model: Any, calib: Any, method: str, level: str, mode: str, allocation: str,
-          stage_group: int = 1) -> dict[str, Any]:
+          stage_group: int = 1, owl_lambda: float = 0.08, owl_blocks: str | None = None) -> dict[str, Any]:
     """Prune every MatMul weight of ``model`` in place; return the driver's report."""
     from onnxprune.analysis.weights import find_weights, from_kn, to_kn
     from onnxprune.criteria_calib import prune_with_calibration
@@ -189,7 +189,8 @@ def prune(model: Any, calib: Any, method: str, level: str, mode: str, allocation
             model.set_array(w.name, from_kn(new, w))
         return {"stages": 0}
     return prune_with_calibration(model, weights, calib, criterion=method, sparsity=sparsity, nm=nm, mode=mode,
-                                  allocation=allocation, stage_group=stage_group)
+                                  allocation=allocation, stage_group=stage_group, owl_lambda=owl_lambda,
+                                  owl_blocks=owl_blocks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="50%,2:4,70%")
     ap.add_argument("--quick", action="store_true", help="only Wanda/SparseGPT parallel at 50%% (smoke test)")
     ap.add_argument("--out", help="also write the table to this Markdown file")
+    ap.add_argument("--owl-lambda", type=float, default=0.08, help="OWL rows: largest deviation from the target")
+    ap.add_argument("--owl-blocks", help="OWL rows: regex grouping weights into blocks (e.g. 'layer\\.(\\d+)/')")
     ap.add_argument("--stage-group", type=int, default=1,
                     help="sequential mode: depth stages per calibration pass (1 = each stage; 4 = per BERT layer)")
     args = ap.parse_args(argv)
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, level, mode, alloc in configs:
         model = dense.copy()
         t0, c0 = time.perf_counter(), time.process_time()
-        rep = prune(model, calib, method, level, mode if mode != "-" else "parallel", alloc, args.stage_group)
+        rep = prune(model, calib, method, level, mode if mode != "-" else "parallel", alloc, args.stage_group,
+                    args.owl_lambda, args.owl_blocks)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         emb = embed(model, eval_feeds)
         cos = float(np.mean(np.sum(ref * emb, axis=1)))

@@ -22,8 +22,13 @@ Steps:
 Usage::
 
     /work/venv/bin/python scripts/eval_minilm_structured.py [--out OUT_DIR] [--runs 200]
+        [--criterion activation|l2] [--graphs GRAPH_DIR]
+    python scripts/eval_minilm_structured.py --latency-dir GRAPH_DIR [--runs 200]
 
-Prints a Markdown table (and writes it to ``OUT_DIR/minilm_structured.md``).
+Prints a Markdown table (and writes it to ``OUT_DIR/minilm_structured.md``). ``--graphs`` also
+writes every model's graph with its weights as (uncarried) external data; ``--latency-dir`` times
+such graphs on another machine with random weights of the same shapes (latency does not depend
+on the weight values), for a quiet machine when this one is shared.
 """
 
 from __future__ import annotations
@@ -170,6 +175,48 @@ def latencies(paths: list[Path], runs: int) -> list[float]:
     return [float(v) for v in np.median(times, axis=0) * 1e3]
 
 
+def save_graph(path: Path, dest: Path) -> None:
+    """Write ``path``'s graph to ``dest`` with every weight over 1 KB as external data beside it."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dest.name + ".data", size_threshold=1024)
+
+
+def latency_from_graphs(folder: Path, runs: int) -> str:
+    """Time the graphs listed in ``folder/index.txt`` with random weights where data is missing."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    names = [line.split("\t") for line in (folder / "index.txt").read_text().splitlines() if line]
+    rng = np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp(prefix="graphs-"))
+    paths = []
+    for file, _ in names:
+        proto = onnx.load(str(folder / file), load_external_data=False)
+        for t in proto.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL and not (folder / (file + ".data")).exists():
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+                if np.issubdtype(dtype, np.floating):
+                    arr = (rng.standard_normal(tuple(t.dims)) * 0.02).astype(dtype)
+                else:  # index buffers (position ids): zeros are valid indices
+                    arr = np.zeros(tuple(t.dims), dtype=dtype)
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+        if (folder / (file + ".data")).exists():
+            proto = onnx.load(str(folder / file))
+        out = tmp / file
+        onnx.save_model(proto, str(out))
+        paths.append(out)
+    ms = latencies(paths, runs)
+    lines = [f"ONNX Runtime {ort.__version__} CPU, 2 threads, batch 1x{MAX_LEN}, median of {runs} interleaved "
+             f"rounds ({os.cpu_count()} cores on this machine)", "", "| model | latency ms | speedup |", "|---|---|---|"]
+    for (_, label), t in zip(names, ms):
+        lines.append(f"| {label} | {t:.2f} | {ms[0] / t:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation and print the Markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=256, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=512, help="evaluation sentences")
     ap.add_argument("--criterion", default="activation", choices=("activation", "l2"))
+    ap.add_argument("--graphs", type=Path, default=None, help="also write weight-less graphs here")
+    ap.add_argument("--latency-dir", type=Path, default=None, help="only time the graphs in this folder")
     args = ap.parse_args(argv)
+    if args.latency_dir is not None:
+        print(latency_from_graphs(args.latency_dir, args.runs))
+        return 0
 
     import onnxruntime as ort
 
@@ -227,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         paths.append(path)
         print(f"done {spec}: cos={cos:.4f} top10={agree:.3f}", file=sys.stderr)
     ms = latencies(paths, args.runs)
+    if args.graphs is not None:
+        args.graphs.mkdir(parents=True, exist_ok=True)
+        index = []
+        for k, (p, row) in enumerate(zip(paths, rows)):
+            save_graph(p, args.graphs / f"m{k}.onnx")
+            (args.graphs / f"m{k}.onnx.data").unlink()  # shapes only: the timing run makes random weights
+            index.append(f"m{k}.onnx\t{row[0]} (compensate {row[1]})")
+        (args.graphs / "index.txt").write_text("\n".join(index) + "\n")
     lines = [
         f"all-MiniLM-L6-v2, {len(eval_s)} held-out / {len(calib_s)} calibration stdlib docstring sentences, "
         f"criterion={args.criterion}; latency: ONNX Runtime {ort.__version__} CPU, 2 threads, batch 1x{MAX_LEN}, "

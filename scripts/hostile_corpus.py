@@ -283,6 +283,18 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         p = _write(d / "ok_range.onnx", _tiny_model().SerializeToString())
         return Case("option out of range", p, passes="cleanup(max_fold_mb=-1)", expect_words=("max_fold_mb",))
 
+    def nan_option(d: Path) -> Case:
+        p = _write(d / "ok_nan.onnx", _tiny_model().SerializeToString())
+        return Case("option is NaN", p, passes="cleanup(max_fold_mb=nan)", expect_words=("max_fold_mb", "nan"))
+
+    def sparsity_out_of_range(d: Path) -> Case:
+        from onnxprune.pass_infra import registered_passes
+
+        p = _write(d / "ok_sparsity.onnx", _tiny_model().SerializeToString())
+        if "masks" not in registered_passes():  # this build has no masks pass: still a refusal
+            return Case("masks(sparsity=1.5) (no masks pass)", p, passes="masks(sparsity=1.5)", expect_words=("masks",))
+        return Case("masks(sparsity=1.5)", p, passes="masks(sparsity=1.5)", expect_words=("sparsity",))
+
     def bad_pipeline(d: Path) -> Case:
         p = _write(d / "ok_pipeline.onnx", _tiny_model().SerializeToString())
         return Case("unbalanced pipeline", p, passes="cleanup(fold_constants=true", expect_words=("unbalanced",))
@@ -291,7 +303,7 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         missing, directory, fifo, empty, random_bytes, truncated, tensor_proto, graph_proto, cycle, undefined_input,
         duplicate_output, duplicate_init, init_is_input, ext_missing, ext_offset, ext_length, ext_escape,
         ext_absolute, ext_symlink, ext_constant_escape, ext_subgraph_missing, no_outputs,
-        undefined_dtype, type_mismatch, duplicate_node_name, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range,
+        undefined_dtype, type_mismatch, duplicate_node_name, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range, nan_option, sparsity_out_of_range,
         bad_pipeline,
     )]
 

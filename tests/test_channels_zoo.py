@@ -101,6 +101,18 @@ def test_zoo_channels(name: str) -> None:
     assert stats["groups_pruned"] >= 1
 
 
+def test_ir3_initializers_listed_as_inputs() -> None:
+    """IR 3 models list every initializer as a graph input; declared shapes must follow the removal."""
+    proto = zoo_model("squeezenet")
+    proto.ir_version = 3
+    for t in proto.graph.initializer:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model, stats = prune_and_check(proto)
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    for t in model.graph.initializer:
+        assert declared[t.name] == list(t.dims), t.name
+
+
 @pytest.mark.parametrize("name", ["shufflenet", "densenet121", "inception_v1"])
 def test_zoo_masked_twin(name: str) -> None:
     model = from_proto(zoo_model(name))

@@ -142,3 +142,15 @@ def test_compensation_keeps_mean_output_and_helps() -> None:
     err_plain = np.abs(run_model(plain, held)["last_hidden_state"] - ref).mean()
     err_comp = np.abs(run_model(comp, held)["last_hidden_state"] - ref).mean()
     assert err_comp < err_plain
+
+
+def test_compensation_through_gemm_trans_b() -> None:
+    proto = build_mlp(hidden=(64,))
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(4)]
+    model = Model(proto)
+    dense = channel_means(model, ["logits"], calib)["logits"][1]
+    comp = optimize(model, "ffn(ratio=0.5,compensate=true)", calibration=calib)
+    assert comp.report.passes[0].stats["biases_compensated"] == 1
+    assert comp.model.get_array("classifier.weight").shape == (10, 32)
+    np.testing.assert_allclose(channel_means(comp.model, ["logits"], calib)["logits"][1], dense, atol=1e-4)

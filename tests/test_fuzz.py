@@ -1,6 +1,10 @@
-"""Property tests: random builder models x random pipelines of registered passes with random options.
+"""Property tests: random models x random pipelines of registered passes with random options.
 
-Properties (bounded budget, ``derandomize=True`` so CI runs the same examples every time):
+Models are the ``models/`` builders with random sizes, seeds and opsets (9..21), light model-zoo
+graphs, and random topologies (:func:`random_graphs`: linear/conv layers, residual Adds, Concat,
+Split, Slice, BatchNorm, depthwise conv, per-channel scales, and Softmax/LayerNorm/ReduceMean over
+channels, which must block removal). Properties (bounded budget, ``derandomize=True`` so CI runs
+the same examples every time):
 
 1. Every pipeline either refuses with an :class:`OnnxPruneError` (a clear, one-line message; a
    ``PassError`` that wraps an internal exception or reports an invalid result is a bug) or
@@ -8,9 +12,12 @@ Properties (bounded budget, ``derandomize=True`` so CI runs the same examples ev
    inputs, and keeps every output's shape. No other exception type may escape.
 2. A structural removal pass (``channels``, ``heads``, ``ffn``) matches its *masked twin*: the
    model just before removal with the removed channels' reduction inputs zeroed computes the same
-   outputs as the pruned model (exact groups only; approximate pruning is not sampled).
+   outputs as the pruned model (exact groups only; approximate pruning is not sampled). The
+   oracle's own sensitivity is tested too.
+3. An initializer that is also a graph input (it may be fed at run time) is never changed.
 
-Failures found by the fuzzer are kept below as explicit regression tests.
+Failures found by the fuzzer are kept below as explicit regression tests
+(``test_regression_*``; the option-parser findings are in ``tests/test_pass_infra.py``).
 """
 
 from __future__ import annotations
@@ -284,3 +291,161 @@ def test_regression_fp16_keep_io_types_false_with_overridable_initializer(builde
     proto = builder(seed=1)
     name = make_overridable(proto, index)
     assert check_overridable_untouched(proto, [("fp16", {"keep_io_types": False})], name) == "ok"
+
+
+# ---------------------------------------------------------------------- random topologies
+@st.composite
+def random_graphs(draw: st.DrawFn) -> onnx.ModelProto:
+    """A random DAG over a channel axis: linear/conv layers, activations, residual Adds, Concat, Split,
+    Slice, per-channel scales, BatchNorm, depthwise conv, and ops that make removal inexact (Softmax,
+    LayerNorm, ReduceMean over channels), with one or two graph outputs.
+
+    Rank 2 (``[batch, C]``) or rank 4 (``[batch, C, 6, 6]``); opset 18.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    conv = draw(st.booleans())
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    tensors: list[tuple[str, int]] = []
+    count = iter(range(10**6))
+
+    def new(prefix: str) -> str:
+        return f"{prefix}{next(count)}"
+
+    def const(arr: np.ndarray, prefix: str = "w") -> str:
+        name = new(prefix)
+        inits.append(numpy_helper.from_array(arr.astype(np.float32) if arr.dtype.kind == "f" else arr, name))
+        return name
+
+    def chan_shape(c: int) -> tuple[int, ...]:
+        return (1, c, 1, 1) if conv else (c,)
+
+    c0 = draw(st.sampled_from([4, 8, 12]))
+    tensors.append(("X", c0))
+    ops_2d = ["linear", "linear", "gemm", "gemm", "act", "residual", "concat", "split", "slice", "scale", "softmax",
+              "layernorm", "reduce"]
+    ops_4d = ["conv", "conv", "conv", "dwconv", "bn", "act", "residual", "concat", "split", "scale", "pool", "reduce"]
+    for _ in range(draw(st.integers(2, 9))):
+        op = draw(st.sampled_from(ops_4d if conv else ops_2d))
+        x, c = tensors[draw(st.integers(max(0, len(tensors) - 3), len(tensors) - 1))]
+        y = new("t")
+        if op in ("linear", "gemm", "conv"):
+            c2 = draw(st.sampled_from([4, 6, 8, 12, 16]))
+            if op == "linear":
+                nodes.append(helper.make_node("MatMul", [x, const(rng.standard_normal((c, c2)) / np.sqrt(c))], [y]))
+            elif op == "gemm":
+                nodes.append(helper.make_node("Gemm", [x, const(rng.standard_normal((c2, c)) / np.sqrt(c)),
+                                                       const(rng.standard_normal(c2) * 0.1, "b")], [y], transB=1))
+            else:
+                k = draw(st.sampled_from([1, 3]))
+                nodes.append(helper.make_node(
+                    "Conv", [x, const(rng.standard_normal((c2, c, k, k)) / np.sqrt(c * k * k)),
+                             const(rng.standard_normal(c2) * 0.1, "b")], [y], pads=[k // 2] * 4))
+            c = c2
+        elif op == "dwconv":
+            nodes.append(helper.make_node("Conv", [x, const(rng.standard_normal((c, 1, 3, 3)) / 3)], [y],
+                                          group=c, pads=[1, 1, 1, 1]))
+        elif op == "bn":
+            nodes.append(helper.make_node("BatchNormalization", [
+                x, const(rng.uniform(0.5, 1.5, c), "s"), const(rng.standard_normal(c) * 0.1, "b"),
+                const(rng.standard_normal(c) * 0.1, "m"), const(rng.uniform(0.5, 1.5, c), "v")], [y]))
+        elif op == "act":
+            nodes.append(helper.make_node(draw(st.sampled_from(["Relu", "Tanh", "Sigmoid", "LeakyRelu"])), [x], [y]))
+        elif op == "residual":
+            same = [t for t, cc in tensors if cc == c and t != x]
+            if not same:
+                continue
+            nodes.append(helper.make_node("Add", [x, draw(st.sampled_from(same))], [y]))
+        elif op == "concat":
+            other, c2 = tensors[draw(st.integers(0, len(tensors) - 1))]
+            nodes.append(helper.make_node("Concat", [x, other], [y], axis=1))
+            c = c + c2
+        elif op == "split":
+            if c < 2:
+                continue
+            a = draw(st.integers(1, c - 1))
+            z = new("t")
+            nodes.append(helper.make_node("Split", [x, const(np.array([a, c - a], np.int64), "sp")], [y, z], axis=1))
+            tensors.append((z, c - a))
+            c = a
+        elif op == "slice":
+            if c < 2:
+                continue
+            s = draw(st.integers(0, c - 2))
+            e = draw(st.integers(s + 1, c))
+            nodes.append(helper.make_node("Slice", [x, const(np.array([s], np.int64), "st"),
+                                                    const(np.array([e], np.int64), "en"),
+                                                    const(np.array([1], np.int64), "ax")], [y]))
+            c = e - s
+        elif op == "scale":
+            nodes.append(helper.make_node("Mul", [x, const(rng.uniform(0.5, 2.0, chan_shape(c)), "k")], [y]))
+        elif op == "pool":
+            nodes.append(helper.make_node("MaxPool", [x], [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        elif op == "softmax":
+            nodes.append(helper.make_node("Softmax", [x], [y], axis=1))
+        elif op == "layernorm":
+            nodes.append(helper.make_node("LayerNormalization", [x, const(np.ones(c), "g"), const(np.zeros(c), "b")],
+                                          [y], axis=-1))
+        elif op == "reduce":
+            nodes.append(helper.make_node("ReduceMean", [x, const(np.array([1], np.int64), "ax")], [y], keepdims=1))
+            c = 1
+        tensors.append((y, c))
+    if len(nodes) == 0:
+        nodes.append(helper.make_node("Relu", ["X"], ["t_relu"]))
+        tensors.append(("t_relu", c0))
+    if draw(st.integers(0, 3)):  # usually a head layer, so that the last hidden width is prunable
+        x, c = tensors[-1]
+        y = new("head")
+        if conv:
+            nodes.append(helper.make_node("Conv", [x, const(rng.standard_normal((3, c, 1, 1)) / np.sqrt(c))], [y]))
+        else:
+            nodes.append(helper.make_node("MatMul", [x, const(rng.standard_normal((c, 3)) / np.sqrt(c))], [y]))
+        tensors.append((y, 3))
+    last, c_last = tensors[-1]
+    dims: list[int | str] = ["batch", c_last, 6, 6] if conv else ["batch", c_last]
+    outputs = [helper.make_tensor_value_info(last, TensorProto.FLOAT, dims)]
+    produced = {o for n in nodes for o in n.output}
+    extra = [t for t in tensors[1:-1] if t[0] in produced]
+    if extra and not draw(st.integers(0, 3)):  # sometimes a second graph output, which pins its channels
+        t, cc = extra[draw(st.integers(0, len(extra) - 1))]
+        outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", cc, 6, 6] if conv else ["batch", cc]))
+    inp = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", c0, 6, 6] if conv else ["batch", c0])
+    for i, n in enumerate(nodes):
+        n.name = f"n{i}_{n.op_type}"
+    model = helper.make_model(helper.make_graph(nodes, "random", [inp], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    model = from_proto(model)
+    from onnxprune.pass_infra import remove_dead_code
+
+    remove_dead_code(model)  # unused Split branches and the like
+    onnx.checker.check_model(model.proto, full_check=True)
+    return model.proto
+
+
+@SETTINGS
+@given(proto=random_graphs(), steps=pipelines(max_len=2))
+def test_random_topologies_refuse_or_stay_valid(proto: onnx.ModelProto, steps: list[tuple[str, dict]]) -> None:
+    check_pipeline(proto, steps)
+
+
+@SETTINGS
+@given(proto=random_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]), criterion=st.sampled_from(["l1", "l2"]))
+def test_random_topologies_channels_match_masked_twin(proto: onnx.ModelProto, ratio: float, criterion: str) -> None:
+    if "channels" not in onnxprune.registered_passes():
+        pytest.skip("channels not registered in this build")
+    with pytest.MonkeyPatch.context() as mp:
+        check_masked_twin(proto, "channels", {"ratio": ratio, "criterion": criterion}, mp)
+
+
+def test_masked_twin_oracle_is_sensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle catches a removal that does not match its twin (here: a twin that masks nothing)."""
+    if "channels" not in onnxprune.registered_passes():
+        pytest.skip("channels not registered in this build")
+    import onnxprune.analysis.removal as removal
+
+    monkeypatch.setattr(removal, "mask_group", lambda *a, **k: None)
+    with pytest.raises(AssertionError, match="masked twin"):
+        check_masked_twin(build_mlp(seed=3), "channels", {"ratio": 0.5}, pytest.MonkeyPatch())

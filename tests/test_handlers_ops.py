@@ -225,6 +225,17 @@ CASES: dict[str, tuple[str, dict[str, list[int]], int]] = {
         n = InstanceNormalization (a, s, b)
         y = Conv (n, w2)
     }}""", {}, 1),
+    "expand_shape_edit": (f"""g ({SIG}, float[6,3,1,1] w1, int64[4] shp, float[4,6,1,1] w2) => (float y) {{
+        a = Conv (x, w1)
+        p = GlobalAveragePool (a)
+        e = Expand (p, shp)
+        y = Conv (e, w2)
+    }}""", {"shp": [1, 6, 8, 8]}, 1),
+    "resize_sizes_edit": ("""g (float[2, 3, H, W] x, float[6,3,1,1] w1, int64[4] sz, float[4,6,1,1] w2) => (float y) {
+        a = Conv (x, w1)
+        r = Resize <mode="nearest"> (a, , , sz)
+        y = Conv (r, w2)
+    }""", {"sz": [2, 6, 16, 16]}, 1),
     "unsqueeze_expand": ("""g (float[N, 6] x, float[6,8] w1, int64[2] ax, float[8,5] w2) => (float y) {
         a = MatMul (x, w1)
         u = Unsqueeze (a, ax)
@@ -238,6 +249,22 @@ CASES: dict[str, tuple[str, dict[str, list[int]], int]] = {
 def test_masked_twin(case: str) -> None:
     text, consts, n = CASES[case]
     oracle_all(make(text, consts), min_prunable=n)
+
+
+def test_upsample_opset9() -> None:
+    text = f"""g ({SIG}, float[6,3,1,1] w1, float[4] sc, float[4,6,1,1] w2) => (float y) {{
+        a = Conv (x, w1)
+        u = Upsample <mode="nearest"> (a, sc)
+        y = Conv (u, w2)
+    }}"""
+    oracle_all(make(text, {"sc": [1, 1, 2, 2]}, opset=9), min_prunable=1)
+
+
+def test_expand_and_resize_record_shape_edits() -> None:
+    for case, target in (("expand_shape_edit", "shp"), ("resize_sizes_edit", "sz")):
+        text, consts, _ = CASES[case]
+        g = next(g for g in build_groups(make(text, consts)) if g.name == "a")
+        assert [(e.target, e.index) for e in g.shape_edits] == [(target, 1)]
 
 
 def test_dequantize_per_channel_weights() -> None:

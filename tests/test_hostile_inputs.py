@@ -182,3 +182,22 @@ def test_inspect_and_check_refuse_too(tmp_path: Path, key: str, command: str,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("key", REFUSED)
+def test_streaming_parser_refuses_too(tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same corpus through the field-by-field parser used for files over 64 MB (forced here)."""
+    import onnxprune.model as model_mod
+
+    if not hasattr(model_mod, "STREAM_PARSE_BYTES"):
+        pytest.skip("this build has no streaming parser")
+    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 100)
+    monkeypatch.setattr(model_mod, "INLINE_REF_BYTES", 1000, raising=False)
+    case = _make(tmp_path, key)
+    digests, listing = _snapshot(case)
+    with pytest.raises(OnnxPruneError) as info:
+        onnxprune.optimize(onnxprune.load(case.input), case.passes)
+    assert "\n" not in str(info.value)
+    for word in case.expect_words:
+        assert word in str(info.value).lower(), (word, str(info.value))
+    assert _snapshot(case) == (digests, listing)

@@ -175,11 +175,21 @@ def test_option_coercion() -> None:
     ("toy-scale(mode=c)", "not one of a, b"),
     ("toy-scale(flag=maybe)", "true or false"),
     ("toy-scale(n=9,ratio=0.9)", "n > 8 needs"),
+    ("toy-scale(ratio=nan)", "got NaN"),
+    ("toy-scale(ratio=inf)", "less than 1.0"),
 ])
 def test_option_errors(spec: str, words: str) -> None:
     with pytest.raises(PipelineError) as info:
         parse_pipeline(spec)
     assert words in str(info.value) and "toy-scale" in str(info.value)
+
+
+def test_none_for_a_required_value_is_refused() -> None:
+    """Found by fuzzing build_options: None slipped past Literal/choices checks (criterion=None)."""
+    for key in ("criterion", "mode", "ratio", "n", "flag"):
+        with pytest.raises(PipelineError, match=f"option {key}: needs a value"):
+            build_options(ToyOptions, {key: None}, "toy-scale")
+    assert build_options(ToyOptions, {"include": None}, "toy-scale").include is None
 
 
 def test_build_options_typed_values_and_dash_names() -> None:
@@ -308,3 +318,36 @@ def test_recipe_errors(tmp_path: Path, text: str, words: str) -> None:
 def test_recipe_missing_file(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not found"):
         load_recipe(str(tmp_path / "none.toml"))
+
+
+# ---------------------------------------------------------------------- fuzzing the parser
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ALPHABET = "cleanupnmask(),='\\\" =;x1.5-_\t\n"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.text(alphabet=_ALPHABET, max_size=40))
+def test_parser_only_raises_pipeline_errors(text: str) -> None:
+    """Any text: a parse result or a one-line PipelineError, never another exception."""
+    try:
+        passes = parse_pipeline(text)
+    except PipelineError as exc:
+        assert str(exc)
+        return
+    assert passes and all(isinstance(p, Pass) for p in passes)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.sampled_from(["ratio", "n", "criterion", "mode", "flag", "include", "blocks", "bogus"]),
+                       st.one_of(st.text(max_size=6), st.integers(-3, 12), st.floats(allow_nan=True),
+                                 st.booleans(), st.none()), max_size=4))
+def test_build_options_only_raises_pipeline_errors(values: dict) -> None:
+    """Typed values from recipes (TOML gives ints, floats, bools, strings): valid options or a PipelineError."""
+    try:
+        opts = build_options(ToyOptions, values, "toy-scale")
+    except PipelineError as exc:
+        assert "toy-scale" in str(exc)
+        return
+    assert 0.0 <= opts.ratio < 1.0 and opts.n >= 1 and opts.criterion in ("l1", "l2") and opts.mode in ("a", "b")

@@ -147,3 +147,46 @@ def test_masks_global_scope_wanda_uses_collected_stats() -> None:
     assert st["sparsity_after"] == pytest.approx(0.6, abs=0.01)
     per = [1 - v["nnz_after"] / v["size"] for v in st["weights"].values()]
     assert max(per) - min(per) > 0.01  # global ranking: layers end up at different sparsities
+
+
+def test_owl_blocks_share_one_sparsity() -> None:
+    from onnxprune.allocation import block_keys, owl_for_weights
+
+    model = from_proto(build_transformer_block(layers=2))
+    weights = [w for w in find_weights(model) if not w.skip_reason]
+    keys = block_keys(weights, r"layer(\d+)\.")
+    assert set(keys.values()) == {"block:0", "block:1"}
+    with pytest.raises(PipelineError, match="owl_blocks"):
+        block_keys(weights, "(")
+    goal = owl_for_weights(model, weights, _calib(), 0.6, lam=0.1, blocks=r"layer(\d+)\.")
+    per_block = {keys[n]: set() for n in goal}
+    for n, v in goal.items():
+        per_block[keys[n]].add(round(v, 9))
+    assert all(len(v) == 1 for v in per_block.values())
+    assert weighted_mean(goal, {w.name: w.size for w in weights}) == pytest.approx(0.6, abs=1e-6)
+    assert sorted(round(next(iter(v)), 6) for v in per_block.values()) == [0.5, 0.7]  # two blocks: the caps
+
+
+def test_cnn_conv_paths() -> None:
+    """Conv weights: Wanda's K rows are input channels with Σ x_c² over (B, H, W); grouped convs are
+    skipped with a reason; SparseGPT N:M runs through the Conv/Gemm paths."""
+    from models import build_cnn, random_inputs
+    from onnxprune import optimize
+
+    proto = build_cnn()
+    dense = from_proto(proto)
+    feeds = [random_inputs(proto, batch=2, seed=s) for s in range(3)]
+    res = optimize(dense, "masks(sparsity=0.5,criterion=wanda)", calibration=feeds)
+    st = res.report.passes[0].stats
+    assert any("grouped Conv" in r for r in st["skipped"].values())
+    x = np.concatenate([f["input"] for f in feeds]).astype(np.float64)  # stem.conv reads the graph input
+    sumsq = (x ** 2).sum(axis=(0, 2, 3))
+    info = next(w for w in find_weights(dense) if w.name == "stem.conv.weight")
+    want, _ = wanda_prune(to_kn(dense.get_array(info.name), info), sumsq, sparsity=0.5)
+    np.testing.assert_array_equal(to_kn(res.model.get_array(info.name), info), want)
+    res = optimize(dense, "nm(n=2,m=4,criterion=sparsegpt)", calibration=feeds)
+    st = res.report.passes[0].stats
+    assert st["weights_pruned"] >= 3
+    for name in st["weights"]:
+        w = next(i for i in find_weights(res.model) if i.name == name)
+        assert nm_groups_ok(to_kn(res.model.get_array(name), w), 2, 4)

@@ -120,6 +120,10 @@ class CalibrationData:
         """Iterate over the batches (may be called any number of times)."""
         return iter(self.feeds)
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Iterate over the batches (same as :meth:`batches`)."""
+        return iter(self.feeds)
+
     def __len__(self) -> int:
         return len(self.feeds)
 

@@ -418,8 +418,28 @@ def _infer_shapes(model: Model) -> dict[str, list[int | None] | None]:
     except Exception as exc:  # inference is best effort here
         log.debug("shape inference failed: %s", exc)
         inferred = shell
+    shapes = _read_shapes(inferred.graph)
+    try:  # ONNX Runtime's symbolic inference resolves more (e.g. -1 in attention Reshapes)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        sym = _read_shapes(SymbolicShapeInference.infer_shapes(shell, auto_merge=True).graph)
+    except Exception as exc:  # optional: unknown ops or exotic graphs
+        log.debug("symbolic shape inference failed: %s", exc)
+        sym = {}
+    for name, dims in sym.items():
+        cur = shapes.get(name)
+        if dims is None:
+            continue
+        if cur is None or len(cur) != len(dims):
+            if cur is None:
+                shapes[name] = dims
+            continue
+        shapes[name] = [c if c is not None else d for c, d in zip(cur, dims)]
+    return shapes
+
+
+def _read_shapes(g: onnx.GraphProto) -> dict[str, list[int | None] | None]:
     shapes: dict[str, list[int | None] | None] = {}
-    g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
@@ -621,7 +641,15 @@ def _run_round(model: Model, shapes: dict[str, list[int | None] | None],
             for x in node.input:
                 a.block(a.layout(x), f"{node.op_type} node {node.name!r} has no channel handler")
             continue
-        handler(a, node)
+        try:
+            handler(a, node)
+        except Exception as exc:  # a handler bug must not guess: block what reaches the node
+            log.debug("handler for %s node %s failed", node.op_type, node.name, exc_info=True)
+            for x in node.input:
+                a.block(a.layout(x), f"{node.op_type} node {node.name!r}: handler failed ({type(exc).__name__}: {exc})")
+            for o in node.output:
+                a.block(a.layouts.get(o), f"{node.op_type} node {node.name!r}: handler failed")
+                a.layouts[o] = None if a.rank(o) is None else [() for _ in range(a.rank(o) or 0)]
     for o in model.graph.output:
         a.block(a.layout(o.name), f"reaches graph output {o.name!r}")
     if a._new_cuts:
@@ -734,8 +762,9 @@ def format_groups(data: dict[str, Any]) -> str:
     head = f"{'group':<32} {'width':>6}  {'members':<44} status"
     lines = [f"channel groups: {data['total']} ({data['prunable']} prunable)", head, "-" * (len(head) + 20)]
     for r in data["groups"]:
-        name = r["group"] if len(r["group"]) <= 32 else r["group"][:29] + "..."
-        mem = ", ".join(r["members"][1:]) or r["group"]
+        name = r["group"].removesuffix("_output_0")
+        name = name if len(name) <= 32 else name[:10] + "..." + name[-19:]
+        mem = ", ".join(m.rsplit("/", 1)[-1] for m in r["members"][1:]) or r["group"]
         mem = mem if len(mem) <= 44 else mem[:41] + "..."
         status = "prunable" + (" (approximate)" if r["approximate"] else "") if r["prunable"] else \
             f"blocked: {r['reason']}"

@@ -134,6 +134,17 @@ def _check_channels(group: PruneGroup, channels: np.ndarray) -> np.ndarray:
     return ch
 
 
+def _sync_declared_input(model: Model, name: str, shape: tuple[int, ...]) -> None:
+    """IR < 4 models also list initializers as graph inputs: keep the declared shape in step."""
+    for inp in model.graph.input:
+        if inp.name == name and inp.type.tensor_type.HasField("shape"):
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) == len(shape):
+                for d, v in zip(dims, shape):
+                    d.Clear()
+                    d.dim_value = int(v)
+
+
 def _attr_edit(node: onnx.NodeProto, index: str, delta: int) -> None:
     name, _, rest = index.partition("[")
     for a in node.attribute:
@@ -196,15 +207,17 @@ def apply_removal(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
             arr = np.delete(arr, pos, axis=axis)
         params_removed += before - arr.size
         model.set_array(name, arr)
+        _sync_declared_input(model, name, arr.shape)
 
     nodes = {n.name: n for n in model.graph.node if n.name}
     for (kind, target, index), delta in edits.items():
         if kind == "initializer":
             val = np.array(model.get_array(target))
             flat = val.reshape(-1)
+            if flat[int(index)] - delta <= 0:
+                raise PassError(f"shape constant {target!r}[{index}] = {flat[int(index)]} would drop to "
+                                f"{flat[int(index)] - delta}")
             flat[int(index)] -= delta
-            if flat[int(index)] <= 0 and flat[int(index)] + delta > 0:
-                raise PassError(f"shape constant {target!r}[{index}] would drop to {flat[int(index)]}")
             model.set_array(target, flat.reshape(val.shape))
         else:
             node = nodes.get(target)

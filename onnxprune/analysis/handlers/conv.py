@@ -35,7 +35,8 @@ def _conv_like(a: Analysis, node: onnx.NodeProto, transpose: bool) -> None:
         return
     _rest_opaque(a, node, x_lay)
     group = int(attr(node, "group", 1))
-    cin = a.dims(x)[1]  # type: ignore[index]
+    xd = a.dims(x)
+    cin = xd[1] if xd and len(xd) > 1 else None
     out_axis_w = 1 if transpose else 0
     in_axis_w = 0 if transpose else 1
     per_group_in = wd[in_axis_w] if not transpose else wd[0] // group

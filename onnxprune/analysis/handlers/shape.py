@@ -182,6 +182,22 @@ def reshape(a: Analysis, node: onnx.NodeProto) -> None:
     src = a.int_sources(node.input[1])
     if outd is None and src is not None and all(s is not None and s[2] > 0 for s in src):
         outd = [s[2] for s in src]  # type: ignore[index]
+    elif outd is not None and src is not None and len(src) == len(outd):
+        ind = a.dims(x) or []
+        outd = list(outd)
+        for j, sj in enumerate(src):  # fill dims inference left symbolic from literal targets
+            if outd[j] is None and sj is not None:
+                if sj[2] > 0:
+                    outd[j] = sj[2]
+                elif sj[2] == 0 and j < len(ind):
+                    outd[j] = ind[j]
+        # one -1 entry: solve it when the remaining unknown dims pair up with the input's
+        minus = [j for j, sj in enumerate(src) if sj is not None and sj[2] == -1 and outd[j] is None]
+        if len(minus) == 1 and ind and sum(d is None for d in ind) == sum(d is None for d in outd) - 1:
+            known_in = prod(d for d in ind if d is not None)
+            known_out = prod(d for j, d in enumerate(outd) if d is not None)
+            if known_out and known_in % known_out == 0:
+                outd[minus[0]] = known_in // known_out
     if has_channels(a.layout(x)) and src is None:
         a.block(a.layout(x), f"Reshape node {node.name!r}: target shape is computed at run time")
     _reshape_to(a, node, x, y, outd, src)
@@ -435,7 +451,13 @@ def gather(a: Analysis, node: onnx.NodeProto) -> None:
     ax = int(attr(node, "axis", 0)) % max(len(lay), 1)
     if lay[ax]:
         a.block(lay[ax], f"Gather node {node.name!r}: gathers along a channel axis")
-    a.set_layout(y, list(lay[:ax]) + [() for _ in ilay] + list(lay[ax + 1:]))
+    out = list(lay[:ax]) + [() for _ in ilay] + list(lay[ax + 1:])
+    dd = a.dims(node.input[0])
+    if a.is_const(node.input[0]) and dd and len(dd) == 2 and ax == 0 and dd[1] and dd[1] > 1:
+        # embedding lookup: the table's columns are a channel space (the hidden size)
+        out[-1] = a.new_space(node, 0, int(dd[1]), y)
+        a.add_slices(out[-1], node.input[0], 1, "out", "embedding")
+    a.set_layout(y, out)
 
 
 @register("Tile")

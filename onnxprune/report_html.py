@@ -4,7 +4,8 @@ The page has no scripts and no external resources (inline CSS and SVG only), so 
 attached to a CI run or mailed. It holds:
 
 * a summary table (nodes, parameters, non-zeros, sparsity, weight bytes, file size) before/after;
-* a per-layer chart: for every floating-point initializer with more than one element, one row
+* a per-layer chart: for every floating-point initializer with more than one element (only the
+  changed ones when there are more than :data:`MAX_CHART_ROWS`), one row
   with two bars —
   *kept* = ``size_after / size_before`` (structured removal shrinks it; a removed initializer
   reads 0) and *density* = ``nonzero / size`` before (grey) and after (blue), so unstructured and
@@ -30,6 +31,8 @@ ROW_H = 16
 LABEL_W = 300
 BAR_W = 260
 GAP = 60
+#: Above this many weights the chart shows only the changed ones (the table still lists all).
+MAX_CHART_ROWS = 400
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px;color:#1d2330;max-width:1200px}
@@ -213,7 +216,13 @@ def _check(report: Report) -> str:
 def render_html(report: Report, title: str = "onnxprune report") -> str:
     """The report as a self-contained HTML document (no scripts, no external resources)."""
     rows = layer_rows(report)
-    changed = sum(1 for r in rows if r["kept"] < 0.999 or abs(r["density_after"] - r["density_before"]) > 1e-9)
+    changed_rows = [r for r in rows if r["kept"] < 0.999 or abs(r["density_after"] - r["density_before"]) > 1e-9]
+    changed = len(changed_rows)
+    chart_rows, note = rows, ""
+    if len(rows) > MAX_CHART_ROWS:  # a very deep model: chart what changed, the table keeps everything
+        chart_rows = changed_rows[:MAX_CHART_ROWS]
+        note = (f"<p class=\"sub\">{len(rows)} weights: the chart shows the {len(chart_rows)} that changed"
+                + (f" (first {MAX_CHART_ROWS})" if changed > MAX_CHART_ROWS else "") + "; the table lists all.</p>")
     warnings = "".join(f'<div class="warn">{_e(w)}</div>' for w in report.warnings)
     return (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -221,7 +230,8 @@ def render_html(report: Report, title: str = "onnxprune report") -> str:
         f"<h1>{_e(title)}</h1>"
         f'<div class="sub">{_e(report.input_path or "(in memory)")} → {_e(report.output_path or "(not saved)")}</div>'
         f"{_summary(report)}"
-        f"<h2>Per layer ({len(rows)} weights, {changed} changed)</h2>{_layer_chart(rows)}{_layer_table(rows)}"
+        f"<h2>Per layer ({len(rows)} weights, {changed} changed)</h2>{note}{_layer_chart(chart_rows)}"
+        f"{_layer_table(rows)}"
         f"<h2>Passes</h2>{_passes(report)}"
         f"<h2>Check</h2>{_check(report)}"
         + (f"<h2>Warnings</h2>{warnings}" if warnings else "")

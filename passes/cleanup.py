@@ -88,11 +88,16 @@ class CleanupPass(Pass):
         fake = big - set(orig_inputs)
         inputs = [i for i in new_graph.input if i.name not in fake]
         small_inits = [t for t in new_graph.initializer if t.name not in big]
+        keep_external = {n for n in big_protos if n in used or n in orig_inputs}
+        if _is_noop(graph, new_graph, inputs, small_inits, keep_external, big):
+            # nothing removed or folded (graph-surgeon may only have reordered): leave the model untouched
+            n_init = len(graph.initializer)
+            return PassResult(model, False, {"nodes_before": nodes_before, "nodes_after": nodes_before,
+                                             "initializers_before": inits_before, "initializers_after": n_init})
         del graph.node[:]
         graph.node.extend(new_graph.node)
         del graph.input[:]
         graph.input.extend(inputs)
-        keep_external = {n for n in big_protos if n in used or n in orig_inputs}
         # delete in place (no copies of big weights), then add the small/folded ones
         for i in reversed(range(len(graph.initializer))):
             if graph.initializer[i].name not in keep_external:
@@ -108,6 +113,22 @@ class CleanupPass(Pass):
         }
         modified = stats["nodes_before"] != stats["nodes_after"] or inits_before != len(graph.initializer)
         return PassResult(model, True if modified else _changed(shell, out), stats)
+
+
+def _is_noop(graph: onnx.GraphProto, new_graph: onnx.GraphProto, inputs: list[onnx.ValueInfoProto],
+             small_inits: list[onnx.TensorProto], kept_big: set[str], big: set[str]) -> bool:
+    """True if the cleaned graph holds exactly the original nodes (in any order), inputs and
+    initializers, i.e. cleanup would change nothing but the order of nodes."""
+    def key(msgs: list) -> list[bytes]:
+        return sorted(m.SerializeToString(deterministic=True) for m in msgs)
+
+    if key(list(graph.node)) != key(list(new_graph.node)):
+        return False
+    if [i.name for i in graph.input] != [i.name for i in inputs]:
+        return False
+    if {t.name for t in graph.initializer if t.name in big} != kept_big & big:
+        return False
+    return key([t for t in graph.initializer if t.name not in big]) == key(small_inits)
 
 
 def _changed(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=200, help="latency runs per model")
     ap.add_argument("--calib", type=int, default=256, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=512, help="evaluation sentences")
-    ap.add_argument("--criterion", default="activation", choices=("activation", "l2"))
+    ap.add_argument("--criterion", default="activation", choices=("activation", "l2", "weighted"))
     ap.add_argument("--graphs", type=Path, default=None, help="also write weight-less graphs here")
     ap.add_argument("--latency-dir", type=Path, default=None, help="only time the graphs in this folder")
     args = ap.parse_args(argv)

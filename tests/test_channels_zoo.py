@@ -180,3 +180,34 @@ def test_torch_export_channels(kind: str, dynamo: bool) -> None:
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)}
     model, stats = prune_and_check(proto, feeds)
     assert stats["groups_prunable"] >= 3
+
+
+def test_torch_bert_ffn_and_value_groups_exact() -> None:
+    """A tiny BERT (legacy export, dynamic batch/sequence): FFN and V head-dim groups are exact."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = bert
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ids = torch.randint(0, 100, (2, 7))
+    f = io.BytesIO()
+    torch.onnx.export(Hidden().eval(), (ids, torch.ones_like(ids)), f, dynamo=False, input_names=["ids", "mask"],
+                      output_names=["hidden"], opset_version=17,
+                      dynamic_axes={"ids": {0: "b", 1: "s"}, "mask": {0: "b", 1: "s"}})
+    model = from_proto(onnx.load_from_string(f.getvalue()))
+    groups = [g for g in build_groups(model.copy()) if g.prunable]
+    widths = sorted(g.width for g in groups)
+    assert widths == [8, 8, 64, 64], [(g.name, g.width) for g in groups]  # 2 x V head_dim, 2 x FFN
+    rng = np.random.default_rng(0)
+    feeds = {"ids": rng.integers(0, 100, (3, 5)).astype(np.int64), "mask": np.ones((3, 5), np.int64)}
+    for g in groups:
+        err, change, _ = masked_twin_error(model, g.name, np.arange(0, g.width, 3), feeds)
+        assert err < 1e-5 and change > 1e-4, (g.name, err, change)

@@ -253,6 +253,29 @@ def test_passes_and_recipe_are_exclusive(mlp_file: Path, tmp_path: Path, capsys:
     assert main(["optimize", str(mlp_file), "--recipe", str(r), "-q", "-o", str(tmp_path / "o.onnx")]) == 0
 
 
+def test_recipe_per_layer_overrides_end_to_end(mlp_file: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A recipe's [pass.layers] table reaches the pass: per-layer sparsity and skip."""
+    import onnxprune
+
+    if "masks" not in onnxprune.registered_passes():
+        pytest.skip("masks not registered in this build")
+    r = tmp_path / "r.toml"
+    r.write_text('[[pass]]\nname = "masks"\nsparsity = 0.5\n[pass.layers]\n'
+                 '"fc0" = { sparsity = 0.25 }\n"classifier" = { skip = true }\n')
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(mlp_file), "--recipe", str(r), "-o", str(out), "-q"]) == 0
+    m = onnxprune.load(out)
+
+    def sparsity(name: str) -> float:
+        w = np.asarray(m.get_array(name))
+        return 1 - np.count_nonzero(w) / w.size
+
+    assert sparsity("fc0.weight") == pytest.approx(0.25, abs=0.01)
+    assert sparsity("fc1.weight") == pytest.approx(0.5, abs=0.01)
+    assert sparsity("classifier.weight") == 0.0
+
+
 def test_passes_listing(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["passes"]) == 0
     assert "cleanup:" in capsys.readouterr().out
@@ -353,3 +376,14 @@ def test_html_report_escapes_names_and_handles_missing_rows(tmp_path: Path) -> N
     res.report.before.per_initializer = []
     res.report.after.per_initializer = []
     assert "No per-layer data" in render_html(res.report)
+
+
+def test_html_report_caps_chart_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxprune
+    import onnxprune.report_html as rh
+
+    monkeypatch.setattr(rh, "MAX_CHART_ROWS", 2)
+    res = onnxprune.optimize(onnxprune.model.from_proto(build_mlp(seed=4)), "cleanup", per_layer=True)
+    page = rh.render_html(res.report)
+    assert "the chart shows the 0 that changed" in page
+    assert page.count("<g><title>") == 0 and "fc0.weight" in page  # table keeps every row

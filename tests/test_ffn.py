@@ -154,3 +154,20 @@ def test_compensation_through_gemm_trans_b() -> None:
     assert comp.report.passes[0].stats["biases_compensated"] == 1
     assert comp.model.get_array("classifier.weight").shape == (10, 32)
     np.testing.assert_allclose(channel_means(comp.model, ["logits"], calib)["logits"][1], dense, atol=1e-4)
+
+
+def test_weighted_criterion_removes_neurons_with_no_output_weight() -> None:
+    proto = build_transformer_block(layers=1, ffn=32)
+    model = Model(proto)
+    down = np.array(model.get_array("layer0.ffn.down.weight"))
+    up = np.array(model.get_array("layer0.ffn.up.weight"))
+    silent = [1, 4, 9, 16, 17, 22, 28, 30]
+    down[silent] = 0  # these neurons fire (large up columns) but cannot change the output
+    up[:, silent] *= 3
+    model.set_array("layer0.ffn.down.weight", down)
+    model.set_array("layer0.ffn.up.weight", up)
+    calib = _calib(proto)
+    weighted = optimize(model, "ffn(ratio=0.25,criterion=weighted)", calibration=calib).model
+    assert np.all(np.abs(weighted.get_array("layer0.ffn.down.weight")).sum(axis=1) > 0)
+    activation = optimize(model, "ffn(ratio=0.25,criterion=activation)", calibration=calib).model
+    assert (np.abs(activation.get_array("layer0.ffn.down.weight")).sum(axis=1) == 0).any()

@@ -73,6 +73,8 @@ def test_bad_options_are_pipeline_errors() -> None:
         optimize(model, "heads(criterion=taylor)")
     with pytest.raises(PipelineError, match="calibration"):
         optimize(model, "heads(compensate=true)")
+    with pytest.raises(PipelineError, match="calibration"):
+        optimize(model, "heads(criterion=weighted)")
 
 
 def test_activation_criterion_and_compensation() -> None:

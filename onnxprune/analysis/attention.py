@@ -1,12 +1,15 @@
 """Attention heads and FFN neurons as prunable groups, found in exported ONNX graphs.
 
 **What is found.** Multi-head attention in the decomposed forms torch.onnx writes (legacy and
-dynamo exporters), fused Q/K/V projections (one MatMul/Gemm, then Split), grouped-query and
-multi-query attention (K/V heads repeated by ``Unsqueeze -> Expand -> Reshape``), rotary
-embeddings (rotate-half on the head dimension), and the fused operators ``com.microsoft``
-``Attention`` / ``MultiHeadAttention`` / ``GroupQueryAttention`` and ai.onnx opset-23
-``Attention`` (3-D inputs). Feed-forward blocks (up projection, element-wise activation, optional
-gate, down projection) are found by the same engine.
+dynamo exporters), fused Q/K/V projections (one MatMul/Gemm, then Split or last-axis Slices),
+grouped-query and multi-query attention (K/V heads repeated by ``Unsqueeze -> Expand|Tile ->
+Reshape``), rotary embeddings (rotate-half on the head dimension), and the fused operators
+``com.microsoft`` ``Attention`` / ``MultiHeadAttention`` / ``GroupQueryAttention`` and ai.onnx
+opset-23 ``Attention`` (3-D inputs with ``q_num_heads``/``kv_num_heads``, or 4-D inputs).
+Feed-forward blocks (up projection, element-wise activation, optional gate, down projection) are
+found by the same engine. Blocked, with the reason: KV-cache inputs/outputs (graph I/O would
+change shape), heads tiled non-consecutively, any op without a rule that reads a head-carrying
+tensor, shape elements computed in ways that cannot be rewritten, shared weights.
 
 **How (head factors).** Every tensor that carries heads gets an annotation ``(axis, o, n, b)``:
 axis ``axis`` of length ``o * n * b`` holds ``n`` heads as its middle factor (``o`` outer, ``b``

@@ -474,7 +474,7 @@ def prepare(model: Model) -> bool:
                 return cand
 
     for n in g.node:
-        if not n.name or n.name in ():
+        if not n.name:
             n.name = fresh(n.op_type)
             names.add(n.name)
             changed = True
@@ -517,7 +517,7 @@ def prepare(model: Model) -> bool:
             t = model.initializer(x) if uses.get(x, 0) > 1 and x in inits else None
             if t is None or x in model.graph_input_names() or \
                     onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind != "f" or \
-                    int(np.prod(t.dims, dtype=np.int64)) > UNSHARE_MAX_ELEMENTS:
+                    not 1 < int(np.prod(t.dims, dtype=np.int64)) <= UNSHARE_MAX_ELEMENTS:  # scalars carry no channels
                 continue
             new = fresh(x)
             model.add_initializer(new, np.asarray(model.get_array(x)))

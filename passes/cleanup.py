@@ -8,7 +8,9 @@ graph input, since it may be overridden at run time, and every one that an If/Lo
 which graph-surgeon would otherwise copy into the body) is presented to it as a graph input and
 re-attached unchanged afterwards, so the pass neither copies nor folds big
 weights (folding a Transpose of a weight would duplicate it). Outputs are unchanged by
-construction; the manager's checker and shape inference run afterwards.
+construction; the manager's checker and shape inference run afterwards. When nothing would be
+removed or folded (graph-surgeon only reordered the nodes), the model is left untouched and the
+pass reports ``modified=False``, so cleanup is idempotent and a no-op on clean models.
 """
 
 from __future__ import annotations

@@ -97,3 +97,25 @@ def test_external_data_output_is_deterministic(tmp_path: Path) -> None:
         onnxprune.save(result.model, tmp_path / d / "m.onnx")
     for name in ("m.onnx", "m.onnx.data"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("builder", sorted(BUILDERS))
+def test_cleanup_is_a_noop_on_clean_models_and_idempotent(builder: str) -> None:
+    """cleanup on a model with nothing to clean changes nothing (not even node order), and a second
+    cleanup after a real one changes nothing either."""
+    from onnx import helper
+
+    from onnxprune.model import from_proto
+
+    proto = BUILDERS[builder](seed=5)
+    result = onnxprune.optimize(from_proto(proto), "cleanup")
+    assert not result.report.passes[0].modified
+    assert result.model.proto.SerializeToString(deterministic=True) == proto.SerializeToString(deterministic=True)
+    dirty = onnx.ModelProto.FromString(proto.SerializeToString())
+    dirty.graph.node.append(helper.make_node("Relu", [dirty.graph.input[0].name], ["dead_end"], name="dead"))
+    once = onnxprune.optimize(from_proto(dirty), "cleanup")
+    assert once.report.passes[0].modified and "dead" not in [n.name for n in once.model.graph.node]
+    twice = onnxprune.optimize(once.model, "cleanup")
+    assert not twice.report.passes[0].modified
+    assert twice.model.proto.SerializeToString(deterministic=True) == \
+        once.model.proto.SerializeToString(deterministic=True)

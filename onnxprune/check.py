@@ -9,6 +9,10 @@ For every output present in both models the comparison reports
 * ``cosine``   = <a, b> / (|a| |b|) over the flattened tensors (float64)
 * ``top1``     = share of rows whose argmax over the last axis agrees (only for float outputs
   whose last axis has more than one element).
+* ``pooled_cosine`` (with ``pool="mean"``, for text-embedding outputs ``[B, S, H]``): mean over
+  the batch of the cosine between mean-pooled token vectors, padding tokens excluded through the
+  feed's attention mask (an input whose name contains ``mask``), i.e. what sentence-embedding
+  models compare.
 
 Inputs come from an ``.npz`` file (arrays named after the model inputs), a dict, or are generated
 from the declared input types: float inputs standard normal, integer inputs in ``[0, 100)``
@@ -45,6 +49,7 @@ class OutputDiff:
     max_rel: float
     cosine: float
     top1: float | None
+    pooled_cosine: float | None = None
 
     def within(self, atol: float | None, rtol: float | None) -> bool:
         """True if ``max_abs <= atol`` and ``max_rel <= rtol`` (each only when given)."""
@@ -78,7 +83,8 @@ class CheckResult:
             top1 = f"{o.top1:.4f}" if o.top1 is not None else "-"
             name = o.name if len(o.name) <= 28 else o.name[:25] + "..."
             lines.append(f"{name:<28} {o.max_abs:>10.3g} {o.max_rel:>10.3g} {o.mean_abs:>10.3g} "
-                         f"{o.cosine:>10.6f} {top1:>7}")
+                         f"{o.cosine:>10.6f} {top1:>7}"
+                         + (f"  pooled cosine {o.pooled_cosine:.6f}" if o.pooled_cosine is not None else ""))
         return "\n".join(lines)
 
 
@@ -202,6 +208,23 @@ def diff_outputs(name: str, a: np.ndarray, b: np.ndarray) -> OutputDiff:
     return OutputDiff(name, list(a.shape), list(b.shape), max_abs, mean_abs, max_rel, cosine, top1)
 
 
+def mean_pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean over the batch of cos(mean-pool(a_i), mean-pool(b_i)) for ``[B, S, H]`` outputs.
+
+    Args:
+        a: Reference token vectors ``[B, S, H]``.
+        b: Candidate token vectors, same shape.
+        mask: ``[B, S]`` attention mask (1 = real token); all tokens count when None.
+    """
+    w = np.ones(a.shape[:2]) if mask is None else (np.asarray(mask) > 0).astype(np.float64)
+    denom = np.maximum(w.sum(1, keepdims=True), 1.0)
+    pa = (a.astype(np.float64) * w[..., None]).sum(1) / denom
+    pb = (b.astype(np.float64) * w[..., None]).sum(1) / denom
+    na, nb = np.linalg.norm(pa, axis=1), np.linalg.norm(pb, axis=1)
+    cos = (pa * pb).sum(1) / np.maximum(na * nb, 1e-30)
+    return float(cos.mean())
+
+
 def compare(
     reference: Model | str | os.PathLike[str],
     candidate: Model | str | os.PathLike[str],
@@ -209,6 +232,7 @@ def compare(
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
     threads: int | None = None,
+    pool: str | None = None,
 ) -> CheckResult:
     """Run both models on ONNX Runtime CPU with the same inputs and compare their outputs.
 
@@ -219,10 +243,13 @@ def compare(
         dims: Values of dynamic dimensions for random inputs.
         seed: Seed of the random inputs.
         threads: ONNX Runtime intra-op threads.
+        pool: ``"mean"`` to also report the mean-pooled cosine of ``[B, S, H]`` outputs.
 
     Raises:
         CheckError: a model does not load or run, inputs do not match, or no output is shared.
     """
+    if pool not in (None, "mean"):
+        raise CheckError(f"pool must be 'mean' or None, got {pool!r}")
     sa, sb = _session(reference, threads), _session(candidate, threads)
     if feeds is None:
         feed = random_feeds(sa, dims, seed)
@@ -243,6 +270,13 @@ def compare(
     except Exception as exc:
         raise CheckError(f"ONNX Runtime failed to run: {' '.join(str(exc).split())[:400]}") from None
     diffs = [diff_outputs(n, np.asarray(a), np.asarray(b)) for n, a, b in zip(shared, out_a, out_b)]
+    if pool == "mean":
+        mask_names = [k for k in fa if "mask" in k.lower() and np.asarray(fa[k]).ndim == 2]
+        for d, a, b in zip(diffs, out_a, out_b):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.ndim == 3 and a.shape == b.shape and a.dtype.kind == "f":
+                m = fa[mask_names[0]] if mask_names and fa[mask_names[0]].shape == a.shape[:2] else None
+                d.pooled_cosine = mean_pooled_cosine(a, b, m)
     return CheckResult(diffs, {k: list(v.shape) for k, v in fa.items()})
 
 
@@ -253,5 +287,5 @@ def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndar
     return dict(zip(names, s.run(names, dict(feeds))))
 
 
-__all__ = ["CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session",
+__all__ = ["CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session", "mean_pooled_cosine",
            "random_feeds", "run_model"]

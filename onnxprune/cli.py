@@ -227,7 +227,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from onnxprune.model import load
 
     a, b = load(args.reference), load(args.candidate)
-    result = compare(a, b, feeds=args.inputs, dims=_parse_dims(args.dim), seed=args.seed)
+    result = compare(a, b, feeds=args.inputs, dims=_parse_dims(args.dim), seed=args.seed, pool=args.pool)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", type=float)
     c.add_argument("--rtol", type=float)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--pool", choices=["mean"], help="also report cosine of mean-pooled [B,S,H] outputs "
+                   "(sentence embeddings; padding excluded via the *mask* input)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_check)
 

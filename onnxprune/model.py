@@ -545,6 +545,11 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
     path = Path(path)
     proto = _read_proto(path)
     where = str(path)
+    try:
+        _decode_text(proto)
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{where}: not a valid ONNX model (a name or text field is not valid UTF-8; the file "
+                             "is corrupt)") from None
     _check_opset(proto, where)
     base_dir = path.parent
     external: dict[str, ExternalRef] = {}
@@ -568,6 +573,34 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
             where, len(overridable), ", ".join(overridable[:5]) + (" ..." if len(overridable) > 5 else ""),
         )
     return model
+
+
+def _decode_text(msg: object) -> None:
+    """Check every string field of a parsed proto for valid UTF-8 (proto2 does not check it when
+    parsing; the Python runtime then hands out ``bytes`` instead of ``str``, or raises, wherever the
+    field is first read). Tensor payloads (``raw_data`` and friends) are not touched, so nothing
+    large is copied.
+
+    Raises:
+        UnicodeDecodeError: a string field holds invalid UTF-8.
+    """
+    def check(value: object) -> None:
+        if isinstance(value, bytes):
+            value.decode("utf-8")  # raises for the invalid text
+            raise UnicodeDecodeError("utf-8", value, 0, len(value), "string field returned as bytes")
+
+    if isinstance(msg, onnx.TensorProto):
+        for v in (msg.name, msg.doc_string, *(x for e in msg.external_data for x in (e.key, e.value))):
+            check(v)
+        return
+    string = 9  # FieldDescriptor.TYPE_STRING
+    for fd, value in msg.ListFields():  # type: ignore[attr-defined]
+        if fd.message_type is not None:
+            for v in (value if _is_repeated(fd) else [value]):
+                _decode_text(v)
+        elif fd.type == string:
+            for v in (value if _is_repeated(fd) else [value]):
+                check(v)
 
 
 def validate_graph(model: Model, where: str = "model", _sorted: bool = False) -> None:
@@ -603,6 +636,8 @@ def validate_graph(model: Model, where: str = "model", _sorted: bool = False) ->
     proto = _shell(model.proto)
     try:
         onnx.checker.check_model(proto)
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{where}: not a valid ONNX model (text that is not valid UTF-8)") from None
     except onnx.checker.ValidationError as exc:
         msg = " ".join(str(exc).split())
         if not _sorted and ("topologically sorted" in msg or "not output of any previous nodes" in msg):

@@ -142,6 +142,10 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("GraphProto, not a model", _write(d / "graph.onnx", g.SerializeToString()),
                     expect_words=("not",))
 
+    def bad_utf8(d: Path) -> Case:
+        data = _tiny_model().SerializeToString().replace(b"MatMul", b"Ma\xc9Mul", 1)
+        return Case("name not valid UTF-8", _write(d / "utf8.onnx", data), expect_words=("utf-8",))
+
     def cycle(d: Path) -> Case:
         m = _tiny_model()
         m.graph.node[0].input[0] = "Y"  # mm reads add's output, add reads mm's output
@@ -300,7 +304,7 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("unbalanced pipeline", p, passes="cleanup(fold_constants=true", expect_words=("unbalanced",))
 
     return [(f.__name__, f) for f in (
-        missing, directory, fifo, empty, random_bytes, truncated, tensor_proto, graph_proto, cycle, undefined_input,
+        missing, directory, fifo, empty, random_bytes, truncated, tensor_proto, graph_proto, bad_utf8, cycle, undefined_input,
         duplicate_output, duplicate_init, init_is_input, ext_missing, ext_offset, ext_length, ext_escape,
         ext_absolute, ext_symlink, ext_constant_escape, ext_subgraph_missing, no_outputs,
         undefined_dtype, type_mismatch, duplicate_node_name, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range, nan_option, sparsity_out_of_range,

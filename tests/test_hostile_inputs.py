@@ -201,3 +201,61 @@ def test_streaming_parser_refuses_too(tmp_path: Path, key: str, monkeypatch: pyt
     for word in case.expect_words:
         assert word in str(info.value).lower(), (word, str(info.value))
     assert _snapshot(case) == (digests, listing)
+
+
+def test_invalid_utf8_name_is_a_load_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by byte-mutation fuzzing: a corrupt name made onnx.checker raise UnicodeDecodeError."""
+    data = _tiny_model().SerializeToString()
+    assert data.count(b"MatMul") == 1
+    bad = tmp_path / "bad_utf8.onnx"
+    bad.write_bytes(data.replace(b"MatMul", b"Ma\xc9Mul", 1))  # the op type of node mm
+    with pytest.raises(ModelLoadError, match="UTF-8"):
+        onnxprune.load(bad)
+    assert main(["optimize", str(bad), "--passes", "cleanup", "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "UTF-8" in err[0]
+
+
+_SEED_MODEL = None
+
+
+def _seed_bytes() -> bytes:
+    global _SEED_MODEL
+    if _SEED_MODEL is None:
+        from models import build_cnn
+
+        _SEED_MODEL = build_cnn(seed=1, width=8, size=8).SerializeToString()
+    return _SEED_MODEL
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.data())
+def test_byte_mutations_refuse_or_roundtrip(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    """Random bit rot (overwritten bytes, truncation, insertion): a one-line OnnxPruneError or a model
+    that cleans, saves and reloads; never another exception."""
+    raw = bytearray(_seed_bytes())
+    kind = data.draw(st.sampled_from(["overwrite", "truncate", "insert"]))
+    if kind == "overwrite":
+        for _ in range(data.draw(st.integers(1, 6))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    elif kind == "truncate":
+        raw = raw[: data.draw(st.integers(1, len(raw) - 1))]
+    else:
+        at = data.draw(st.integers(0, len(raw)))
+        raw[at:at] = data.draw(st.binary(min_size=1, max_size=12))
+    d = tmp_path_factory.mktemp("mut")
+    src = d / "m.onnx"
+    src.write_bytes(bytes(raw))
+    try:
+        result = onnxprune.optimize(onnxprune.load(src), "cleanup")
+        onnxprune.save(result.model, d / "o.onnx")
+    except OnnxPruneError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        assert not (d / "o.onnx").exists()
+        return
+    onnxprune.load(d / "o.onnx")
+    assert src.read_bytes() == bytes(raw)

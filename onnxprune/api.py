@@ -133,6 +133,11 @@ def optimize(
     after = summarize(out, per_initializer=per_layer)
     report = Report(before=before, after=after, passes=records,
                     input_path=str(input_path or model.path) if (input_path or model.path) else None)
+    if before.nonfinite_weights:
+        names = before.nonfinite_weights
+        report.warnings.append(
+            f"the input has NaN or Inf in {len(names)} weight(s), which pruning criteria rank unpredictably: "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     report.warnings.extend(ctx.warnings)
     if any(p.name != "cleanup" for p in passes):
         inner = subgraph_weights(out)

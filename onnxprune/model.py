@@ -511,20 +511,42 @@ def _inline_nested_external(proto: onnx.ModelProto, base_dir: Path, where: str) 
         t.raw_data = data
 
 
-def _densify_sparse_initializers(proto: onnx.ModelProto) -> None:
-    """Turn ``graph.sparse_initializer`` entries into ordinary dense initializers."""
+def _densify_sparse_initializers(proto: onnx.ModelProto, where: str = "model") -> None:
+    """Turn ``graph.sparse_initializer`` entries into ordinary dense initializers.
+
+    Raises:
+        ModelLoadError: indices out of range, negative, of the wrong rank, or not matching the values.
+    """
     graph = proto.graph
     if not len(graph.sparse_initializer):
         return
     for sp in graph.sparse_initializer:
-        values = numpy_helper.to_array(sp.values)
+        name = sp.values.name
         dims = tuple(int(d) for d in sp.dims)
-        dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
-        idx = numpy_helper.to_array(sp.indices).astype(np.int64)
-        if idx.ndim == 2:  # COO [NNZ, rank]
-            idx = np.ravel_multi_index(tuple(idx.T), dims)
+        try:
+            values = numpy_helper.to_array(sp.values).reshape(-1)
+            idx = numpy_helper.to_array(sp.indices)
+        except Exception as exc:  # malformed payloads
+            raise ModelLoadError(f"{where}: sparse initializer {name!r} cannot be decoded ({exc})") from None
+        size = int(np.prod(dims, dtype=np.int64))
+        if any(d < 0 for d in dims) or idx.dtype.kind not in "iu":
+            raise ModelLoadError(f"{where}: sparse initializer {name!r} has negative dims or non-integer indices")
+        idx = idx.astype(np.int64)
+        if idx.ndim == 2 and idx.shape[1] == len(dims):  # COO [NNZ, rank]
+            if idx.size and ((idx < 0).any() or (idx >= np.array(dims, dtype=np.int64)).any()):
+                raise ModelLoadError(f"{where}: sparse initializer {name!r} has indices outside its shape {list(dims)}")
+            idx = np.ravel_multi_index(tuple(idx.T), dims) if idx.size else idx.reshape(-1)
+        elif idx.ndim != 1:
+            raise ModelLoadError(f"{where}: sparse initializer {name!r} has indices of shape {list(idx.shape)}; "
+                                 f"expected [NNZ] or [NNZ, {len(dims)}]")
+        if idx.shape[0] != values.shape[0]:
+            raise ModelLoadError(f"{where}: sparse initializer {name!r} has {idx.shape[0]} indices for "
+                                 f"{values.shape[0]} values")
+        if idx.size and (idx.min() < 0 or idx.max() >= size):
+            raise ModelLoadError(f"{where}: sparse initializer {name!r} has indices outside its {size} elements")
+        dense = np.zeros(size, dtype=values.dtype)
         dense[idx] = values
-        graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), sp.values.name))
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), name))
     graph.ClearField("sparse_initializer")
 
 
@@ -561,7 +583,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
             external[tensor.name] = ref
     _inline_nested_external(proto, base_dir, where)
     if len(proto.graph.sparse_initializer):
-        _densify_sparse_initializers(proto)
+        _densify_sparse_initializers(proto, where)
     model = Model(proto=proto, path=path, base_dir=base_dir, external=external)
     if check:
         validate_graph(model, where)

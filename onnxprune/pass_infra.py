@@ -87,8 +87,8 @@ class PassContext:
         self.warnings: list[str] = []
 
     def warn(self, message: str) -> None:
-        """Record a warning for the report (and log it)."""
-        log.warning(message)
+        """Record a warning for the report (the report prints it; logged at INFO for ``-v``)."""
+        log.info("warning: %s", message)
         self.warnings.append(message)
 
     def get_analysis(self, key: str, compute: Callable[[], T]) -> T:

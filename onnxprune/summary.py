@@ -2,7 +2,8 @@
 
 ``parameters`` counts the elements of every floating-point initializer of the main graph that
 is consumed as data (integer initializers such as shape constants are not parameters);
-``nonzero`` counts those elements that are not exactly zero.
+``nonzero`` counts those elements that are not exactly zero; ``nonfinite_weights`` names the
+floating-point initializers that hold NaN or +-Inf.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class ModelSummary:
     weight_bytes: int
     file_size: int | None = None
     per_initializer: list[dict[str, Any]] = field(default_factory=list)
+    #: Floating-point initializers holding NaN or +-Inf (criteria rank such weights unpredictably).
+    nonfinite_weights: list[str] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -50,6 +53,15 @@ def count_nonzero(arr: np.ndarray) -> int:
     return int(sum(np.count_nonzero(flat[i : i + _CHUNK]) for i in range(0, flat.size, _CHUNK)))
 
 
+def has_nonfinite(arr: np.ndarray) -> bool:
+    """True if a (possibly memory-mapped) float array holds NaN or +-Inf; read in chunks."""
+    flat = arr.reshape(-1)
+    try:
+        return any(not np.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
+    except TypeError:  # a float type numpy cannot test
+        return False
+
+
 def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_initializer: bool = False) -> ModelSummary:
     """Summarise ``model`` (and the size of ``path`` plus its external data, if given)."""
     ops = Counter(
@@ -57,6 +69,7 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
     )
     params = nnz = 0
     rows = []
+    nonfinite: list[str] = []
     for t in model.graph.initializer:
         arr = model.get_array(t.name)
         if arr.dtype.kind != "f" and str(arr.dtype) not in ("bfloat16",):
@@ -65,12 +78,15 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
         nz = count_nonzero(arr)
         params += size
         nnz += nz
+        if has_nonfinite(arr):
+            nonfinite.append(t.name)
         if per_initializer:
             rows.append({"name": t.name, "shape": list(arr.shape), "dtype": str(arr.dtype), "size": size,
                          "nonzero": nz, "sparsity": round(1 - nz / size, 6) if size else 0.0})
     return ModelSummary(
         nodes=len(model.graph.node), ops=dict(sorted(ops.items())), parameters=params, nonzero=nnz,
         weight_bytes=model.weight_bytes(), file_size=file_size(path) if path else None, per_initializer=rows,
+        nonfinite_weights=nonfinite,
     )
 
 

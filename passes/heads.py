@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.attention import find_groups, prepare_model, static_shapes
-from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
+from onnxprune.analysis.removal import ParamSlice, PruneGroup, apply_removal, positions
 from onnxprune.errors import CalibrationError, PipelineError
 from onnxprune.model import Model
 from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
@@ -114,7 +114,7 @@ def channel_means(model: Model, tensors: Iterable[str], calibration: Any) -> dic
 
     names = list(dict.fromkeys(tensors))
     if calibration is None:
-        raise CalibrationError("this criterion needs calibration data (give --calibration DATA.npz)")
+        raise CalibrationError("this criterion needs calibration data (give --calib DATA.npz)")
     calib = CalibrationData.from_any(calibration, model)
     mask_name = find_mask_input(model, "auto")
     n_out = len(model.graph.output)
@@ -184,8 +184,12 @@ def _select_global(scores: list[np.ndarray], ratio: float, keep_min: int) -> lis
 
 # ---------------------------------------------------------------------- compensation
 def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray, width: int,
-                means: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
-    """Fold the removed channels' mean contribution into each exit's bias; returns biases changed."""
+                means: dict[str, tuple[np.ndarray, np.ndarray]], live: list[PruneGroup]) -> int:
+    """Fold the removed channels' mean contribution into each exit's bias; returns biases changed.
+
+    A bias created here sits on the exit's output channels; if another group prunes those (a
+    chain of FFN blocks), the new bias joins that group's slices so it shrinks with them.
+    """
     nodes = {n.name: n for n in model.graph.node}
     done = 0
     for node_name, tensor in exits:
@@ -198,12 +202,19 @@ def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray,
         trans_b = node.op_type == "Gemm" and bool(attrs.get("transB", 0))
         rows = w[:, ch].T if trans_b else w[ch, :]
         delta = float(attrs.get("alpha", 1.0)) * (mean[ch] @ rows)  # [N]
-        _add_to_bias(model, node, delta)
+        created = _add_to_bias(model, node, delta)
+        if created:
+            out_axis = 0 if trans_b else 1
+            for g in live:
+                for sl in list(g.slices):
+                    if sl.initializer == node.input[1] and sl.role == "out" and sl.axis == out_axis:
+                        g.slices.append(ParamSlice(created, 0, "param", sl.offset, sl.block, sl.stride, "bias"))
         done += 1
     return done
 
 
-def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
+def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> str | None:
+    """Add ``delta`` to the bias after ``node``; returns the name of a newly created bias, if any."""
     graph = model.graph
     out = node.output[0]
     inits = model.initializer_map()
@@ -212,7 +223,7 @@ def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
         c = np.asarray(model.get_array(node.input[2]))
         if beta != 0:
             model.set_array(node.input[2], (np.broadcast_to(c, delta.shape) + delta / beta).astype(c.dtype))
-            return
+            return None
     users = [n for n in graph.node if out in n.input]
     if len(users) == 1 and users[0].op_type == "Add" and out not in {o.name for o in graph.output}:
         other = [x for x in users[0].input if x != out]
@@ -220,7 +231,7 @@ def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
             b = np.asarray(model.get_array(other[0]))
             if b.shape == delta.shape and len([n for n in graph.node if other[0] in n.input]) == 1:
                 model.set_array(other[0], (b + delta).astype(b.dtype))
-                return
+                return None
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type)
     bias_name = _unique(model, f"{node.name}.compensation_bias")
     model.add_initializer(bias_name, delta.astype(dtype))
@@ -232,6 +243,7 @@ def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
     add = onnx.helper.make_node("Add", [pre, bias_name], [out], name=_unique(model, f"{node.name}.compensation"))
     idx = [i for i, n in enumerate(graph.node) if n.name == node.name][0]
     graph.node.insert(idx + 1, add)
+    return bias_name
 
 
 def _unique(model: Model, base: str) -> str:
@@ -274,7 +286,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     if needs_calib:
         if ctx.calibration is None:
             raise PipelineError(f"{label}: criterion=activation/weighted and compensate=true need calibration data "
-                                "(--calibration DATA.npz)")
+                                "(--calib DATA.npz)")
         means = channel_means(model, [t for g in live for _, t in exits[g.name]], ctx.calibration)
     if opts.criterion == "activation":
         scores = [_activation_scores(g, exits[g.name], means) for g in live]
@@ -293,7 +305,8 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
             chosen.append(np.sort(np.argsort(s, kind="stable")[:k]).astype(np.int64))
     removals = [(g, c) for g, c in zip(live, chosen) if c.size]
     if opts.compensate:
-        stats["biases_compensated"] = sum(_compensate(model, exits[g.name], c, g.width, means) for g, c in removals)
+        stats["biases_compensated"] = sum(_compensate(model, exits[g.name], c, g.width, means, live)
+                                          for g, c in removals)
     result = apply_removal(model, removals)
     stats.update(
         params_before=params_before,

@@ -235,6 +235,17 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("subgraph external data missing", _write(d / "sub_missing.onnx", m.SerializeToString()),
                     expect_words=("sub_missing.bin", "missing"))
 
+    def sparse_out_of_range(d: Path) -> Case:
+        m = _tiny_model()
+        w = next(t for t in m.graph.initializer if t.name == "W")
+        m.graph.initializer.remove(w)
+        sp = m.graph.sparse_initializer.add()
+        sp.values.CopyFrom(numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "W"))
+        sp.indices.CopyFrom(numpy_helper.from_array(np.array([0, 99], np.int64), "W_indices"))
+        sp.dims.extend([4, 8])
+        return Case("sparse initializer index out of range", _write(d / "sparse.onnx", m.SerializeToString()),
+                    expect_words=("sparse initializer 'w'", "outside"))
+
     def no_outputs(d: Path) -> Case:
         m = _tiny_model()
         del m.graph.output[:]
@@ -306,7 +317,7 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
     return [(f.__name__, f) for f in (
         missing, directory, fifo, empty, random_bytes, truncated, tensor_proto, graph_proto, bad_utf8, cycle, undefined_input,
         duplicate_output, duplicate_init, init_is_input, ext_missing, ext_offset, ext_length, ext_escape,
-        ext_absolute, ext_symlink, ext_constant_escape, ext_subgraph_missing, no_outputs,
+        ext_absolute, ext_symlink, ext_constant_escape, ext_subgraph_missing, sparse_out_of_range, no_outputs,
         undefined_dtype, type_mismatch, duplicate_node_name, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range, nan_option, sparsity_out_of_range,
         bad_pipeline,
     )]

@@ -171,3 +171,17 @@ def test_weighted_criterion_removes_neurons_with_no_output_weight() -> None:
     assert np.all(np.abs(weighted.get_array("layer0.ffn.down.weight")).sum(axis=1) > 0)
     activation = optimize(model, "ffn(ratio=0.25,criterion=activation)", calibration=calib).model
     assert (np.abs(activation.get_array("layer0.ffn.down.weight")).sum(axis=1) == 0).any()
+
+
+def test_compensation_in_a_chain_of_bias_free_blocks() -> None:
+    g = _G(5)
+    h1 = g.n1("Relu", [g.linear("x", E, 40, bias=False)])
+    h2 = g.n1("Relu", [g.linear(h1, 40, 24, bias=False)])
+    proto = g.model(g.linear(h2, 24, E, bias=False))
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((2, 8, E)).astype(np.float32)} for _ in range(3)]
+    res = optimize(Model(proto), "ffn(ratio=0.5,compensate=true)", calibration=calib)
+    stats = res.report.passes[0].stats
+    assert stats["units_removed"] == 20 + 12 and stats["biases_compensated"] == 2
+    out = run_model(res.model, calib[0])["y"]
+    assert out.shape == (2, 8, E) and np.isfinite(out).all()

@@ -218,3 +218,27 @@ def test_refuses_output_onto_input_external_data(tmp_path: Path) -> None:
         with pytest.raises(ModelSaveError, match="external data file of the input"):
             save(m, tmp_path / "in.onnx.bin", inplace=inplace)
     assert (tmp_path / "in.onnx.bin").read_bytes() == before
+
+
+@pytest.mark.parametrize("indices, values, words", [
+    ([0, 99], [1.0, 2.0], "outside its 32 elements"),
+    ([-1], [1.0], "outside its 32 elements"),
+    ([0, 1, 2], [1.0, 2.0], "3 indices for 2 values"),
+    ([[0, 0], [9, 9]], [1.0, 2.0], "outside its shape [4, 8]"),
+    ([[[0]]], [1.0], "indices of shape"),
+])
+def test_malformed_sparse_initializer(tmp_path: Path, indices: list, values: list, words: str) -> None:
+    """Found while probing hostile inputs: bad sparse indices crashed with IndexError/ValueError."""
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 8])]), opset_imports=[helper.make_opsetid("", 17)])
+    sp = m.graph.sparse_initializer.add()
+    sp.values.CopyFrom(numpy_helper.from_array(np.array(values, np.float32), "W"))
+    sp.indices.CopyFrom(numpy_helper.from_array(np.array(indices, np.int64), "W_i"))
+    sp.dims.extend([4, 8])
+    p = tmp_path / "s.onnx"
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(ModelLoadError) as info:
+        load(p)
+    assert words in str(info.value) and "'W'" in str(info.value)

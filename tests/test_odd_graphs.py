@@ -520,3 +520,17 @@ def test_memory_mapped_input_gives_the_same_result(tmp_path: Path, name: str) ->
     for t in a.graph.initializer:
         np.testing.assert_array_equal(np.asarray(a.get_array(t.name)), np.asarray(b.get_array(t.name)))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+
+
+def test_nonfinite_weights_are_reported() -> None:
+    proto = build_mlp(seed=1)
+    t = proto.graph.initializer[0]
+    a = numpy_helper.to_array(t).copy()
+    a.flat[::7] = np.nan
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+    for spec in ["cleanup", *_sparsifiers()]:
+        r = onnxprune.optimize(from_proto(proto), spec)
+        assert r.report.before.nonfinite_weights == [t.name]
+        assert any("NaN or Inf" in w and t.name in w for w in r.report.warnings)
+    clean = onnxprune.optimize(from_proto(build_mlp(seed=1)), "cleanup")
+    assert clean.report.before.nonfinite_weights == [] and not clean.report.warnings

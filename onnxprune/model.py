@@ -852,6 +852,23 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run a block with the working directory in a throwaway folder (removed afterwards).
+
+    Some third-party tools write debug files into the current directory (ONNX Runtime's symbolic
+    shape inference dumps ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` file when inference
+    is incomplete); this keeps them out of the user's folder.
+    """
+    prev = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-cwd-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(prev)
+
+
+@contextlib.contextmanager
 def atomic_write(target: Path, mode: str = "wb") -> Iterator[object]:
     """Write ``target`` through a temporary file in the same folder, fsync, then rename.
 

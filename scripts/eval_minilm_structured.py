@@ -37,7 +37,6 @@ import argparse
 import importlib
 import inspect
 import os
-import pkgutil
 import re
 import sys
 import tempfile
@@ -211,7 +210,8 @@ def latency_from_graphs(folder: Path, runs: int) -> str:
         paths.append(out)
     ms = latencies(paths, runs)
     lines = [f"ONNX Runtime {ort.__version__} CPU, 2 threads, batch 1x{MAX_LEN}, median of {runs} interleaved "
-             f"rounds ({os.cpu_count()} cores on this machine)", "", "| model | latency ms | speedup |", "|---|---|---|"]
+             f"rounds ({os.cpu_count()} cores on this machine)", "",
+             "| model | latency ms | speedup |", "|---|---|---|"]
     for (_, label), t in zip(names, ms):
         lines.append(f"| {label} | {t:.2f} | {ms[0] / t:.2f}x |")
     return "\n".join(lines)

@@ -121,11 +121,13 @@ def build_attention(hq: int = 4, hkv: int | None = None, d: int = 8, fused: bool
     return g.model(out)
 
 
-def build_ms_mha(h: int = 4, d: int = 8, seed: int = 0) -> onnx.ModelProto:
-    """``com.microsoft.MultiHeadAttention`` on separate Q/K/V projections, then an output MatMul."""
+def build_ms_mha(h: int = 4, d: int = 8, seed: int = 0, packed_bias: bool = False) -> onnx.ModelProto:
+    """``com.microsoft.MultiHeadAttention`` on separate Q/K/V projections, then an output MatMul
+    (with ``packed_bias`` the Q/K/V biases are the op's ``bias`` input ``[3*H*D]``)."""
     g = _G(seed)
-    q, k, v = (g.linear("x", E, h * d) for _ in range(3))
-    a = g.n1("MultiHeadAttention", [q, k, v], domain="com.microsoft", num_heads=h)
+    q, k, v = (g.linear("x", E, h * d, bias=not packed_bias) for _ in range(3))
+    extra = [g.c(g.rng.standard_normal(3 * h * d) * 0.1)] if packed_bias else []
+    a = g.n1("MultiHeadAttention", [q, k, v] + extra, domain="com.microsoft", num_heads=h)
     return g.model(g.linear(a, h * d, E), ms=True)
 
 
@@ -271,6 +273,15 @@ def test_ms_multihead_attention() -> None:
     (g,) = find_head_groups(model)
     assert any(e.kind == "attribute" and e.index == "num_heads" and e.per_channel == 1 for e in g.shape_edits)
     check_masked_twin(proto, [1, 3], 4)
+
+
+def test_ms_multihead_attention_packed_bias() -> None:
+    proto = build_ms_mha(packed_bias=True)
+    model = Model(proto)
+    prepare_model(model)
+    (g,) = find_head_groups(model)
+    assert sorted(s.offset for s in g.slices if s.tag == "bias") == [0, 32, 64]
+    check_masked_twin(proto, [2], 4)
 
 
 def test_ms_attention_packed_weights() -> None:

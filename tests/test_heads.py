@@ -178,6 +178,9 @@ def _export(arch: str, exporter: str, path: str) -> int:
         dims = tuple({0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names)
         torch.onnx.export(Wrap(), args, path, input_names=names, output_names=["out"], dynamo=True,
                           dynamic_shapes=(dims,))
+    elif exporter == "dynamo-23":  # scaled_dot_product_attention becomes ai.onnx Attention (4-D)
+        torch.onnx.export(Wrap(), args, path, input_names=names, output_names=["out"], dynamo=True,
+                          opset_version=23)
     else:
         torch.onnx.export(Wrap(), args, path, input_names=names, output_names=["out"], dynamo=True)
     return drop
@@ -186,7 +189,8 @@ def _export(arch: str, exporter: str, path: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "exporter"), [(a, e) for a in ("bert", "gpt2", "vit", "llama")
                                                 for e in ("legacy", "dynamo")]
-                         + [("gpt2", "dynamo-dynamic"), ("llama", "dynamo-dynamic")])
+                         + [("gpt2", "dynamo-dynamic"), ("llama", "dynamo-dynamic"), ("bert", "dynamo-23"),
+                            ("llama", "dynamo-23")])
 def test_torch_exports(arch: str, exporter: str, tmp_path) -> None:  # noqa: ANN001
     pytest.importorskip("transformers")
     pytest.importorskip("torch")
@@ -206,6 +210,8 @@ def test_torch_exports(arch: str, exporter: str, tmp_path) -> None:  # noqa: ANN
     diff = res.report.check.outputs[0]
     assert diff.shape_a == diff.shape_b and np.isfinite(diff.max_abs)
     onnx.checker.check_model(res.model.materialized())
+    if exporter == "dynamo-23":
+        assert sum(n.op_type == "Attention" for n in res.model.graph.node) == 2
 
 
 def test_blocked_block_is_reported_and_left_alone() -> None:

@@ -744,10 +744,10 @@ class _Engine:
             if al >= 0 and other[al] != 1:
                 raise _Blocked("the other MatMul operand varies along the heads axis")
         else:
+            self.comp(c).cores += 1  # an attention core, prunable or not: report it
             (_, a), (_, b) = annotated
             if a.o != b.o or a.n * a.b != b.n * b.b or max(a.n, b.n) % min(a.n, b.n):
                 raise _Blocked(f"head factors disagree ({a.n}x{a.b} vs {b.n}x{b.b})")
-            self.comp(c).cores += 1
         fine = max((a for _, a in annotated), key=lambda a: a.n)
         self._out(node, Ann(ax, fine.o, fine.n, fine.b, c), c)
 
@@ -838,11 +838,12 @@ class _Engine:
     # ------------------------------------------------------------------ fused operators
     def attention23_4d(self, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
         by_k = dict(annotated)
+        self.comp(c).cores += 1  # an attention block, prunable or not: report it
         if self.mode != "heads" or set(by_k) != {0, 1, 2}:
             raise _Blocked("only Q, K and V may carry heads")
         for k, a in by_k.items():
-            if len(self._need(node.input[k])) != 4 or a.axis != 1 or a.o != 1 or a.b != 1:
-                raise _Blocked("4-D Attention inputs must carry whole heads on axis 1")
+            if len(self._need(node.input[k])) != 4 or a.axis != 1 or a.o != 1:
+                raise _Blocked("4-D Attention inputs must carry the heads on axis 1")
         if len(node.input) > 3 and node.input[3]:
             m = self._need(node.input[3])
             if len(m) == 4 and m[1] != 1:
@@ -852,10 +853,17 @@ class _Engine:
         if any(o and (self.consumers.get(o) or o in self.outputs) for o in node.output[1:]):
             raise _Blocked("present key/value outputs are used")
         q = by_k[0]
-        if any(q.n % a.n for a in by_k.values()):
-            raise _Blocked("query heads are not a multiple of the KV heads")
-        self.comp(c).cores += 1
-        self._out(node, q, c)
+        q_len = q.n * q.b
+        fine = q
+        for a in (by_k[1], by_k[2]):
+            kv_len = a.n * a.b
+            if q_len % kv_len:  # the op maps query head i to KV head i // (q_len / kv_len)
+                raise _Blocked("query heads are not a multiple of the KV heads")
+            if max(q.n, a.n) % min(q.n, a.n):
+                raise _Blocked(f"head factors disagree ({q.n} vs {a.n})")
+            if a.n > fine.n:
+                fine = Ann(1, 1, a.n, a.b * (q_len // kv_len), c)
+        self._out(node, fine, c)
 
     def fused(self, node: onnx.NodeProto) -> None:
         """Fused attention with packed/3-D inputs: streams come in, heads go out on output 0."""
@@ -1313,9 +1321,8 @@ def _element_source(eng: _Engine, tensor: str, pos: int, depth: int = 0) -> tupl
         flat = idx.reshape(-1)
         if pos >= flat.size:
             return None
-        inner = _element_source(eng, node.input[0], int(flat[pos]) % max(1, int(np.prod(eng.shape(node.input[0]) or [1]))),
-                                depth + 1)
-        return inner
+        rank = max(1, int(np.prod(eng.shape(node.input[0]) or [1])))  # length of the Shape vector
+        return _element_source(eng, node.input[0], int(flat[pos]) % rank, depth + 1)
     return None
 
 

@@ -422,7 +422,10 @@ def _infer_shapes(model: Model) -> dict[str, list[int | None] | None]:
     try:  # ONNX Runtime's symbolic inference resolves more (e.g. -1 in attention Reshapes)
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        sym = _read_shapes(SymbolicShapeInference.infer_shapes(shell, auto_merge=True).graph)
+        from onnxprune.model import scratch_cwd
+
+        with scratch_cwd():  # on incomplete inference ORT dumps sym_shape_infer_temp.onnx into the cwd
+            sym = _read_shapes(SymbolicShapeInference.infer_shapes(shell, auto_merge=True).graph)
     except Exception as exc:  # optional: unknown ops or exotic graphs
         log.debug("symbolic shape inference failed: %s", exc)
         sym = {}

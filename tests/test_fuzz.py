@@ -326,10 +326,12 @@ def random_graphs(draw: st.DrawFn) -> onnx.ModelProto:
     tensors.append(("X", c0))
     ops_2d = ["linear", "linear", "gemm", "gemm", "act", "residual", "concat", "split", "slice", "scale", "softmax",
               "layernorm", "reduce"]
-    ops_4d = ["conv", "conv", "conv", "dwconv", "bn", "act", "residual", "concat", "split", "scale", "pool", "reduce"]
+    ops_4d = ["conv", "conv", "conv", "dwconv", "bn", "act", "residual", "concat", "split", "scale", "pool", "reduce",
+              "convT", "flatten"]
+    conv0, start = conv, 0  # after a Flatten the graph continues in rank 2 from tensors[start:]
     for _ in range(draw(st.integers(2, 9))):
         op = draw(st.sampled_from(ops_4d if conv else ops_2d))
-        x, c = tensors[draw(st.integers(max(0, len(tensors) - 3), len(tensors) - 1))]
+        x, c = tensors[draw(st.integers(max(start, len(tensors) - 3), len(tensors) - 1))]
         y = new("t")
         if op in ("linear", "gemm", "conv"):
             c2 = draw(st.sampled_from([4, 6, 8, 12, 16]))
@@ -354,12 +356,12 @@ def random_graphs(draw: st.DrawFn) -> onnx.ModelProto:
         elif op == "act":
             nodes.append(helper.make_node(draw(st.sampled_from(["Relu", "Tanh", "Sigmoid", "LeakyRelu"])), [x], [y]))
         elif op == "residual":
-            same = [t for t, cc in tensors if cc == c and t != x]
+            same = [t for t, cc in tensors[start:] if cc == c and t != x]
             if not same:
                 continue
             nodes.append(helper.make_node("Add", [x, draw(st.sampled_from(same))], [y]))
         elif op == "concat":
-            other, c2 = tensors[draw(st.integers(0, len(tensors) - 1))]
+            other, c2 = tensors[draw(st.integers(start, len(tensors) - 1))]
             nodes.append(helper.make_node("Concat", [x, other], [y], axis=1))
             c = c + c2
         elif op == "split":
@@ -381,6 +383,19 @@ def random_graphs(draw: st.DrawFn) -> onnx.ModelProto:
             c = e - s
         elif op == "scale":
             nodes.append(helper.make_node("Mul", [x, const(rng.uniform(0.5, 2.0, chan_shape(c)), "k")], [y]))
+        elif op == "convT":
+            c2 = draw(st.sampled_from([4, 8, 12]))
+            nodes.append(helper.make_node("ConvTranspose", [x, const(rng.standard_normal((c, c2, 1, 1)) / np.sqrt(c))],
+                                          [y]))
+            c = c2
+        elif op == "flatten":  # [B, C, 6, 6] -> [B, 36 C] -> Gemm: channel c owns 36 rows of the weight
+            flat = new("t")
+            c2 = draw(st.sampled_from([4, 8, 16]))
+            nodes.append(helper.make_node("Flatten", [x], [flat], axis=1))
+            nodes.append(helper.make_node("Gemm", [flat, const(rng.standard_normal((c2, 36 * c)) / np.sqrt(36 * c)),
+                                                   const(rng.standard_normal(c2) * 0.1, "b")], [y], transB=1))
+            c, conv = c2, False
+            start = len(tensors)
         elif op == "pool":
             nodes.append(helper.make_node("MaxPool", [x], [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
         elif op == "softmax":
@@ -407,11 +422,11 @@ def random_graphs(draw: st.DrawFn) -> onnx.ModelProto:
     dims: list[int | str] = ["batch", c_last, 6, 6] if conv else ["batch", c_last]
     outputs = [helper.make_tensor_value_info(last, TensorProto.FLOAT, dims)]
     produced = {o for n in nodes for o in n.output}
-    extra = [t for t in tensors[1:-1] if t[0] in produced]
+    extra = [t for t in tensors[max(start, 1):-1] if t[0] in produced]
     if extra and not draw(st.integers(0, 3)):  # sometimes a second graph output, which pins its channels
         t, cc = extra[draw(st.integers(0, len(extra) - 1))]
         outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", cc, 6, 6] if conv else ["batch", cc]))
-    inp = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", c0, 6, 6] if conv else ["batch", c0])
+    inp = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", c0, 6, 6] if conv0 else ["batch", c0])
     for i, n in enumerate(nodes):
         n.name = f"n{i}_{n.op_type}"
     model = helper.make_model(helper.make_graph(nodes, "random", [inp], outputs, inits),

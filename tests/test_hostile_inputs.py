@@ -1,7 +1,10 @@
 """Hostile and broken inputs: one-line errors, exit code 2, nothing written, input untouched.
 
 Each corpus case (``scripts/hostile_corpus.py``) is run through the CLI in-process
-(``onnxprune.cli.main``) and through the Python API (``onnxprune.load`` / ``optimize``).
+(``onnxprune.cli.main``), through the Python API (``onnxprune.load`` / ``optimize``) and through the
+field-by-field parser used for files over 64 MB. Hypothesis mutates the bytes of a valid model
+(overwrite, truncate, insert): the result is a one-line ``OnnxPruneError`` or a model that cleans,
+saves and reloads. Every pass must leave an initializer that is also a graph input untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import onnxprune
 from onnxprune.cli import main
@@ -228,8 +233,6 @@ def _seed_bytes() -> bytes:
     return _SEED_MODEL
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)

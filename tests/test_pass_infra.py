@@ -10,6 +10,8 @@ from typing import Literal
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import pass_infra
@@ -321,8 +323,6 @@ def test_recipe_missing_file(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- fuzzing the parser
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _ALPHABET = "cleanupnmask(),='\\\" =;x1.5-_\t\n"
 

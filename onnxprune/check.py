@@ -23,7 +23,7 @@ from the declared input types: float inputs standard normal, integer inputs in `
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,43 @@ def mean_pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = N
     return float(cos.mean())
 
 
+def sentence_embeddings(session: Any, feeds: Iterable[Mapping[str, np.ndarray]], output: int = 0,
+                        mask_input: str = "attention_mask") -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings ``[N, H]`` from a text encoder's ``[B, S, H]`` output.
+
+    Args:
+        session: An ONNX Runtime session (see :func:`make_session`).
+        feeds: Batches of inputs; padding tokens (``mask_input`` == 0) are left out of the mean.
+        output: Index of the ``[B, S, H]`` output.
+        mask_input: Name of the attention-mask input.
+    """
+    outs = []
+    for f in feeds:
+        h = np.asarray(session.run(None, dict(f))[output], dtype=np.float64)
+        m = np.asarray(f[mask_input], dtype=np.float64)[..., None]
+        e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        outs.append(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30))
+    return np.concatenate(outs)
+
+
+def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> float:
+    """Mean share of each row's ``k`` nearest neighbours (cosine, self excluded) that both agree on.
+
+    Args:
+        reference: Normalised embeddings ``[N, H]`` of the reference model.
+        candidate: Embeddings of the same N inputs from the candidate model.
+        k: Neighbours per row.
+    """
+    def knn(e: np.ndarray) -> np.ndarray:
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+    a, b = knn(reference), knn(candidate)
+    hits = (a[:, :, None] == b[:, None, :]).any(-1).sum(1)
+    return float(hits.mean() / k)
+
+
 def compare(
     reference: Model | str | os.PathLike[str],
     candidate: Model | str | os.PathLike[str],
@@ -288,4 +325,5 @@ def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndar
 
 
 __all__ = ["CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session", "mean_pooled_cosine",
+           "neighbour_agreement", "sentence_embeddings",
            "random_feeds", "run_model"]

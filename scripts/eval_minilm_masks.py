@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune.check import neighbour_agreement
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -148,28 +150,9 @@ def tokenize(sentences: list[str], batch: int, max_len: int = 128,
 
 def embed(model: Any, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings ``[S, 384]`` from ONNX Runtime CPU."""
-    from onnxprune.check import make_session
+    from onnxprune.check import make_session, sentence_embeddings
 
-    sess = make_session(model)
-    outs = []
-    for f in feeds:
-        h = sess.run(["last_hidden_state"], f)[0].astype(np.float64)
-        m = f["attention_mask"][..., None].astype(np.float64)
-        e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
-        outs.append(e / np.linalg.norm(e, axis=1, keepdims=True))
-    return np.concatenate(outs)
-
-
-def neighbour_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    """Mean overlap of the ``k`` nearest neighbours (cosine, self excluded) under ``a`` and ``b``."""
-    def knn(e: np.ndarray) -> np.ndarray:
-        s = e @ e.T
-        np.fill_diagonal(s, -np.inf)
-        return np.argsort(-s, axis=1)[:, :k]
-
-    na, nb = knn(a), knn(b)
-    hits = (na[:, :, None] == nb[:, None, :]).any(-1).sum(1)
-    return float(hits.mean() / k)
+    return sentence_embeddings(make_session(model), feeds)
 
 
 def prune(model: Any, calib: Any, method: str, level: str, mode: str, allocation: str,

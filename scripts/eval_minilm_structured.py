@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune.check import neighbour_agreement, sentence_embeddings
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -126,24 +128,7 @@ def batches(tok: object, sentences: list[str], size: int) -> list[dict[str, np.n
 
 def embed(session: object, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings."""
-    embs = []
-    for f in feeds:
-        h = session.run(None, f)[0]
-        m = f["attention_mask"][..., None].astype(np.float32)
-        e = (h * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
-        embs.append(e / np.linalg.norm(e, axis=1, keepdims=True))
-    return np.concatenate(embs)
-
-
-def neighbour_agreement(ref: np.ndarray, emb: np.ndarray, k: int = 10) -> float:
-    """Mean overlap of the top-k cosine neighbours (self excluded) of every row."""
-    def topk(e: np.ndarray) -> np.ndarray:
-        sim = e @ e.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argsort(-sim, axis=1)[:, :k]
-
-    a, b = topk(ref), topk(emb)
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+    return sentence_embeddings(session, feeds)
 
 
 def latencies(paths: list[Path], runs: int) -> list[float]:

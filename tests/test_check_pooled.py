@@ -48,3 +48,23 @@ def test_compare_reports_pooled_cosine(tmp_path) -> None:
     out = tmp_path / "p.onnxprune.onnx"
     onnxprune.save(pruned, out)
     assert main(["check", str(path), str(out), "--inputs", str(tmp_path / "in.npz"), "--pool", "mean"]) == 0
+
+
+def test_neighbour_agreement_and_sentence_embeddings(tmp_path) -> None:
+    from onnxprune.check import make_session, neighbour_agreement, sentence_embeddings
+
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((40, 6))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    assert neighbour_agreement(e, e, k=5) == 1.0
+    perm = rng.permutation(6)
+    assert neighbour_agreement(e, e[:, perm], k=5) == 1.0  # rotations of the space keep neighbours
+    noisy = e + 2.0 * rng.standard_normal(e.shape)
+    assert neighbour_agreement(e, noisy, k=5) < 0.9
+    proto = build_transformer_block(seed=0)
+    path = tmp_path / "t.onnx"
+    onnx.save(proto, path)
+    feeds = [random_inputs(proto, batch=2, seq=8, seed=s) for s in range(3)]
+    emb = sentence_embeddings(make_session(onnxprune.load(path)), feeds)
+    assert emb.shape == (6, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-9)

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from onnxprune.errors import PipelineError
+from onnxprune.progress import progress
 
 __all__ = ["apply_keep_mask", "nm_groups_ok", "prune_with_calibration", "sparsegpt_prune", "wanda_prune",
            "wanda_scores"]
@@ -424,7 +425,7 @@ def prune_with_calibration(
         t_cal += time.perf_counter() - t0
         n_stages += 1
         t0 = time.perf_counter()
-        for t in stage:
+        for t in progress(stage, total=len(stage), desc=f"{criterion} pruning", unit="layer"):
             w = info[t.weight]
             s = stats.get(t.weight)
             if s is None:

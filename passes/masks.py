@@ -27,6 +27,10 @@ does not run them on sparse tensor cores.
 targets to matches and also admits weights that are excluded by default, including initializers
 that are no GEMM weight at all (biases, norm scales, embedding tables; ``masks`` only, since they
 have no K axis). ``exclude`` removes matches. An ``include`` that matches nothing is an error.
+Weights used inside If/Loop/Scan bodies are never changed (subgraphs are not pruned): initializers
+stored in a body, and main-graph initializers a body reads (directly or through a Transpose /
+Reshape / ... chain), even when a main-graph Conv/MatMul/Gemm also reads them; they are listed in
+``skipped`` with the node whose body uses them.
 
 **Per-layer overrides** come from a recipe: ``ctx.recipe_overrides[pass_name]`` is
 ``{regex: {option: value}}``; every regex that matches an initializer name applies, in order, and
@@ -64,10 +68,21 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.analysis.weights import WeightInfo, find_weights, from_kn, match_names, to_kn, trt_sparse_reason
+from onnxprune.analysis.weights import (
+    WeightInfo,
+    find_weights,
+    from_kn,
+    match_names,
+    subgraph_reads,
+    subgraph_skip_reason,
+    subgraph_weights,
+    to_kn,
+    trt_sparse_reason,
+)
 from onnxprune.errors import CalibrationError, PassError, PipelineError
 from onnxprune.model import Model
 from onnxprune.pass_infra import Pass, PassContext, PassResult, build_options, register_pass
+from onnxprune.progress import progress
 from onnxprune.allocation import ALLOCATIONS
 from onnxprune.sparsity import CRITERIA, magnitude_scores, prune_weight_kn, quant_zero_points, topk_mask
 
@@ -221,6 +236,7 @@ def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any,
     skipped: dict[str, str] = {}
     matched_include = False
     known = {w.name for w in weights}
+    in_bodies = subgraph_reads(model)
     candidates: list[tuple[WeightInfo, bool]] = [(w, False) for w in weights]
     if inc_rx is not None:
         for t in model.graph.initializer:
@@ -233,6 +249,9 @@ def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any,
         explicit = inc_rx is not None and match_names(include, info)
         matched_include |= explicit
         if inc_rx is not None and not explicit:
+            continue
+        if info.name in in_bodies:  # changing it would change an If/Loop/Scan body: never pruned
+            skipped[info.name] = subgraph_skip_reason(in_bodies[info.name])
             continue
         if exclude and match_names(exclude, info):
             skipped[info.name] = f"excluded by pattern {exclude!r}"
@@ -262,6 +281,12 @@ def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any,
             skipped[info.name] = f"{info.size} elements < min_params={opts.min_params}"
             continue
         targets.append(Target(info, opts, extra))
+    for name, label in subgraph_weights(model).items():  # used inside a body only, or stored there
+        if inc_rx is not None:
+            if not inc_rx.search(name):
+                continue
+            matched_include = True
+        skipped.setdefault(name, subgraph_skip_reason(label))
     if inc_rx is not None and not matched_include:
         raise PassError(f"{pass_name}: include pattern {include!r} matches no weight or initializer")
     return targets, skipped
@@ -356,9 +381,9 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
         b, a = prune_target(model, t, criterion=t.options.criterion, sparsity=sparsity, nm=nm, stats=stats)
         per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
 
-    for t in targets:
-        if t.options.criterion not in CALIB_CRITERIA:
-            one(t, None)
+    plain = [t for t in targets if t.options.criterion not in CALIB_CRITERIA]
+    for t in progress(plain, total=len(plain), desc="pruning", unit="layer"):
+        one(t, None)
     for crit in CALIB_CRITERIA:
         group = [t for t in targets if t.options.criterion == crit]
         if not group:
@@ -377,7 +402,7 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
         stages = calibration_stages(model, ctargets, calib, kind="hessian" if crit == "sparsegpt" else "sumsq",
                                     mode=opts.mode, token_mask_input=opts.mask_input, stage_group=opts.stage_group)
         for stage, stats in stages:
-            for ct in stage:
+            for ct in progress(stage, total=len(stage), desc=f"pruning ({crit})", unit="layer"):
                 if ct.weight in stats:
                     one(by_name[ct.weight], stats[ct.weight])
                 else:
@@ -398,28 +423,52 @@ def _result_stats(per_weight: dict[str, dict[str, int]], skipped: dict[str, str]
     }
 
 
-def _no_weights(model: Model, ctx: PassContext, pass_name: str) -> PassResult:
-    ctx.warn(f"{pass_name}: the model has no prunable weight (no Conv/ConvTranspose/MatMul/Gemm with a constant "
-             "weight); nothing changed")
-    return PassResult(model, False, {"weights_pruned": 0, "weights_targeted": 0})
+def _no_weights(model: Model, ctx: PassContext, pass_name: str, skipped: dict[str, str]) -> PassResult:
+    stats: dict[str, Any] = {"weights_pruned": 0, "weights_targeted": 0}
+    if skipped:  # e.g. weights only used inside If/Loop/Scan bodies
+        stats.update(weights_skipped=len(skipped), skipped=skipped)
+        listing = ", ".join(list(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
+        ctx.warn(f"{pass_name}: the model has no prunable weight outside If/Loop/Scan bodies; nothing changed "
+                 f"(skipped: {listing})")
+    else:
+        ctx.warn(f"{pass_name}: the model has no prunable weight (no Conv/ConvTranspose/MatMul/Gemm with a "
+                 "constant weight); nothing changed")
+    return PassResult(model, False, stats)
 
 
 # ---------------------------------------------------------------------- passes
+class _SparsityPass(Pass):
+    """What ``masks`` and ``nm`` share: target selection and the no-weight case; ``_prune`` does the rest."""
+
+    preserves = ("weights",)
+    #: Whether ``include`` may admit initializers that are no GEMM weight (they have no K axis).
+    allow_extra = False
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Mask the targeted weights in place."""
+        targets, skipped = select_targets(model, ctx, self.name, self.options, self.Options,
+                                          allow_extra=self.allow_extra)
+        if not targets and not find_weights(model) and not self.options.include:
+            return _no_weights(model, ctx, self.name, skipped)
+        return self._prune(model, ctx, targets, skipped)
+
+    def _prune(self, model: Model, ctx: PassContext, targets: list[Target],
+               skipped: dict[str, str]) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 @register_pass
-class MasksPass(Pass):
+class MasksPass(_SparsityPass):
     """Unstructured sparsity on constant weights."""
 
     name = "masks"
     description = "unstructured sparsity: zero the least important weights (magnitude, wanda, sparsegpt)"
     Options = MasksOptions
-    preserves = ("weights",)
+    allow_extra = True
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        """Mask the targeted weights in place."""
+    def _prune(self, model: Model, ctx: PassContext, targets: list[Target], skipped: dict[str, str]) -> PassResult:
+        """Mask ``targets`` in place (layer or global scope)."""
         opts: MasksOptions = self.options
-        targets, skipped = select_targets(model, ctx, self.name, opts, MasksOptions, allow_extra=True)
-        if not targets and not find_weights(model) and not opts.include:
-            return _no_weights(model, ctx, self.name)
         per_weight: dict[str, dict[str, int]] = {}
         calib = [t for t in targets if t.options.criterion in CALIB_CRITERIA]
         for t in calib:
@@ -456,7 +505,7 @@ class MasksPass(Pass):
         sizes = [t.info.size for t in targets]
         flat = np.empty(sum(sizes), dtype=np.float32)  # one buffer: no concatenated copy
         offset = 0
-        for t in targets:
+        for t in progress(targets, total=len(targets), desc="scoring (global)", unit="layer"):
             info = t.info
             arr = np.asarray(model.get_array(info.name))
             keep = _nonzero_mask(model, info, arr)
@@ -477,7 +526,7 @@ class MasksPass(Pass):
         out: dict[str, dict[str, int]] = {}
         offset = 0
         guarded = []
-        for t, size in zip(targets, sizes):
+        for t, size in progress(zip(targets, sizes), total=len(targets), desc="pruning (global)", unit="layer"):
             info = t.info
             layer_keep = keep_all[offset:offset + size]
             layer_scores = flat[offset:offset + size]
@@ -501,20 +550,16 @@ class MasksPass(Pass):
 
 
 @register_pass
-class NMPass(Pass):
+class NMPass(_SparsityPass):
     """N:M sparsity along the reduction axis K."""
 
     name = "nm"
     description = "N:M sparsity along K (e.g. 2:4 for sparse tensor cores): keep n of every m consecutive weights"
     Options = NMOptions
-    preserves = ("weights",)
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
+    def _prune(self, model: Model, ctx: PassContext, targets: list[Target], skipped: dict[str, str]) -> PassResult:
         """Apply the N:M pattern to every eligible weight in place."""
         opts: NMOptions = self.options
-        targets, skipped = select_targets(model, ctx, self.name, opts, NMOptions, allow_extra=False)
-        if not targets and not find_weights(model) and not opts.include:
-            return _no_weights(model, ctx, self.name)
         eligible = []
         not_trt: dict[str, str] = {}
         for t in targets:

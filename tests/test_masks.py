@@ -577,3 +577,18 @@ def test_cli_recipe_layer_overrides(tmp_path, capsys):
     assert np.count_nonzero(g0) == g0.size - int(0.9 * g0.size)
     assert np.count_nonzero(wmm) == wmm.size // 2
     assert np.count_nonzero(m.get_array("Wc")) == 16 * 32
+
+
+@pytest.mark.parametrize("spec", ["masks(sparsity=0.5)", "masks(sparsity=0.5,scope=global)", "nm(n=2,m=4)"])
+def test_progress_bars_do_not_change_results(monkeypatch, capsys, spec):
+    """With bars drawn (as on a terminal) the per-layer loops give the same weights as without."""
+    from onnxprune import progress
+
+    data = zoo_model().SerializeToString()
+    quiet = _arrays(_run(onnx.ModelProto.FromString(data), spec).model)
+    monkeypatch.setattr(progress, "active", lambda: True)
+    drawn = _arrays(_run(onnx.ModelProto.FromString(data), spec).model)
+    assert quiet.keys() == drawn.keys()
+    for name in quiet:
+        np.testing.assert_array_equal(drawn[name], quiet[name])
+    assert "layer" in capsys.readouterr().err  # tqdm drew (and cleared) a bar

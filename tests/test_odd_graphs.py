@@ -152,6 +152,60 @@ def test_loop_body_weight_pruned_or_reported() -> None:
     _sparsify_or_skip(m, {"x": RNG.standard_normal((1, 8)).astype(np.float32)}, "W")
 
 
+def _skipped_and_unchanged(proto: onnx.ModelProto, spec: str, weights: list[str]) -> dict[str, str]:
+    """Run ``spec``; each of ``weights`` must be in the pass's ``skipped`` stats as a subgraph weight
+    and keep its exact value. Returns the ``skipped`` dict."""
+    result = onnxprune.optimize(from_proto(onnx.ModelProto.FromString(proto.SerializeToString())), spec)
+    skipped = result.report.passes[0].stats["skipped"]
+    for w in weights:
+        assert "If/Loop/Scan body" in skipped.get(w, ""), (spec, w, skipped)
+        assert "subgraphs are not pruned" in skipped[w]
+        assert _subgraph_or_main_nnz(result.model.proto, w) == _subgraph_or_main_nnz(proto, w)
+    return skipped
+
+
+@pytest.mark.parametrize("spec", ["masks(sparsity=0.5)", "nm(n=2,m=4)"])
+def test_subgraph_weights_listed_in_pass_stats(spec: str) -> None:
+    skipped = _skipped_and_unchanged(_if_model(), spec, ["Wsub", "Wouter"])
+    assert "(node " in skipped["Wsub"]
+    m = onnx.parser.parse_model(LOOP_MODEL)
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "T"), _init("W", (8, 8))])
+    _skipped_and_unchanged(m, spec, ["W"])
+
+
+SHARED_IF_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (bool c, float[N, 8] x) => (float[N, 8] y) {
+    a = MatMul(x, Wshared)
+    b = MatMul(a, Wmain)
+    Wt = Transpose <perm = [1, 0]> (Wchain)
+    d = MatMul(b, Wt)
+    y = If(c) <then_branch = t () => (float[N, 8] p) { p = MatMul(d, Wshared) },
+               else_branch = e () => (float[N, 8] q) { q = MatMul(d, Wt) }>
+}
+"""
+
+
+@pytest.mark.parametrize("spec", ["masks(sparsity=0.5)", "nm(n=2,m=4)", "masks(sparsity=0.5,scope=global)",
+                                  "masks(sparsity=0.5,include=W)"])
+def test_main_graph_weight_also_read_by_subgraph_is_skipped(spec: str) -> None:
+    """A weight of a main-graph MatMul that a body also reads (directly, or through a Transpose) is
+    left alone; the main-only weight is still pruned; outputs stay finite on ORT."""
+    m = onnx.parser.parse_model(SHARED_IF_MODEL)
+    m.graph.initializer.extend([_init("Wshared", (8, 8)), _init("Wmain", (8, 8)), _init("Wchain", (8, 8))])
+    onnx.checker.check_model(m, full_check=True)
+    result = onnxprune.optimize(from_proto(onnx.ModelProto.FromString(m.SerializeToString())), spec)
+    skipped = result.report.passes[0].stats["skipped"]
+    for w in ("Wshared", "Wchain"):
+        assert "If/Loop/Scan body" in skipped.get(w, ""), (w, skipped)
+        assert _subgraph_or_main_nnz(result.model.proto, w) == 64
+    assert _subgraph_or_main_nnz(result.model.proto, "Wmain") < 64
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    for c in (True, False):
+        out = run_model(result.model, {"c": np.array(c), "x": x})
+        assert all(np.all(np.isfinite(v)) for v in out.values())
+
+
 SCAN_MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[4] s0, float[5, 4] xs) => (float[4] s, float[5, 4] ys) {

@@ -396,6 +396,112 @@ def find_weights(model: Model) -> list[WeightInfo]:
     return list(found.values())
 
 
+#: Control-flow ops whose bodies the sparsity passes do not prune.
+SUBGRAPH_OPS_TEXT = "If/Loop/Scan"
+
+
+def _sub_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _outer_reads(sub: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads from enclosing scopes, nested subgraphs included."""
+    local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
+    for n in sub.node:
+        local.update(o for o in n.output if o)
+    names: set[str] = set()
+    for n in sub.node:
+        names.update(x for x in n.input if x and x not in local)
+        for g in _sub_graphs(n):
+            names.update(_outer_reads(g) - local)
+    return names
+
+
+def _is_weight_tensor(t: onnx.TensorProto) -> bool:
+    """A floating-point tensor of more than one element (what a sparsity pass could change)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.DOUBLE)
+    return t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > 1
+
+
+def subgraph_reads(model: Model) -> dict[str, str]:
+    """Main-graph initializers whose value an If/Loop/Scan body reads, with the label of that node.
+
+    A body reading a tensor derived from an initializer through pass-through ops (Transpose, Cast,
+    Identity, Reshape, DequantizeLinear) counts as reading the initializer: changing the
+    initializer would change what the body computes.
+
+    Returns:
+        ``{initializer name: label of a main-graph node whose body reads it}``.
+    """
+    g = _Graph(model)
+    read_by: dict[str, str] = {}
+    for idx, node in enumerate(model.graph.node):
+        subs = _sub_graphs(node)
+        if not subs:
+            continue
+        label = node_label(node, idx)
+        for sub in subs:
+            for name in _outer_reads(sub):
+                read_by.setdefault(name, label)
+    if not read_by:
+        return {}
+    out: dict[str, str] = {}
+    for name in g.inits:
+        if not g.is_constant(name):
+            continue
+        for t in sorted(_chain_tensors(g, name)):
+            if t in read_by:
+                out[name] = read_by[t]
+                break
+    return out
+
+
+def subgraph_initializers(model: Model) -> dict[str, str]:
+    """Floating-point initializers (more than one element) stored inside If/Loop/Scan bodies.
+
+    Returns:
+        ``{initializer name: label of the main-graph node whose body (or nested body) holds it}``.
+    """
+    out: dict[str, str] = {}
+    for idx, node in enumerate(model.graph.node):
+        label = node_label(node, idx)
+        stack = _sub_graphs(node)
+        while stack:
+            sub = stack.pop(0)
+            for t in sub.initializer:
+                if _is_weight_tensor(t):
+                    out.setdefault(t.name, label)
+            for n in sub.node:
+                stack.extend(_sub_graphs(n))
+    return out
+
+
+def subgraph_weights(model: Model) -> dict[str, str]:
+    """Floating-point initializers (more than one element) an If/Loop/Scan body uses: main-graph ones
+    the body reads (:func:`subgraph_reads`) and those stored in a body (:func:`subgraph_initializers`).
+
+    Returns:
+        ``{initializer name: label of the main-graph node with the body}``.
+    """
+    inits = model.initializer_map()
+    out = {name: label for name, label in subgraph_reads(model).items() if _is_weight_tensor(inits[name])}
+    for name, label in subgraph_initializers(model).items():
+        out.setdefault(name, label)
+    return out
+
+
+def subgraph_skip_reason(label: str) -> str:
+    """The ``skipped`` reason of a weight read inside the body of main-graph node ``label``."""
+    return f"read inside an {SUBGRAPH_OPS_TEXT} body (node {label}); subgraphs are not pruned"
+
+
 def weight_map(model: Model) -> dict[str, WeightInfo]:
     """:func:`find_weights` as a dict keyed by initializer name."""
     return {w.name: w for w in find_weights(model)}
@@ -619,6 +725,6 @@ def match_names(pattern: str | None, info: WeightInfo) -> bool:
 
 __all__ = [
     "ANALYSIS_KEY", "QuantInfo", "WeightInfo", "find_weights", "format_nm", "format_weights", "from_kn",
-    "get_weights", "inspect_nm", "inspect_weights", "match_names", "node_label", "to_kn", "trt_sparse_reason",
-    "weight_map",
+    "get_weights", "inspect_nm", "inspect_weights", "match_names", "node_label", "subgraph_initializers",
+    "subgraph_reads", "subgraph_skip_reason", "subgraph_weights", "to_kn", "trt_sparse_reason", "weight_map",
 ]

@@ -58,7 +58,7 @@ def _config(kind: str, size: str) -> Any:
 
 
 def export_model(kind: str, path: str | os.PathLike[str], *, size: str = "tiny", seed: int = 0, opset: int = 17,
-                 seq: int = 16, image: int = 64) -> Path:
+                 seq: int = 16, image: int = 64, config: dict[str, Any] | None = None) -> Path:
     """Build ``kind`` from its config with random weights and export it to ``path``.
 
     Args:
@@ -69,6 +69,8 @@ def export_model(kind: str, path: str | os.PathLike[str], *, size: str = "tiny",
         opset: ONNX opset.
         seq: Example sequence length (the exported axis is dynamic).
         image: Example image side for ``resnet`` (dynamic).
+        config: Overrides of config fields (e.g. ``{"intermediate_size": 1536}`` for a BERT
+            built narrow).
 
     Returns:
         The path written.
@@ -80,6 +82,8 @@ def export_model(kind: str, path: str | os.PathLike[str], *, size: str = "tiny",
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     torch.manual_seed(seed)
     cfg = _config(kind, size)
+    for key, value in (config or {}).items():
+        setattr(cfg, key, value)
     path = Path(path)
     if kind == "bert":
         model = tf.BertModel(cfg, add_pooling_layer=False)

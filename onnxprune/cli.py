@@ -32,7 +32,11 @@ EXIT_CHECK_FAILED = 1
 EXIT_INTERNAL = 3
 
 #: Passes the demo runs, in order; those not registered in this build are skipped.
-DEMO_PIPELINE = ["cleanup", "channels(ratio=0.3,round_to=8)", "nm(n=2,m=4)"]
+DEMO_PIPELINE = ["cleanup", "channels(ratio=0.3,round_to=8,criterion=activation)",
+                 "nm(n=2,m=4,criterion=sparsegpt)"]
+#: The same structure chosen without calibration data, shown for comparison.
+DEMO_BASELINE = ["cleanup", "channels(ratio=0.3,round_to=8)", "nm(n=2,m=4)"]
+DEMO_CALIB_SAMPLES = 32
 
 
 def _parse_dims(items: Sequence[str] | None) -> dict[str, int]:
@@ -260,12 +264,12 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_pipeline() -> str:
-    """The demo's pipeline: the passes of :data:`DEMO_PIPELINE` this build registers."""
+def demo_pipeline(items: Sequence[str] = DEMO_PIPELINE) -> str:
+    """The demo's pipeline: the passes of ``items`` this build registers."""
     from onnxprune.pass_infra import parse_pipeline_spec, registered_passes
 
     have = registered_passes()
-    return ",".join(p for p in DEMO_PIPELINE if parse_pipeline_spec(p)[0][0] in have)
+    return ",".join(p for p in items if parse_pipeline_spec(p)[0][0] in have)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -281,19 +285,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise OnnxPruneError(f"bundled demo model missing at {src}; reinstall onnxprune")
     outdir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="onnxprune-demo-"))
     outdir.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
     pipeline = demo_pipeline()
-    print(f"demo model: {src.name}  pipeline: {pipeline}")
     model = onnxprune.load(src)
     feeds = load_feeds(feeds_path) if feeds_path.is_file() else None
-    result = onnxprune.optimize(model, pipeline, check=True, check_inputs=feeds, input_path=src)
+    # calibration samples drawn apart from the check inputs (different seed): a held-out check
+    rng = np.random.default_rng(1)
+    calib = [{"input": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}
+             for _ in range(DEMO_CALIB_SAMPLES // 8)]
+    print(f"demo model: {src.name}  pipeline: {pipeline}")
+    print(f"calibration: {DEMO_CALIB_SAMPLES} random samples; check: {len(next(iter(feeds.values()))) if feeds else 1} "
+          "other samples\n")
+    result = onnxprune.optimize(model, pipeline, calibration=calib, check=True, check_inputs=feeds, input_path=src)
     out = outdir / "demo_cnn.pruned.onnx"
     onnxprune.save(result.model, out)
     result.report.output_path = str(out)
     result.report.after.file_size = file_size(out)
     print(result.report.format())
-    print("\nnote: the demo model has random weights, so its output drift says little about a trained "
-          "model;\nstructural removal itself is exact (tests compare every removal with its masked twin), "
-          "and\n`onnxprune check` / `--check` measure the drift on your own model and inputs.")
+    baseline = demo_pipeline(DEMO_BASELINE)
+    plain = onnxprune.optimize(model, baseline, check=True, check_inputs=feeds, input_path=src)
+    if result.report.check and plain.report.check:
+        a, b = result.report.check.outputs[0], plain.report.check.outputs[0]
+        print(f"\nsame structure without calibration ({baseline}):")
+        print(f"  cosine to the dense model {b.cosine:.4f} (calibration-aware: {a.cosine:.4f}), "
+              f"max rel. error {b.max_rel:.3g} (calibration-aware: {a.max_rel:.3g})")
+    print("\nnote: the demo model has random weights, so its drift says little about a trained model; "
+          "structural\nremoval itself is exact (the tests compare every removal with its masked twin); "
+          "`--check` measures\nthe drift on your own model and inputs.")
     print(f"\nwrote {out}")
     return 0
 

@@ -7,6 +7,9 @@ it came from, the folder its external data lives in). Weights are reached throug
 * initializers stored inside the file are decoded on demand;
 * initializers in external data files are **memory-mapped** (``numpy.memmap``, read-only) and
   never read into RAM up front, so models over 2 GB load in a moment;
+* files over ``STREAM_PARSE_BYTES`` (64 MB) are parsed field by field: large initializers keep
+  their bytes in the ``.onnx`` file and are memory-mapped from it (``ExternalRef.inline``), so a
+  435 MB BERT-base loads in ~0.1 s and ~50 MB of RAM;
 * a replaced weight is written back into the proto (as ``raw_data``) at once, so the proto is
   always a complete model that the checker, shape inference and ONNX Runtime can read.
 

@@ -29,7 +29,6 @@ CLI) or else the file the model was loaded from.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile

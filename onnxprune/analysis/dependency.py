@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.analysis.handlers import lookup
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, ShapeEdit

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 
 from onnxprune.check import compare
-from onnxprune.model import Model
+from onnxprune.model import Model, node_outer_reads
 from onnxprune.pass_infra import Pass, PassContext, PassManager, parse_pipeline, preflight
 from onnxprune.report import Report
 from onnxprune.summary import summarize
@@ -45,28 +44,13 @@ def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
 def subgraph_weights(model: Model) -> list[str]:
     """Floating-point weights (more than one element) that If/Loop/Scan bodies use: main-graph
     initializers read from inside a body, and initializers stored in a body. Sorted, deduplicated."""
-    from onnxprune.pass_infra import _subgraph_outer_inputs
+    from onnxprune.analysis.weights import _is_weight_tensor, subgraph_initializers
 
-    def is_weight(t: onnx.TensorProto) -> bool:
-        return t.data_type in _FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > 1
-
-    main = {t.name: t for t in model.graph.initializer}
-    names: set[str] = set()
-
-    def walk(g: onnx.GraphProto, top: bool) -> None:
-        for node in g.node:
-            if top:
-                names.update(n for n in _subgraph_outer_inputs(node) if n in main and is_weight(main[n]))
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    names.update(t.name for t in sub.initializer if is_weight(t))
-                    walk(sub, False)
-
-    walk(model.graph, True)
+    main = model.initializer_map()
+    names = set(subgraph_initializers(model))
+    for node in model.graph.node:
+        names.update(n for n in node_outer_reads(node) if n in main and _is_weight_tensor(main[n]))
     return sorted(names)
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def optimize(

@@ -681,11 +681,10 @@ def _duplicate_node_name(graph: onnx.GraphProto) -> str | None:
         if node.name and node.name in seen:
             return node.name
         seen.add(node.name)
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                inner = _duplicate_node_name(g)
-                if inner:
-                    return inner
+        for g in node_subgraphs(node):
+            inner = _duplicate_node_name(g)
+            if inner:
+                return inner
     return None
 
 
@@ -752,21 +751,18 @@ def _topo_order(graph: onnx.GraphProto, available: set[str]) -> list[int] | None
     return order if len(order) == len(graph.node) else None
 
 
-def _outer_scope_names(graph: onnx.GraphProto) -> dict[int, list[str]]:
-    """For nodes with subgraphs: names the subgraphs read from the enclosing scope."""
-    result: dict[int, list[str]] = {}
-    for i, node in enumerate(graph.node):
-        names: list[str] = []
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                names.extend(_graph_outer_reads(sub))
-        if names:
-            result[i] = names
-    return result
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node holds in its attributes (If branches, Loop/Scan bodies)."""
+    subs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            subs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            subs.extend(attr.graphs)
+    return subs
 
 
-def _graph_outer_reads(sub: onnx.GraphProto) -> list[str]:
+def graph_outer_reads(sub: onnx.GraphProto) -> list[str]:
     """Names a (sub)graph reads from enclosing scopes, nested subgraphs included, in first-use order."""
     local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
     for n in sub.node:
@@ -774,11 +770,26 @@ def _graph_outer_reads(sub: onnx.GraphProto) -> list[str]:
     names: list[str] = []
     for n in sub.node:
         names.extend(x for x in n.input if x and x not in local)
-        for attr in n.attribute:
-            inner = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for g in inner:
-                names.extend(x for x in _graph_outer_reads(g) if x not in local)
+        names.extend(x for x in node_outer_reads(n) if x not in local)
     return list(dict.fromkeys(names))
+
+
+def node_outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Names the subgraphs of ``node`` read from the scope ``node`` lives in (first-use order)."""
+    names: list[str] = []
+    for sub in node_subgraphs(node):
+        names.extend(graph_outer_reads(sub))
+    return list(dict.fromkeys(names))
+
+
+def _outer_scope_names(graph: onnx.GraphProto) -> dict[int, list[str]]:
+    """For nodes with subgraphs: names the subgraphs read from the enclosing scope."""
+    result: dict[int, list[str]] = {}
+    for i, node in enumerate(graph.node):
+        names = node_outer_reads(node)
+        if names:
+            result[i] = names
+    return result
 
 
 def _unsortable_reason(graph: onnx.GraphProto, available: set[str]) -> str:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, TypeVar
 import onnx
 
 from onnxprune.errors import OnnxPruneError, PassError, PipelineError
-from onnxprune.model import Model, _shell
+from onnxprune.model import Model, _shell, node_outer_reads, node_subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -507,11 +507,10 @@ def remove_dead_code(model: Model) -> int:
     needed = {o.name for o in graph.output}
     keep_nodes = []
     for node in reversed(graph.node):
-        has_sub = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-        if any(o in needed for o in node.output if o) or (not node.output and has_sub):
+        if any(o in needed for o in node.output if o) or (not node.output and node_subgraphs(node)):
             keep_nodes.append(node)
             needed.update(x for x in node.input if x)
-            needed.update(_subgraph_outer_inputs(node))
+            needed.update(node_outer_reads(node))
     removed = len(graph.node) - len(keep_nodes)
     if removed:
         kept = list(reversed(keep_nodes))
@@ -526,20 +525,6 @@ def remove_dead_code(model: Model) -> int:
         model.external.pop(graph.initializer[i].name, None)
         del graph.initializer[i]
     return removed + len(dead_inits)
-
-
-def _subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in subs:
-            local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
-            for n in sub.node:
-                local.update(n.output)
-            for n in sub.node:
-                names.update(x for x in n.input if x and x not in local)
-                names.update(_subgraph_outer_inputs(n) - local)
-    return names
 
 
 def verify_model(model: Model, where: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxprune.model import Model, _nbytes, copy_without_initializers
+from onnxprune.model import Model, _nbytes, copy_without_initializers, node_outer_reads
 from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,9 @@ def _changed(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    from onnxprune.pass_infra import _subgraph_outer_inputs
-
     names: set[str] = set()
     for n in graph.node:
-        names |= _subgraph_outer_inputs(n)
+        names.update(node_outer_reads(n))
     return names
 
 

@@ -54,8 +54,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxprune.errors import PipelineError
-from onnxprune.model import Model, _shell
-from onnxprune.pass_infra import Pass, PassContext, PassResult, _subgraph_outer_inputs, register_pass
+from onnxprune.model import Model, _shell, node_outer_reads, node_subgraphs
+from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -166,22 +166,20 @@ def _infer_types(model: Model) -> dict[str, int]:
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    return bool(node_subgraphs(node))
 
 
 def _rename_in_subgraphs(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
     """Rename outer-scope references inside every subgraph of ``node`` (recursively)."""
-    for attr in node.attribute:
-        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in subs:
-            for n in sub.node:
-                for i, x in enumerate(n.input):
-                    if x in mapping:
-                        n.input[i] = mapping[x]
-                _rename_in_subgraphs(n, mapping)
-            for o in sub.output:
-                if o.name in mapping:
-                    o.name = mapping[o.name]
+    for sub in node_subgraphs(node):
+        for n in sub.node:
+            for i, x in enumerate(n.input):
+                if x in mapping:
+                    n.input[i] = mapping[x]
+            _rename_in_subgraphs(n, mapping)
+        for o in sub.output:
+            if o.name in mapping:
+                o.name = mapping[o.name]
 
 
 # ---------------------------------------------------------------------- constant conversion
@@ -376,7 +374,7 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
                     node.input[i] = typed(x, orig[x])
             if _has_subgraph(node):
                 mapping = {}
-                for x in sorted(_subgraph_outer_inputs(node)):
+                for x in sorted(node_outer_reads(node)):
                     if orig.get(x) == F32 and cur.get(x) == F16:
                         mapping[x] = typed(x, F32)
                 if mapping:

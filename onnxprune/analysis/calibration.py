@@ -336,7 +336,7 @@ def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, in
     Runtime to drop.
     """
     from onnxprune.check import make_session
-    from onnxprune.pass_infra import _subgraph_outer_inputs
+    from onnxprune.model import node_outer_reads
 
     graph = model.graph
     needed = set(outputs)
@@ -345,7 +345,7 @@ def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, in
         if any(o in needed for o in node.output if o):
             keep.append(node)
             needed.update(x for x in node.input if x)
-            needed.update(_subgraph_outer_inputs(node))
+            needed.update(node_outer_reads(node))
     keep.reverse()
     saved_outputs = [onnx.ValueInfoProto() for _ in graph.output]
     for c, o in zip(saved_outputs, graph.output):
@@ -457,11 +457,11 @@ class SegmentRunner:
     """
 
     def __init__(self, model: Model, calib: CalibrationData, token_mask_input: str | None = "auto") -> None:
-        from onnxprune.pass_infra import _subgraph_outer_inputs
+        from onnxprune.model import node_outer_reads
 
         self.model = model
         self.nodes = list(model.graph.node)
-        self.reads = [[x for x in n.input if x] + sorted(_subgraph_outer_inputs(n)) for n in self.nodes]
+        self.reads = [[x for x in n.input if x] + sorted(node_outer_reads(n)) for n in self.nodes]
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.executed: set[int] = set()
         self.cache = [dict(f) for f in calib.batches()]

@@ -629,15 +629,13 @@ def _explicit_splits(model: Model, fresh: Any) -> bool:
 # ---------------------------------------------------------------------- propagation
 def _run_round(model: Model, shapes: dict[str, list[int | None] | None],
                cuts: dict[tuple[str, int], set[int]], allow_approximate: bool, frozen: bool = False) -> Analysis:
-    from onnxprune.pass_infra import _subgraph_outer_inputs
+    from onnxprune.model import node_outer_reads
 
     a = Analysis(model, shapes, cuts, allow_approximate)
     a.frozen = frozen
     for node in model.graph.node:
         handler = lookup(node.domain, node.op_type, a.opset)
-        outer = _subgraph_outer_inputs(node) if any(
-            x.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for x in node.attribute) else set()
-        for x in outer:
+        for x in node_outer_reads(node):
             a.block(a.layout(x), f"read inside a subgraph of {node.op_type} node {node.name!r}")
         if handler is None:
             for x in node.input:

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.model import Model
+from onnxprune.model import Model, graph_outer_reads, node_subgraphs
 
 #: Op types that carry a weight, and the ops a weight may pass through on its way there.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -400,29 +400,6 @@ def find_weights(model: Model) -> list[WeightInfo]:
 SUBGRAPH_OPS_TEXT = "If/Loop/Scan"
 
 
-def _sub_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out: list[onnx.GraphProto] = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
-def _outer_reads(sub: onnx.GraphProto) -> set[str]:
-    """Names a (sub)graph reads from enclosing scopes, nested subgraphs included."""
-    local = {x.name for x in sub.input} | {t.name for t in sub.initializer}
-    for n in sub.node:
-        local.update(o for o in n.output if o)
-    names: set[str] = set()
-    for n in sub.node:
-        names.update(x for x in n.input if x and x not in local)
-        for g in _sub_graphs(n):
-            names.update(_outer_reads(g) - local)
-    return names
-
-
 def _is_weight_tensor(t: onnx.TensorProto) -> bool:
     """A floating-point tensor of more than one element (what a sparsity pass could change)."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -443,12 +420,12 @@ def subgraph_reads(model: Model) -> dict[str, str]:
     g = _Graph(model)
     read_by: dict[str, str] = {}
     for idx, node in enumerate(model.graph.node):
-        subs = _sub_graphs(node)
+        subs = node_subgraphs(node)
         if not subs:
             continue
         label = node_label(node, idx)
         for sub in subs:
-            for name in _outer_reads(sub):
+            for name in graph_outer_reads(sub):
                 read_by.setdefault(name, label)
     if not read_by:
         return {}
@@ -472,14 +449,14 @@ def subgraph_initializers(model: Model) -> dict[str, str]:
     out: dict[str, str] = {}
     for idx, node in enumerate(model.graph.node):
         label = node_label(node, idx)
-        stack = _sub_graphs(node)
+        stack = node_subgraphs(node)
         while stack:
             sub = stack.pop(0)
             for t in sub.initializer:
                 if _is_weight_tensor(t):
                     out.setdefault(t.name, label)
             for n in sub.node:
-                stack.extend(_sub_graphs(n))
+                stack.extend(node_subgraphs(n))
     return out
 
 

@@ -100,32 +100,49 @@ def _regex(value: str | None, where: str) -> str | None:
     return value
 
 
+#: Options that ``masks`` and ``nm`` share: name -> (default, field metadata).
+_SHARED_OPTIONS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "criterion": ("magnitude", {"help": "importance criterion", "choices": CRITERIA}),
+    "exclude": (None, {"help": "regex on initializer/node names to leave alone"}),
+    "min_params": (0, {"help": "skip weights with fewer elements", "min": 0}),
+    "mode": ("parallel", {"help": "wanda/sparsegpt statistics: parallel (dense model, one calibration pass) or "
+                                  "sequential (stage by stage, on the model pruned so far)",
+                          "choices": ("parallel", "sequential")}),
+    "stage_group": (1, {"help": "sequential: depth stages per calibration pass", "min": 1}),
+    "blocksize": (128, {"help": "sparsegpt: input channels per block", "min": 1}),
+    "percdamp": (0.01, {"help": "sparsegpt: dampening, share of the mean Hessian diagonal", "min": 0.0}),
+    "mask_input": ("auto", {"help": "calibration: attention-mask input whose zeros are padding ('auto': found by "
+                                    "name; 'none')"}),
+}
+
+
+def _shared(name: str) -> Any:
+    """A dataclass field for the shared option ``name`` (a fresh field per options class)."""
+    default, metadata = _SHARED_OPTIONS[name]
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class MasksOptions:
     """Options of ``masks``."""
 
     sparsity: float = field(default=0.5, metadata={"help": "share of weights to zero, in [0, 1)", "min": 0.0,
                                                     "max_exclusive": 1.0})
-    criterion: str = field(default="magnitude", metadata={"help": "importance criterion", "choices": CRITERIA})
+    criterion: str = _shared("criterion")
     scope: str = field(default="layer", metadata={"help": "layer: each weight to the target; global: rank all "
                                                           "weights together (scores / layer RMS)",
                                                   "choices": ("layer", "global")})
     include: str | None = field(default=None, metadata={"help": "regex on initializer/node names: only these "
                                                                  "(also admits biases, norms, embeddings)"})
-    exclude: str | None = field(default=None, metadata={"help": "regex on initializer/node names to leave alone"})
-    min_params: int = field(default=0, metadata={"help": "skip weights with fewer elements", "min": 0})
+    exclude: str | None = _shared("exclude")
+    min_params: int = _shared("min_params")
     min_keep: float = field(default=0.01, metadata={"help": "global scope: share of each layer always kept",
                                                     "min": 0.0, "max": 1.0})
-    mode: str = field(default="parallel", metadata={"help": "wanda/sparsegpt statistics: parallel (dense model, one "
-                                                          "calibration pass) or sequential (stage by stage, on the "
-                                                          "model pruned so far)",
-                                                  "choices": ("parallel", "sequential")})
-    stage_group: int = field(default=1, metadata={"help": "sequential: depth stages per calibration pass", "min": 1})
-    blocksize: int = field(default=128, metadata={"help": "sparsegpt: input channels per block", "min": 1})
-    percdamp: float = field(default=0.01, metadata={"help": "sparsegpt: dampening, share of the mean Hessian diagonal",
-                                                    "min": 0.0})
-    mask_input: str = field(default="auto", metadata={"help": "calibration: attention-mask input whose zeros are "
-                                                              "padding ('auto': found by name; 'none')"})
+    mode: str = _shared("mode")
+    stage_group: int = _shared("stage_group")
+    blocksize: int = _shared("blocksize")
+    percdamp: float = _shared("percdamp")
+    mask_input: str = _shared("mask_input")
     allocation: str = field(default="uniform", metadata={"help": "per-layer sparsity: uniform, or owl (outlier-"
                                                                  "weighted; needs calibration)",
                                                          "choices": ALLOCATIONS})
@@ -155,20 +172,15 @@ class NMOptions:
 
     n: int = field(default=2, metadata={"help": "weights kept in every group", "min": 1})
     m: int = field(default=4, metadata={"help": "group length along K", "min": 2})
-    criterion: str = field(default="magnitude", metadata={"help": "importance criterion", "choices": CRITERIA})
+    criterion: str = _shared("criterion")
     include: str | None = field(default=None, metadata={"help": "regex on initializer/node names: only these"})
-    exclude: str | None = field(default=None, metadata={"help": "regex on initializer/node names to leave alone"})
-    min_params: int = field(default=0, metadata={"help": "skip weights with fewer elements", "min": 0})
-    mode: str = field(default="parallel", metadata={"help": "wanda/sparsegpt statistics: parallel (dense model, one "
-                                                          "calibration pass) or sequential (stage by stage, on the "
-                                                          "model pruned so far)",
-                                                  "choices": ("parallel", "sequential")})
-    stage_group: int = field(default=1, metadata={"help": "sequential: depth stages per calibration pass", "min": 1})
-    blocksize: int = field(default=128, metadata={"help": "sparsegpt: input channels per block", "min": 1})
-    percdamp: float = field(default=0.01, metadata={"help": "sparsegpt: dampening, share of the mean Hessian diagonal",
-                                                    "min": 0.0})
-    mask_input: str = field(default="auto", metadata={"help": "calibration: attention-mask input whose zeros are "
-                                                              "padding ('auto': found by name; 'none')"})
+    exclude: str | None = _shared("exclude")
+    min_params: int = _shared("min_params")
+    mode: str = _shared("mode")
+    stage_group: int = _shared("stage_group")
+    blocksize: int = _shared("blocksize")
+    percdamp: float = _shared("percdamp")
+    mask_input: str = _shared("mask_input")
 
     def validate(self) -> None:
         """Cross-field checks."""

@@ -32,12 +32,7 @@ class FusedAttentionRules:
         for k, a in by_k.items():
             if len(self._need(node.input[k])) != 4 or a.axis != 1 or a.o != 1:
                 raise _Blocked("4-D Attention inputs must carry the heads on axis 1")
-        if len(node.input) > 3 and node.input[3]:
-            m = self._need(node.input[3])
-            if len(m) == 4 and m[1] != 1:
-                raise _Blocked("the attention mask varies per head")
-        if any(x for x in node.input[4:6]):
-            raise _Blocked("past key/value inputs carry heads")
+        self._check_attention23_extras(node)
         if any(o and (self.consumers.get(o) or o in self.outputs) for o in node.output[1:]):
             raise _Blocked("present key/value outputs are used")
         q = by_k[0]
@@ -52,6 +47,15 @@ class FusedAttentionRules:
             if a.n > fine.n:
                 fine = Ann(1, 1, a.n, a.b * (q_len // kv_len), c)
         self._out(node, fine, c)
+
+    def _check_attention23_extras(self, node: onnx.NodeProto) -> None:
+        """ai.onnx Attention: the mask must not vary per head, and no past key/value state."""
+        if len(node.input) > 3 and node.input[3]:
+            m = self._need(node.input[3])
+            if len(m) == 4 and m[1] != 1:
+                raise _Blocked("the attention mask varies per head")
+        if any(x for x in node.input[4:6]):
+            raise _Blocked("past key/value inputs carry heads")
 
     def fused(self, node: onnx.NodeProto) -> None:
         """Fused attention with packed/3-D inputs: streams come in, heads go out on output 0."""
@@ -84,7 +88,7 @@ class FusedAttentionRules:
             sizes = list(attrs.get("qkv_hidden_sizes") or [w.shape[1] // 3] * 3)
             if sum(sizes) != w.shape[1] or any(s % hq for s in sizes):
                 raise _Blocked("qkv_hidden_sizes do not match the packed weight")
-            if any(x for x in node.input[4:]) and len(node.input) > 4 and node.input[4]:
+            if len(node.input) > 4 and node.input[4]:
                 raise _Blocked("past state input carries heads")
             self._check_weight_shared(c, node.input[1], node)
             off = 0
@@ -129,8 +133,7 @@ class FusedAttentionRules:
                 raise _Blocked("packed QKV input is not supported")
             if any(x for x in node.input[3:5]):
                 raise _Blocked("past key/value inputs carry heads")
-            if attrs.get("do_rotary", 0) and len(node.input) > 7 and node.input[7]:
-                pass  # cos/sin caches are per position and head_dim, shared by all heads
+            # with do_rotary, the cos/sin caches are per position and head_dim: shared by all heads
             comp.attr_edits.append((node.name, "num_heads", hq))
             comp.attr_edits.append((node.name, "kv_num_heads", hkv))
         else:  # ai.onnx Attention with 3-D inputs
@@ -140,12 +143,7 @@ class FusedAttentionRules:
             hq, hkv = int(attrs.get("q_num_heads", 0)), int(attrs.get("kv_num_heads", 0))
             if not hq or not hkv:
                 raise _Blocked("3-D Attention without q_num_heads/kv_num_heads")
-            if len(node.input) > 3 and node.input[3]:
-                m = self._need(node.input[3])
-                if len(m) == 4 and m[1] != 1:
-                    raise _Blocked("the attention mask varies per head")
-            if any(x for x in node.input[4:6]):
-                raise _Blocked("past key/value inputs carry heads")
+            self._check_attention23_extras(node)
             comp.attr_edits.append((node.name, "q_num_heads", hq))
             comp.attr_edits.append((node.name, "kv_num_heads", hkv))
         if hq % hkv:

@@ -505,20 +505,17 @@ def remove_dead_code(model: Model) -> int:
     """
     graph = model.graph
     needed = {o.name for o in graph.output}
-    keep_nodes = []
-    for node in reversed(graph.node):
+    dead_nodes = []
+    for i in reversed(range(len(graph.node))):  # consumers before producers
+        node = graph.node[i]
         if any(o in needed for o in node.output if o) or (not node.output and node_subgraphs(node)):
-            keep_nodes.append(node)
             needed.update(x for x in node.input if x)
             needed.update(node_outer_reads(node))
-    removed = len(graph.node) - len(keep_nodes)
-    if removed:
-        kept = list(reversed(keep_nodes))
-        copies = [onnx.NodeProto() for _ in kept]
-        for c, n in zip(copies, kept):
-            c.CopyFrom(n)
-        del graph.node[:]
-        graph.node.extend(copies)
+        else:
+            dead_nodes.append(i)
+    for i in dead_nodes:  # descending indices: deleting one does not shift the next
+        del graph.node[i]
+    removed = len(dead_nodes)
     inputs = {i.name for i in graph.input}
     dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in needed and t.name not in inputs]
     for i in reversed(dead_inits):

@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -695,18 +695,23 @@ def _first_line(msg: str, limit: int = 300) -> str:
 SMALL_TENSOR_BYTES = 1 << 16
 
 
-def _shell(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _shell_input(t: onnx.TensorProto, force: Collection[str] = ()) -> bool:
+    """Whether :func:`_shell` presents initializer ``t`` as a graph input instead of carrying it."""
+    return t.name in force or t.data_location == onnx.TensorProto.EXTERNAL or _nbytes(t) > SMALL_TENSOR_BYTES
+
+
+def _shell(proto: onnx.ModelProto, force_inputs: Collection[str] = ()) -> onnx.ModelProto:
     """A cheap stand-in for checking: large or external initializers become graph inputs.
 
     The checker and shape inference only need the weights' types and shapes, plus the values of
     small constants (Reshape targets and the like), so large weights are not copied.
+    ``force_inputs`` names initializers to present as inputs whatever their size.
     """
     inits = list(proto.graph.initializer)
     shell = copy_without_initializers(proto)
     declared = {i.name for i in shell.graph.input}
     for t in inits:
-        small = t.data_location != onnx.TensorProto.EXTERNAL and _nbytes(t) <= SMALL_TENSOR_BYTES
-        if small:
+        if not _shell_input(t, force_inputs):
             shell.graph.initializer.append(t)
         elif t.name not in declared:
             shell.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

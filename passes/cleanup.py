@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxprune.model import Model, _nbytes, copy_without_initializers, node_outer_reads
+from onnxprune.model import Model, _shell, _shell_input, node_outer_reads
 from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,12 @@ class CleanupPass(Pass):
         graph = model.graph
         nodes_before = len(graph.node)
         inits_before = len(graph.initializer)
-        keep_bytes = 1 << 16
         overridable = {i.name for i in graph.input}  # initializers that are graph inputs are not constants
         # graph-surgeon would copy constants that If/Loop/Scan bodies read into those bodies; keep them outside
-        pinned = overridable | _subgraph_reads(graph)
-        big = {t.name for t in graph.initializer
-               if t.name in model.external or _nbytes(t) > keep_bytes or t.name in pinned}
+        pinned = overridable | _subgraph_reads(graph) | set(model.external)
+        big = {t.name for t in graph.initializer if _shell_input(t, pinned)}
         big_protos = {t.name: t for t in graph.initializer if t.name in big}
-        shell = copy_without_initializers(model.proto)
-        declared = {i.name for i in shell.graph.input}
-        for t in graph.initializer:
-            if t.name in big:
-                if t.name not in declared:
-                    shell.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-            else:
-                shell.graph.initializer.append(t)
+        shell = _shell(model.proto, force_inputs=pinned)
         g = gs.import_onnx(shell)
         if opts.fold_constants:
             import onnxruntime as ort

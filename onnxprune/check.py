@@ -88,7 +88,12 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def _session(model: Model | str | os.PathLike[str], threads: int | None = None) -> Any:
+def make_session(model: Model | str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for a model object or path.
+
+    Raises:
+        CheckError: ONNX Runtime refuses the model.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -104,15 +109,6 @@ def _session(model: Model | str | os.PathLike[str], threads: int | None = None) 
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CheckError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:400]}") from None
-
-
-def make_session(model: Model | str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for a model object or path.
-
-    Raises:
-        CheckError: ONNX Runtime refuses the model.
-    """
-    return _session(model, threads)
 
 
 _ORT_TYPES = {
@@ -287,7 +283,7 @@ def compare(
     """
     if pool not in (None, "mean"):
         raise CheckError(f"pool must be 'mean' or None, got {pool!r}")
-    sa, sb = _session(reference, threads), _session(candidate, threads)
+    sa, sb = make_session(reference, threads), make_session(candidate, threads)
     if feeds is None:
         feed = random_feeds(sa, dims, seed)
     elif isinstance(feeds, (str, os.PathLike)):
@@ -319,7 +315,7 @@ def compare(
 
 def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a model on ONNX Runtime CPU; return outputs by name."""
-    s = _session(model)
+    s = make_session(model)
     names = [o.name for o in s.get_outputs()]
     return dict(zip(names, s.run(names, dict(feeds))))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxprune.model import Model
 
@@ -45,6 +46,16 @@ class ModelSummary:
         d = asdict(self)
         d["sparsity"] = round(self.sparsity, 6)
         return d
+
+
+#: ONNX element types that count as parameters.
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                         onnx.TensorProto.DOUBLE})
+
+
+def count_parameters(model: Model) -> int:
+    """Elements of the main graph's floating-point initializers, from their shapes (no data read)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
 
 
 def count_nonzero(arr: np.ndarray) -> int:

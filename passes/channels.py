@@ -38,6 +38,7 @@ from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
 from onnxprune.errors import CalibrationError, PipelineError
 from onnxprune.model import Model
 from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+from onnxprune.summary import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,6 @@ class ChannelsOptions:
                 raise ValueError(f"option {name}: invalid regex ({exc})") from None
 
 
-def count_params(model: Model) -> int:
-    """Elements of floating-point initializers."""
-    total = 0
-    for t in model.graph.initializer:
-        if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f":
-            total += int(np.prod(t.dims, dtype=np.int64))
-    return total
 
 
 # ---------------------------------------------------------------------- scores
@@ -218,7 +212,7 @@ class ChannelsPass(Pass):
         opts: ChannelsOptions = self.options
         if not 0.0 <= opts.ratio < 1.0:
             raise PipelineError(f"channels: option ratio must be in [0, 1), got {opts.ratio}")
-        params_before = count_params(model)
+        params_before = count_parameters(model)
         prepared = prepare(model)
         if prepared:
             ctx.invalidate()
@@ -241,7 +235,7 @@ class ChannelsPass(Pass):
         plan = select(cands, scores, opts)
         removal = apply_removal(model, plan)
         stats.update(channels_removed=removal["channels_removed"], groups_pruned=len(plan),
-                     shape_edits=removal["shape_edits"], params_after=count_params(model))
+                     shape_edits=removal["shape_edits"], params_after=count_parameters(model))
         log.info("channels: removed %d channels in %d groups", removal["channels_removed"], len(plan))
         return PassResult(model, True, stats)
 
@@ -264,5 +258,5 @@ class ChannelsPass(Pass):
         return out
 
 
-__all__ = ["ChannelsOptions", "ChannelsPass", "activation_scores", "bn_scores", "count_params", "norm_scores",
+__all__ = ["ChannelsOptions", "ChannelsPass", "activation_scores", "bn_scores", "norm_scores",
            "select"]

@@ -48,6 +48,7 @@ from onnxprune.analysis.removal import ParamSlice, PruneGroup, apply_removal, po
 from onnxprune.errors import CalibrationError, PipelineError
 from onnxprune.model import Model
 from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+from onnxprune.summary import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +258,9 @@ def _unique(model: Model, base: str) -> str:
 
 
 # ---------------------------------------------------------------------- the passes
-def _param_count(model: Model) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                           onnx.TensorProto.DOUBLE):
-            total += int(np.prod(t.dims, dtype=np.int64))
-    return total
-
-
 def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> PassResult:
     label = "heads" if mode == "heads" else "ffn"
-    params_before = _param_count(model)
+    params_before = count_parameters(model)
     prepared = prepare_model(model)
     groups, exits = find_groups(model, mode, static_shapes(model))
     blocked = [g for g in groups if not g.prunable]
@@ -278,7 +270,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     stats: dict[str, Any] = {"blocks_found": len(groups), "blocks_blocked": len(blocked),
                              "normalized_constants": prepared}
     if not live or opts.ratio == 0:
-        stats.update(params_before=params_before, params_after=_param_count(model), params_removed=0,
+        stats.update(params_before=params_before, params_after=count_parameters(model), params_removed=0,
                      units_removed=0)
         return PassResult(model, prepared > 0, stats)
     needs_calib = opts.criterion in ("activation", "weighted") or opts.compensate
@@ -310,7 +302,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     result = apply_removal(model, removals)
     stats.update(
         params_before=params_before,
-        params_after=_param_count(model),
+        params_after=count_parameters(model),
         params_removed=result["params_removed"],
         units_removed=int(sum(c.size for _, c in removals)),
         units_total=int(sum(g.width for g in live)),

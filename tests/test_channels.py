@@ -16,7 +16,7 @@ from onnxprune.check import run_model
 from onnxprune.errors import CalibrationError, PipelineError
 from onnxprune.model import Model, from_proto
 from onnxprune.pass_infra import PassContext, PassManager, parse_pipeline
-from onnxprune.passes.channels import count_params
+from onnxprune.summary import count_parameters as count_params
 
 
 def _run(model: Model, spec: str, calibration: object = None) -> tuple[Model, dict, PassContext]:

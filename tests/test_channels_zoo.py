@@ -27,7 +27,7 @@ from onnxprune.analysis.removal import masked_twin_error
 from onnxprune.check import make_session, random_feeds, run_model
 from onnxprune.model import Model, from_proto
 from onnxprune.pass_infra import PassContext, PassManager, parse_pipeline
-from onnxprune.passes.channels import count_params
+from onnxprune.summary import count_parameters as count_params
 
 pytestmark = pytest.mark.slow
 

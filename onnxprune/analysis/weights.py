@@ -43,6 +43,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.model import Model, graph_outer_reads, node_subgraphs
+from onnxprune.summary import FLOAT_TYPES
 
 #: Op types that carry a weight, and the ops a weight may pass through on its way there.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -402,9 +403,7 @@ SUBGRAPH_OPS_TEXT = "If/Loop/Scan"
 
 def _is_weight_tensor(t: onnx.TensorProto) -> bool:
     """A floating-point tensor of more than one element (what a sparsity pass could change)."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-              onnx.TensorProto.DOUBLE)
-    return t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > 1
+    return t.data_type in FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > 1
 
 
 def subgraph_reads(model: Model) -> dict[str, str]:

@@ -14,17 +14,13 @@ from __future__ import annotations
 from onnxprune.api import OptimizeResult, optimize
 from onnxprune.check import CheckResult, compare
 from onnxprune.errors import OnnxPruneError
-from onnxprune.model import Model, load, save
-from onnxprune.pass_infra import (
-    Pass,
-    PassContext,
-    PassManager,
-    PassResult,
-    get_pass,
-    parse_pipeline,
-    register_pass,
-    registered_passes,
-)
+from onnxprune.ir.load import load
+from onnxprune.ir.model import Model
+from onnxprune.ir.save import save
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.manager import PassManager
+from onnxprune.pipeline.registry import get_pass, register_pass, registered_passes
+from onnxprune.pipeline.spec import parse_pipeline
 from onnxprune.report import Report
 
 __version__ = "0.1.0"

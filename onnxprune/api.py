@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 
 from onnxprune.check import compare
-from onnxprune.model import Model, node_outer_reads
-from onnxprune.pass_infra import Pass, PassContext, PassManager, parse_pipeline, preflight
+from onnxprune.ir.graph import node_outer_reads
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import Pass, PassContext
+from onnxprune.pipeline.manager import PassManager, preflight
+from onnxprune.pipeline.spec import parse_pipeline
 from onnxprune.report import Report
 from onnxprune.summary import summarize
 
@@ -44,12 +47,12 @@ def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
 def subgraph_weights(model: Model) -> list[str]:
     """Floating-point weights (more than one element) that If/Loop/Scan bodies use: main-graph
     initializers read from inside a body, and initializers stored in a body. Sorted, deduplicated."""
-    from onnxprune.analysis.weights import _is_weight_tensor, subgraph_initializers
+    from onnxprune.analysis.weights import is_weight_tensor, subgraph_initializers
 
     main = model.initializer_map()
     names = set(subgraph_initializers(model))
     for node in model.graph.node:
-        names.update(n for n in node_outer_reads(node) if n in main and _is_weight_tensor(main[n]))
+        names.update(n for n in node_outer_reads(node) if n in main and is_weight_tensor(main[n]))
     return sorted(names)
 
 

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from onnxprune.errors import CheckError
-from onnxprune.model import Model
+from onnxprune.ir.model import Model
+from onnxprune.ir.save import temporary_file
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 16
@@ -104,7 +105,7 @@ def make_session(model: Model | str | os.PathLike[str], threads: int | None = No
         if isinstance(model, Model):
             if not model.external and model.proto.ByteSize() < 1_900_000_000:
                 return ort.InferenceSession(model.proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            with model.as_file() as p:
+            with temporary_file(model) as p:
                 return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -55,7 +55,7 @@ def _parse_dims(items: Sequence[str] | None) -> dict[str, int]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    from onnxprune.model import atomic_write
+    from onnxprune.ir.save import atomic_write
 
     with atomic_write(path, "w") as f:
         f.write(text)  # type: ignore[attr-defined]
@@ -91,7 +91,7 @@ def _default_output(inp: Path) -> Path:
 def cmd_optimize(args: argparse.Namespace) -> int:
     """Run a pipeline on a model and save the result."""
     import onnxprune
-    from onnxprune.pass_infra import load_recipe, parse_pipeline
+    from onnxprune.pipeline.spec import load_recipe, parse_pipeline
     from onnxprune.summary import file_size
 
     inp = Path(args.model)
@@ -188,11 +188,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             n, m = (int(x) for x in args.nm.split(":"))
         except ValueError:
             raise OnnxPruneError(f"--nm expects N:M such as 2:4, got {args.nm!r}") from None
-        sections.append(("nm", "onnxprune.analysis.weights", "inspect_nm", "format_nm", (n, m)))
+        sections.append(("nm", "onnxprune.tensorrt.eligibility", "inspect_nm", "format_nm", (n, m)))
     if args.groups:
-        sections.append(("groups", "onnxprune.analysis.dependency", "inspect_groups", "format_groups", ()))
+        sections.append(("groups", "onnxprune.analysis.channels.groups", "inspect_groups", "format_groups", ()))
     if args.tensorrt:
-        sections.append(("tensorrt", "onnxprune.analysis.tensorrt_eligibility", "inspect_tensorrt",
+        sections.append(("tensorrt", "onnxprune.tensorrt.eligibility", "inspect_tensorrt",
                          "format_tensorrt", ()))
     for key, module, build, fmt, extra in sections:
         try:
@@ -229,7 +229,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Compare two models on ONNX Runtime CPU."""
     from onnxprune.check import compare
-    from onnxprune.model import load
+    from onnxprune.ir.load import load
 
     a, b = load(args.reference), load(args.candidate)
     result = compare(a, b, feeds=args.inputs, dims=_parse_dims(args.dim), seed=args.seed, pool=args.pool)
@@ -245,7 +245,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     """List registered passes and their options."""
-    from onnxprune.pass_infra import option_specs, registered_passes
+    from onnxprune.pipeline.options import option_specs
+    from onnxprune.pipeline.registry import registered_passes
 
     passes = registered_passes()
     if args.json:
@@ -266,7 +267,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def demo_pipeline(items: Sequence[str] = DEMO_PIPELINE) -> str:
     """The demo's pipeline: the passes of ``items`` this build registers."""
-    from onnxprune.pass_infra import parse_pipeline_spec, registered_passes
+    from onnxprune.pipeline.registry import registered_passes
+    from onnxprune.pipeline.spec import parse_pipeline_spec
 
     have = registered_passes()
     return ",".join(p for p in items if parse_pipeline_spec(p)[0][0] in have)

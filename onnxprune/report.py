@@ -12,22 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from onnxprune.check import CheckResult
-from onnxprune.pass_infra import PassRecord
+from onnxprune.fmt import fmt_bytes, fmt_int, short_value
+from onnxprune.pipeline.manager import PassRecord
 from onnxprune.summary import ModelSummary
-
-
-def _fmt_int(n: int | None) -> str:
-    return "-" if n is None else f"{n:,}"
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 @dataclass
@@ -70,12 +57,12 @@ class Report:
         ops = sorted(set(b.ops) | set(a.ops))
         changed_ops = [o for o in ops if b.ops.get(o, 0) != a.ops.get(o, 0)]
         rows = [
-            ("nodes", _fmt_int(b.nodes), _fmt_int(a.nodes)),
-            ("parameters", _fmt_int(b.parameters), _fmt_int(a.parameters)),
-            ("non-zero parameters", _fmt_int(b.nonzero), _fmt_int(a.nonzero)),
+            ("nodes", fmt_int(b.nodes), fmt_int(a.nodes)),
+            ("parameters", fmt_int(b.parameters), fmt_int(a.parameters)),
+            ("non-zero parameters", fmt_int(b.nonzero), fmt_int(a.nonzero)),
             ("sparsity", f"{b.sparsity:.2%}", f"{a.sparsity:.2%}"),
-            ("weight bytes", _fmt_bytes(b.weight_bytes), _fmt_bytes(a.weight_bytes)),
-            ("file size", _fmt_bytes(b.file_size), _fmt_bytes(a.file_size)),
+            ("weight bytes", fmt_bytes(b.weight_bytes), fmt_bytes(a.weight_bytes)),
+            ("file size", fmt_bytes(b.file_size), fmt_bytes(a.file_size)),
         ] + [(f"  op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in changed_ops]
         w = max(len(r[0]) for r in rows)
         lines = [f"{'':<{w}}  {'before':>16}  {'after':>16}", "-" * (w + 36)]
@@ -83,7 +70,7 @@ class Report:
         if self.passes:
             lines += ["", f"{'pass':<14} {'changed':>7} {'seconds':>8}  stats", "-" * 72]
             for p in self.passes:
-                stats = ", ".join(f"{k}={_short(v)}" for k, v in p.stats.items() if not isinstance(v, (list, dict)))
+                stats = ", ".join(f"{k}={short_value(v)}" for k, v in p.stats.items() if not isinstance(v, (list, dict)))
                 lines.append(f"{p.name:<14} {('yes' if p.modified else 'no'):>7} {p.seconds:>8.2f}  {stats}")
         if self.check:
             lines += ["", "check against the input model (ONNX Runtime CPU):", self.check.format()]
@@ -94,8 +81,3 @@ class Report:
     def __str__(self) -> str:
         return self.format()
 
-
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)

@@ -25,7 +25,8 @@ import html
 import json
 from typing import Any
 
-from onnxprune.report import Report, _fmt_bytes, _fmt_int
+from onnxprune.fmt import fmt_bytes, fmt_int
+from onnxprune.report import Report
 
 ROW_H = 16
 LABEL_W = 300
@@ -149,21 +150,21 @@ def _layer_table(rows: list[dict[str, Any]]) -> str:
 def _summary(report: Report) -> str:
     b, a = report.before, report.after
     cards = [
-        ("parameters", f"{_fmt_int(a.parameters)}", f"from {_fmt_int(b.parameters)}"
+        ("parameters", f"{fmt_int(a.parameters)}", f"from {fmt_int(b.parameters)}"
          + (f" ({a.parameters / b.parameters:.1%})" if b.parameters else "")),
         ("sparsity", _pct(a.sparsity), f"from {_pct(b.sparsity)}"),
-        ("file size", _fmt_bytes(a.file_size), f"from {_fmt_bytes(b.file_size)}"),
+        ("file size", fmt_bytes(a.file_size), f"from {fmt_bytes(b.file_size)}"),
         ("time in passes", f"{report.total_seconds:.2f} s", f"{len(report.passes)} pass(es)"),
     ]
     html_cards = "".join(f'<div class="card"><span>{_e(k)}</span><b>{_e(v)}</b><span>{_e(s)}</span></div>'
                          for k, v, s in cards)
     ops = sorted(set(b.ops) | set(a.ops))
-    rows = [("nodes", _fmt_int(b.nodes), _fmt_int(a.nodes)),
-            ("parameters", _fmt_int(b.parameters), _fmt_int(a.parameters)),
-            ("non-zero parameters", _fmt_int(b.nonzero), _fmt_int(a.nonzero)),
+    rows = [("nodes", fmt_int(b.nodes), fmt_int(a.nodes)),
+            ("parameters", fmt_int(b.parameters), fmt_int(a.parameters)),
+            ("non-zero parameters", fmt_int(b.nonzero), fmt_int(a.nonzero)),
             ("sparsity", _pct(b.sparsity), _pct(a.sparsity)),
-            ("weight bytes", _fmt_bytes(b.weight_bytes), _fmt_bytes(a.weight_bytes)),
-            ("file size", _fmt_bytes(b.file_size), _fmt_bytes(a.file_size))]
+            ("weight bytes", fmt_bytes(b.weight_bytes), fmt_bytes(a.weight_bytes)),
+            ("file size", fmt_bytes(b.file_size), fmt_bytes(a.file_size))]
     rows += [(f"op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in ops
              if b.ops.get(o, 0) != a.ops.get(o, 0)]
     table = "".join(f'<tr><td>{_e(k)}</td><td class="n">{_e(x)}</td><td class="n">{_e(y)}</td></tr>'

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.model import Model
+from onnxprune.ir.model import Model
 
 _CHUNK = 1 << 24
 

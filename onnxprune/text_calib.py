@@ -38,7 +38,7 @@ def tokenize_lines(lines: Sequence[str], tokenizer_json: str | os.PathLike[str],
         lines: The samples.
         tokenizer_json: A Hugging Face ``tokenizer.json``.
         max_len: Truncation length in tokens.
-        model: Optional :class:`~onnxprune.model.Model`: keep only the inputs it declares.
+        model: Optional :class:`~onnxprune.ir.model.Model`: keep only the inputs it declares.
 
     Raises:
         CalibrationError: ``tokenizers`` missing, unreadable tokenizer, no samples.
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = None
         if args.model:
-            from onnxprune.model import load
+            from onnxprune.ir.load import load
 
             model = load(args.model)
         arrays = tokenize_text_file(args.text, args.tokenizer, max_len=args.max_len, model=model)

@@ -1,6 +1,6 @@
 """Pass ``channels``: structured channel removal over dependency groups.
 
-For every prunable group (see :mod:`onnxprune.analysis.dependency`) a score per channel is
+For every prunable group (see :mod:`onnxprune.analysis.channels.groups`) a score per channel is
 computed and the lowest-scoring channels are deleted from every slice of the group
 (:func:`~onnxprune.analysis.removal.apply_removal`), so the graph really gets narrower.
 
@@ -33,11 +33,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxprune.analysis.dependency import build_groups, prepare
+from onnxprune.analysis.channels.groups import build_groups
+from onnxprune.analysis.channels.prepare import prepare
 from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
 from onnxprune.errors import CalibrationError, PipelineError
-from onnxprune.model import Model
-from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.registry import register_pass
 from onnxprune.summary import count_parameters
 
 log = logging.getLogger(__name__)

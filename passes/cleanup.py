@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxprune.model import Model, _shell, _shell_input, node_outer_reads
-from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+from onnxprune.ir.graph import make_shell, node_outer_reads, shell_input
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.registry import register_pass
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,9 @@ class CleanupPass(Pass):
         overridable = {i.name for i in graph.input}  # initializers that are graph inputs are not constants
         # graph-surgeon would copy constants that If/Loop/Scan bodies read into those bodies; keep them outside
         pinned = overridable | _subgraph_reads(graph) | set(model.external)
-        big = {t.name for t in graph.initializer if _shell_input(t, pinned)}
+        big = {t.name for t in graph.initializer if shell_input(t, pinned)}
         big_protos = {t.name: t for t in graph.initializer if t.name in big}
-        shell = _shell(model.proto, force_inputs=pinned)
+        shell = make_shell(model.proto, force_inputs=pinned)
         g = gs.import_onnx(shell)
         if opts.fold_constants:
             import onnxruntime as ort

@@ -1,6 +1,6 @@
 """Passes ``heads`` and ``ffn``: remove attention heads and feed-forward neurons.
 
-Groups come from :mod:`onnxprune.analysis.attention` (one per attention block: width = heads,
+Groups come from :mod:`onnxprune.analysis.heads.groups` (one per attention block: width = heads,
 or KV heads for grouped-query attention, each owning its group of query heads; one per FFN
 block: width = intermediate neurons, gate and up projections tied). Removal is
 :func:`onnxprune.analysis.removal.apply_removal`: the Q/K/V (or up/gate) output columns and
@@ -43,11 +43,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.analysis.attention import find_groups, prepare_model, static_shapes
+from onnxprune.analysis.heads.groups import find_groups
+from onnxprune.analysis.heads.prepare import prepare_model
+from onnxprune.analysis.heads.shapes import static_shapes
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, apply_removal, positions
 from onnxprune.errors import CalibrationError, PipelineError
-from onnxprune.model import Model
-from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.registry import register_pass
 from onnxprune.summary import count_parameters
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Both passes zero entries of constant weights of Conv / ConvTranspose / MatMul / 
 
 * ``scope=layer``: every targeted weight gets exactly ``floor(sparsity * size)`` zeros (existing
   zeros count; a weight that already has more keeps them), chosen by
-  :func:`onnxprune.sparsity.prune_weight_kn`.
+  :func:`onnxprune.criteria.registry.prune_weight_kn`.
 * ``scope=global``: all targeted weights are ranked together. Scores are normalised per layer so
   that one layer cannot be emptied by scale alone: ``score = |W| / rms(W≠0)`` (the root mean
   square of the layer's non-zero weights; for ``wanda`` the Wanda score divided by its own
@@ -51,7 +51,7 @@ statistics from the unpruned model in one ONNX Runtime pass; ``mode=sequential``
 stage (weights grouped by depth, ``stage_group`` stages per pass), each stage's statistics taken
 from the model with the earlier stages already pruned. ``blocksize``/``percdamp`` tune SparseGPT;
 ``mask_input`` names the attention mask whose zeros are padding. ``masks(allocation=owl)`` gives
-each weight its own sparsity from its outlier ratio (OWL, :mod:`onnxprune.allocation`) with the
+each weight its own sparsity from its outlier ratio (OWL, :mod:`onnxprune.criteria.owl`) with the
 parameter-weighted mean equal to ``sparsity``.
 
 Stats: per weight ``nnz_before``/``nnz_after``/``size``; ``skipped`` (name -> reason); totals.
@@ -63,11 +63,13 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from onnxprune.analysis.quant import quant_zero_points
 from onnxprune.analysis.weights import (
     WeightInfo,
     find_weights,
@@ -77,14 +79,22 @@ from onnxprune.analysis.weights import (
     subgraph_skip_reason,
     subgraph_weights,
     to_kn,
-    trt_sparse_reason,
 )
+from onnxprune.criteria.masks import magnitude_scores, topk_mask
+from onnxprune.criteria.owl import (
+    ALLOCATIONS,
+    block_keys,
+    outlier_ratio,
+    owl_sparsities,
+)
+from onnxprune.criteria.registry import CRITERIA, prune_weight_kn
 from onnxprune.errors import CalibrationError, PassError, PipelineError
-from onnxprune.model import Model
-from onnxprune.pass_infra import Pass, PassContext, PassResult, build_options, register_pass
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.options import build_options
+from onnxprune.pipeline.registry import register_pass
 from onnxprune.progress import progress
-from onnxprune.allocation import ALLOCATIONS
-from onnxprune.sparsity import CRITERIA, magnitude_scores, prune_weight_kn, quant_zero_points, topk_mask
+from onnxprune.tensorrt.eligibility import trt_sparse_reason
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +413,11 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
         if ctx.calibration is None:
             raise CalibrationError(f"criterion {crit} needs calibration data: pass --calib FILE.npz "
                                    "(or calibration=... to onnxprune.optimize)")
-        from onnxprune.analysis.calibration import as_calibration, calib_targets, calibration_stages
+        from onnxprune.analysis.calibration import (
+            as_calibration,
+            calib_targets,
+            calibration_stages,
+        )
 
         calib = as_calibration(ctx.calibration, model)
         by_name = {t.info.name: t for t in group}
@@ -495,7 +509,6 @@ class MasksPass(_SparsityPass):
         layer = [t for t in targets if t.info.name not in glob_names]
         goal = {t.info.name: t.options.sparsity for t in layer}
         if opts.allocation == "owl" and layer:
-            from onnxprune.allocation import owl_for_weights
 
             if ctx.calibration is None:
                 raise CalibrationError("masks: allocation=owl needs calibration data (--calib FILE.npz)")
@@ -523,7 +536,7 @@ class MasksPass(_SparsityPass):
             keep = _nonzero_mask(model, info, arr)
             values = _dequantized(model, info, arr) if info.quant is not None else arr
             if opts.criterion == "wanda":
-                from onnxprune.criteria_calib import wanda_scores
+                from onnxprune.criteria.wanda import wanda_scores
 
                 st = stats.get(info.name)
                 s = wanda_scores(_kn(values, info), st["sumsq"] if isinstance(st, dict) else st)
@@ -603,3 +616,41 @@ class NMPass(_SparsityPass):
 
 
 __all__ = ["MasksOptions", "MasksPass", "NMOptions", "NMPass", "Target", "prune_target", "select_targets"]
+
+
+def owl_for_weights(
+    model: Any,
+    weights: Sequence[Any],
+    calib: Any,
+    target: float,
+    *,
+    lam: float = 0.08,
+    m: float = 5.0,
+    blocks: str | None = None,
+    token_mask_input: str | None = "auto",
+) -> dict[str, float]:
+    """OWL sparsities for ``weights`` (:class:`~onnxprune.analysis.weights.WeightInfo`) of ``model``.
+
+    One sums-of-squares calibration pass on the model as it is; the outlier ratio uses the Wanda
+    scores in the ``[K, N]`` layout. With ``blocks`` (a regex, see :func:`block_keys`) the ratio is
+    taken over the concatenated scores of each block and every weight of a block gets the
+    block's sparsity (the OWL paper's granularity is the transformer block); without it, every
+    weight is its own block. Weights without statistics keep ``target``.
+    """
+    from onnxprune.analysis.calibration import collect
+    from onnxprune.analysis.weights import to_kn
+    from onnxprune.criteria.wanda import wanda_scores
+
+    info = {w.name: w for w in weights}
+    keys = block_keys(weights, blocks)
+    stats = collect(model, calib, weights, criterion="wanda", token_mask_input=token_mask_input)
+    scores: dict[str, list[np.ndarray]] = {}
+    for n, st in stats.items():
+        s = wanda_scores(to_kn(np.asarray(model.get_array(n)), info[n]), st["sumsq"])
+        scores.setdefault(keys[n], []).append(s.ravel())
+    ratios = {k: outlier_ratio(np.concatenate(v), m) for k, v in scores.items()}
+    sizes = {k: int(sum(a.size for a in v)) for k, v in scores.items()}
+    per_block = owl_sparsities(ratios, sizes, target, lam)
+    out = {w.name: float(target) for w in weights}
+    out.update({n: per_block[keys[n]] for n in stats})
+    return out

@@ -54,8 +54,10 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxprune.errors import PipelineError
-from onnxprune.model import Model, _shell, node_outer_reads, node_subgraphs
-from onnxprune.pass_infra import Pass, PassContext, PassResult, register_pass
+from onnxprune.ir.graph import make_shell, node_outer_reads, node_subgraphs
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.registry import register_pass
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ def _allowed(schema: Any, type_str: str) -> set[str]:
 def _infer_types(model: Model) -> dict[str, int]:
     """Element type of every typed tensor of the main graph (inputs, initializers, inferred)."""
     types: dict[str, int] = {}
-    shell = _shell(model.proto)
+    shell = make_shell(model.proto)
     del shell.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(shell, strict_mode=False)

@@ -81,7 +81,7 @@ def worker(model: str, out: str) -> None:
 
 def _nm_summary(path: Path) -> dict[str, Any]:
     import onnxprune
-    from onnxprune.analysis.weights import inspect_nm
+    from onnxprune.tensorrt.eligibility import inspect_nm
 
     return inspect_nm(onnxprune.load(path), 2, 4)["summary"]
 

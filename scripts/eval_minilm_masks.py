@@ -156,24 +156,20 @@ def embed(model: Any, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def prune(model: Any, calib: Any, method: str, level: str, mode: str, allocation: str,
-          stage_group: int = 1, owl_lambda: float = 0.08, owl_blocks: str | None = None) -> dict[str, Any]:
-    """Prune every MatMul weight of ``model`` in place; return the driver's report."""
-    from onnxprune.analysis.weights import find_weights, from_kn, to_kn
-    from onnxprune.criteria_calib import prune_with_calibration
-    from onnxprune.sparsity import prune_weight_kn
+          stage_group: int = 1, owl_lambda: float = 0.08, owl_blocks: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """Prune every MatMul weight of ``model`` with the ``masks`` / ``nm`` pass; return the model and its stats."""
+    from onnxprune import optimize
 
-    weights = [w for w in find_weights(model) if not w.skip_reason and w.op_type == "MatMul"]
-    sparsity = None if level == "2:4" else float(level.rstrip("%")) / 100
-    nm = (2, 4) if level == "2:4" else None
-    if method == "magnitude":
-        for w in weights:
-            arr = np.asarray(model.get_array(w.name))
-            new = prune_weight_kn(to_kn(arr, w), criterion="magnitude", sparsity=sparsity, nm=nm)
-            model.set_array(w.name, from_kn(new, w))
-        return {"stages": 0}
-    return prune_with_calibration(model, weights, calib, criterion=method, sparsity=sparsity, nm=nm, mode=mode,
-                                  allocation=allocation, stage_group=stage_group, owl_lambda=owl_lambda,
-                                  owl_blocks=owl_blocks)
+    if level == "2:4":
+        spec = f"nm(n=2,m=4,criterion={method}"
+    else:
+        spec = f"masks(sparsity={float(level.rstrip('%')) / 100},criterion={method},allocation={allocation}"
+        if allocation == "owl":
+            spec += f",owl_lambda={owl_lambda}" + (f",owl_blocks='{owl_blocks}'" if owl_blocks else "")
+    if method != "magnitude":
+        spec += f",mode={mode},stage_group={stage_group}"
+    res = optimize(model, spec + ")", calibration=calib if method != "magnitude" else None)
+    return res.model, dict(res.report.passes[0].stats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, level, mode, alloc in configs:
         model = dense.copy()
         t0, c0 = time.perf_counter(), time.process_time()
-        rep = prune(model, calib, method, level, mode if mode != "-" else "parallel", alloc, args.stage_group,
+        model, rep = prune(model, calib, method, level, mode if mode != "-" else "parallel", alloc, args.stage_group,
                     args.owl_lambda, args.owl_blocks)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         emb = embed(model, eval_feeds)

@@ -303,7 +303,7 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("option is NaN", p, passes="cleanup(max_fold_mb=nan)", expect_words=("max_fold_mb", "nan"))
 
     def sparsity_out_of_range(d: Path) -> Case:
-        from onnxprune.pass_infra import registered_passes
+        from onnxprune.pipeline.registry import registered_passes
 
         p = _write(d / "ok_sparsity.onnx", _tiny_model().SerializeToString())
         if "masks" not in registered_passes():  # this build has no masks pass: still a refusal

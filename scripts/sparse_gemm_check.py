@@ -235,7 +235,8 @@ def find_gemm_weights_onnxprune(model_path: str | os.PathLike[str]) -> tuple[lis
         ImportError: onnxprune is not importable.
     """
     import onnxprune
-    from onnxprune.analysis.weights import find_weights, trt_sparse_reason
+    from onnxprune.analysis.weights import find_weights
+    from onnxprune.tensorrt.eligibility import trt_sparse_reason
 
     model = onnxprune.load(model_path)
     out: list[GemmWeight] = []

@@ -1,6 +1,6 @@
 """Never lose data: interrupted saves leave the old file (or the new one), never a partial one.
 
-* In-process: ``open`` inside :mod:`onnxprune.model` is replaced by a file whose ``write`` raises
+* In-process: ``open`` inside :mod:`onnxprune.ir.save` is replaced by a file whose ``write`` raises
   ``KeyboardInterrupt`` after some bytes; the target (and its external data) must be unchanged and
   no temporary file may remain.
 * Hard kill: a child process saves a model through a deliberately slow writer and is killed with
@@ -25,7 +25,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-import onnxprune.model as model_mod
+import onnxprune.ir.save as save_mod
 from onnxprune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def _arm(monkeypatch: pytest.MonkeyPatch, limit: int, only: str | None = None) -
             return _Bomb(f, limit)
         return f
 
-    monkeypatch.setattr(model_mod, "open", fake_open, raising=False)
+    monkeypatch.setattr(save_mod, "open", fake_open, raising=False)
 
 
 def _hidden_tmp(folder: Path) -> list[str]:
@@ -84,35 +84,35 @@ def _hidden_tmp(folder: Path) -> list[str]:
 @pytest.mark.parametrize("limit", [10, 5000, 40000])
 def test_interrupted_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
     out = tmp_path / "out.onnx"
-    onnxprune.save(onnxprune.model.from_proto(_model(0)), out)
+    onnxprune.save(onnxprune.ir.load.from_proto(_model(0)), out)
     old = _sha(out)
     _arm(monkeypatch, limit)
     with pytest.raises(KeyboardInterrupt):
-        onnxprune.save(onnxprune.model.from_proto(_model(1)), out)
+        onnxprune.save(onnxprune.ir.load.from_proto(_model(1)), out)
     assert _sha(out) == old
     assert _hidden_tmp(tmp_path) == []
     monkeypatch.undo()
-    onnxprune.save(onnxprune.model.from_proto(_model(1)), out)
+    onnxprune.save(onnxprune.ir.load.from_proto(_model(1)), out)
     assert _sha(out) != old and len(onnxprune.load(out).graph.initializer) == 4
 
 
 def test_interrupted_first_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _arm(monkeypatch, 3000)
     with pytest.raises(KeyboardInterrupt):
-        onnxprune.save(onnxprune.model.from_proto(_model(1)), tmp_path / "new.onnx")
+        onnxprune.save(onnxprune.ir.load.from_proto(_model(1)), tmp_path / "new.onnx")
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("which", [".data", "out.onnx."])
 def test_interrupted_external_data_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
     out = tmp_path / "out.onnx"
-    onnxprune.save(onnxprune.model.from_proto(_model(0)), out, external_data=True)
+    onnxprune.save(onnxprune.ir.load.from_proto(_model(0)), out, external_data=True)
     data = tmp_path / "out.onnx.data"
     assert data.is_file()
     old = (_sha(out), _sha(data))
     _arm(monkeypatch, 20000, only=which)
     with pytest.raises(KeyboardInterrupt):
-        onnxprune.save(onnxprune.model.from_proto(_model(1)), out, external_data=True)
+        onnxprune.save(onnxprune.ir.load.from_proto(_model(1)), out, external_data=True)
     assert (_sha(out), _sha(data)) == old
     assert _hidden_tmp(tmp_path) == []
     monkeypatch.undo()
@@ -145,7 +145,7 @@ def test_inplace_interrupt_keeps_input(tmp_path: Path, monkeypatch: pytest.Monke
 _CHILD = textwrap.dedent("""
     import sys, time, builtins
     import onnx
-    import onnxprune, onnxprune.model as mm
+    import onnxprune, onnxprune.ir.save as ms, onnxprune.ir.load as ml
 
     class Slow:
         def __init__(self, f): self._f = f
@@ -158,8 +158,8 @@ _CHILD = textwrap.dedent("""
     def slow_open(p, mode="r", *a, **k):
         return Slow(builtins.open(p, mode, *a, **k))
 
-    mm.open = slow_open
-    model = mm.from_proto(onnx.load(sys.argv[1]))
+    ms.open = slow_open
+    model = ml.from_proto(onnx.load(sys.argv[1]))
     print("start", flush=True)
     onnxprune.save(model, sys.argv[2], external_data=sys.argv[3] == "1")
     print("done", flush=True)
@@ -181,14 +181,14 @@ def test_sigkill_mid_save_leaves_old_or_new(tmp_path: Path, external: bool) -> N
     def reference(src: Path, name: str) -> tuple[str, str | None]:
         ref_dir = tmp_path / name
         ref_dir.mkdir()
-        onnxprune.save(onnxprune.model.from_proto(onnx.load(src)), ref_dir / "model.onnx", external_data=external)
+        onnxprune.save(onnxprune.ir.load.from_proto(onnx.load(src)), ref_dir / "model.onnx", external_data=external)
         d = ref_dir / "model.onnx.data"
         return _sha(ref_dir / "model.onnx"), (_sha(d) if d.exists() else None)
 
     old_ref, new_ref = reference(old_src, "ref_old"), reference(new_src, "ref_new")
     seen = set()
     for delay in (0.05, 0.15, 0.3, 0.6):
-        onnxprune.save(onnxprune.model.from_proto(onnx.load(old_src)), out, external_data=external)
+        onnxprune.save(onnxprune.ir.load.from_proto(onnx.load(old_src)), out, external_data=external)
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(new_src), str(out), "1" if external else "0"],
                                 stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None
@@ -208,7 +208,7 @@ def test_sigkill_mid_save_leaves_old_or_new(tmp_path: Path, external: bool) -> N
 
 def test_interrupt_inside_a_pass_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from onnxprune.pass_infra import PassManager
+    from onnxprune.pipeline.manager import PassManager
 
     def interrupted(self: Any, model: Any, ctx: Any = None) -> Any:
         raise KeyboardInterrupt

@@ -16,10 +16,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from models import build_transformer_block, random_inputs
-from onnxprune.analysis.attention import find_ffn_groups, find_head_groups, prepare_model
+from onnxprune.analysis.heads.groups import (
+    find_ffn_groups,
+    find_head_groups,
+)
+from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.removal import apply_removal, mask_group
 from onnxprune.check import run_model
-from onnxprune.model import Model
+from onnxprune.ir.model import Model
 
 B, S, E = 2, 8, 32
 

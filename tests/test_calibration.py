@@ -20,7 +20,7 @@ from onnxprune.analysis.calibration import (
 from onnxprune.analysis.weights import find_weights
 from onnxprune.check import run_model
 from onnxprune.errors import CalibrationError
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
 
 
 def _mlp(K: int = 12, H: int = 10, N: int = 6, seed: int = 0) -> onnx.ModelProto:

@@ -10,13 +10,16 @@ from hypothesis import strategies as st
 
 import onnxprune
 from models import build_cnn, build_mlp, random_inputs
-from onnxprune.analysis.dependency import build_groups
-from onnxprune.analysis.removal import masked_twin_error
+from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.check import run_model
 from onnxprune.errors import CalibrationError, PipelineError
-from onnxprune.model import Model, from_proto
-from onnxprune.pass_infra import PassContext, PassManager, parse_pipeline
+from onnxprune.ir.load import from_proto
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import PassContext
+from onnxprune.pipeline.manager import PassManager
+from onnxprune.pipeline.spec import parse_pipeline
 from onnxprune.summary import count_parameters as count_params
+from onnxprune.testing import masked_twin_error
 
 
 def _run(model: Model, spec: str, calibration: object = None) -> tuple[Model, dict, PassContext]:
@@ -157,7 +160,7 @@ def test_bench_latency_script(tmp_path) -> None:  # noqa: ANN001
     import importlib.util
     from pathlib import Path
 
-    from onnxprune.model import save
+    from onnxprune.ir.save import save
 
     spec = importlib.util.spec_from_file_location("bench_latency", Path(__file__).parents[1] / "scripts" / "bench_latency.py")
     bench = importlib.util.module_from_spec(spec)

@@ -22,12 +22,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxprune.analysis.dependency import build_groups
-from onnxprune.analysis.removal import masked_twin_error
+from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.check import make_session, random_feeds, run_model
-from onnxprune.model import Model, from_proto
-from onnxprune.pass_infra import PassContext, PassManager, parse_pipeline
+from onnxprune.ir.load import from_proto
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.base import PassContext
+from onnxprune.pipeline.manager import PassManager
+from onnxprune.pipeline.spec import parse_pipeline
 from onnxprune.summary import count_parameters as count_params
+from onnxprune.testing import masked_twin_error
 
 pytestmark = pytest.mark.slow
 

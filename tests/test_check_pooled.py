@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 import onnxprune
+from models import build_transformer_block, random_inputs
 from onnxprune.check import compare, mean_pooled_cosine
 from onnxprune.cli import main
-from models import build_transformer_block, random_inputs
 
 
 def test_mean_pooled_cosine_matches_direct_computation() -> None:

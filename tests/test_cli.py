@@ -203,13 +203,12 @@ def test_report_never_overwrites_a_model(mlp_file: Path, capsys: pytest.CaptureF
 
 def test_html_report_shows_masks(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With a sparsifying pass the per-layer density drops (when the nm pass is registered)."""
-    from onnxprune.pass_infra import registered_passes
+    from onnxprune.pipeline.registry import registered_passes
 
     if "nm" not in registered_passes():
         pytest.skip("nm pass not registered in this build")
-    from onnxprune.report_html import layer_rows
-
     import onnxprune
+    from onnxprune.report_html import layer_rows
 
     res = onnxprune.optimize(onnxprune.load(mlp_file), "nm(n=2,m=4)", per_layer=True)
     rows = {r["name"]: r for r in layer_rows(res.report)}
@@ -218,7 +217,7 @@ def test_html_report_shows_masks(mlp_file: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_check_tolerance_exceeded_writes_no_model(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from onnxprune.pass_infra import registered_passes
+    from onnxprune.pipeline.registry import registered_passes
 
     if "nm" not in registered_passes():
         pytest.skip("nm pass not registered in this build")
@@ -232,8 +231,8 @@ def test_check_tolerance_exceeded_writes_no_model(mlp_file: Path, capsys: pytest
 
 
 def test_inplace(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from onnxprune.check import run_model
     from models import random_inputs
+    from onnxprune.check import run_model
 
     feeds = random_inputs(onnx.load(mlp_file))
     ref = run_model(str(mlp_file), feeds)["logits"]
@@ -369,7 +368,7 @@ def test_html_report_escapes_names_and_handles_missing_rows(tmp_path: Path) -> N
             t.name = evil
     for n in proto.graph.node:
         n.input[:] = [evil if x == "fc0.weight" else x for x in n.input]
-    res = onnxprune.optimize(onnxprune.model.from_proto(proto), "cleanup", per_layer=True)
+    res = onnxprune.optimize(onnxprune.ir.load.from_proto(proto), "cleanup", per_layer=True)
     res.report.warnings.append('warn <img src=x onerror="1">')
     page = render_html(res.report)
     assert "<script" not in page and "<img" not in page and "&lt;script&gt;" in page
@@ -383,7 +382,7 @@ def test_html_report_caps_chart_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxprune.report_html as rh
 
     monkeypatch.setattr(rh, "MAX_CHART_ROWS", 2)
-    res = onnxprune.optimize(onnxprune.model.from_proto(build_mlp(seed=4)), "cleanup", per_layer=True)
+    res = onnxprune.optimize(onnxprune.ir.load.from_proto(build_mlp(seed=4)), "cleanup", per_layer=True)
     page = rh.render_html(res.report)
     assert "the chart shows the 0 that changed" in page
     assert page.count("<g><title>") == 0 and "fc0.weight" in page  # table keeps every row

@@ -11,9 +11,16 @@ import onnx
 import pytest
 
 from models import build_cnn, build_mlp, build_transformer_block, random_inputs
-from onnxprune.analysis.dependency import build_groups, format_groups, inspect_groups, prepare
-from onnxprune.analysis.removal import masked_twin_error
-from onnxprune.model import Model, from_proto, save
+from onnxprune.analysis.channels.groups import (
+    build_groups,
+    format_groups,
+    inspect_groups,
+)
+from onnxprune.analysis.channels.prepare import prepare
+from onnxprune.ir.load import from_proto
+from onnxprune.ir.model import Model
+from onnxprune.ir.save import save
+from onnxprune.testing import masked_twin_error
 
 
 def _make(text: str, opset: int, consts: dict[str, list[int]]) -> Model:

@@ -105,7 +105,7 @@ def test_cleanup_is_a_noop_on_clean_models_and_idempotent(builder: str) -> None:
     cleanup after a real one changes nothing either."""
     from onnx import helper
 
-    from onnxprune.model import from_proto
+    from onnxprune.ir.load import from_proto
 
     proto = BUILDERS[builder](seed=5)
     result = onnxprune.optimize(from_proto(proto), "cleanup")

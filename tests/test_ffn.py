@@ -9,15 +9,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from onnxprune.passes.heads import channel_means
 
 from models import build_mlp, build_transformer_block, random_inputs
 from onnxprune import optimize
-from onnxprune.analysis.attention import find_ffn_groups, prepare_model
+from onnxprune.analysis.heads.groups import find_ffn_groups
+from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.check import run_model
 from onnxprune.errors import PipelineError
-from onnxprune.model import Model
-from onnxprune.passes.heads import channel_means
-from tests.test_attention import E, _G, check_masked_twin
+from onnxprune.ir.model import Model
+from tests.test_attention import _G, E, check_masked_twin
 
 F = 48
 

@@ -11,7 +11,7 @@ import onnxprune
 from models import build_cnn, build_mlp, build_transformer_block, random_inputs
 from onnxprune.check import compare, run_model
 from onnxprune.errors import PipelineError
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
 
 F16 = TensorProto.FLOAT16
 F32 = TensorProto.FLOAT

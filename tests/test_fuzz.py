@@ -36,8 +36,8 @@ import onnxprune
 from models import build_cnn, build_mlp, build_transformer_block, random_inputs
 from onnxprune.check import run_model
 from onnxprune.errors import OnnxPruneError, PassError
-from onnxprune.model import from_proto
-from onnxprune.pass_infra import OptionSpec, option_specs
+from onnxprune.ir.load import from_proto
+from onnxprune.pipeline.options import OptionSpec, option_specs
 
 #: Passes not fuzzed: their product is not (only) an ONNX model or they need hardware.
 EXCLUDED = {"tensorrt"}
@@ -265,7 +265,9 @@ def test_structural_default_options_match_masked_twin(name: str, monkeypatch: py
 
 
 def _zoo(name: str) -> onnx.ModelProto:
-    from test_cli import zoo_model  # tests/ is on sys.path under pytest's rootdir conftest-less layout
+    from test_cli import (
+        zoo_model,  # tests/ is on sys.path under pytest's rootdir conftest-less layout
+    )
 
     return zoo_model(name)
 
@@ -433,7 +435,7 @@ def random_graphs(draw: st.DrawFn) -> onnx.ModelProto:
                               opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     model = from_proto(model)
-    from onnxprune.pass_infra import remove_dead_code
+    from onnxprune.pipeline.manager import remove_dead_code
 
     remove_dead_code(model)  # unused Split branches and the like
     onnx.checker.check_model(model.proto, full_check=True)

@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.analysis.dependency import build_groups
-from onnxprune.analysis.removal import masked_twin_error
-from onnxprune.model import Model, from_proto
+from onnxprune.analysis.channels.groups import build_groups
+from onnxprune.ir.load import from_proto
+from onnxprune.ir.model import Model
+from onnxprune.testing import masked_twin_error
 
 ATOL = 1e-5
 
@@ -347,7 +348,7 @@ def test_layernorm_over_channels_blocked_unless_approximate() -> None:
     assert ("gam", 0, "param") in {(s.initializer, s.axis, s.role) for s in ga.slices}
     from onnxprune.analysis.removal import apply_removal
     from onnxprune.check import run_model
-    from onnxprune.pass_infra import verify_model
+    from onnxprune.pipeline.manager import verify_model
 
     pruned = model.copy()
     ga = {g.name: g for g in build_groups(pruned, allow_approximate=True)}["a"]

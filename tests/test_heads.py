@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxprune.passes.heads import channel_means
 
 from models import build_transformer_block, random_inputs
 from onnxprune import load, optimize
 from onnxprune.check import run_model
 from onnxprune.errors import PipelineError
-from onnxprune.model import Model
-from onnxprune.passes.heads import channel_means
+from onnxprune.ir.model import Model
 from tests.test_attention import build_attention
 
 PER_HEAD = 3 * (64 * 16 + 16) + 16 * 64  # Q/K/V columns + biases, output-projection rows

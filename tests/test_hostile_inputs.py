@@ -20,7 +20,12 @@ from hypothesis import strategies as st
 
 import onnxprune
 from onnxprune.cli import main
-from onnxprune.errors import ModelLoadError, OnnxPruneError, PipelineError, UnsupportedModelError
+from onnxprune.errors import (
+    ModelLoadError,
+    OnnxPruneError,
+    PipelineError,
+    UnsupportedModelError,
+)
 from scripts.hostile_corpus import Case, _builders, _tiny_model, digest
 
 BUILDERS = dict(_builders())
@@ -160,7 +165,7 @@ def test_no_pass_touches_an_overridable_initializer(name: str) -> None:
     """An initializer that is also a graph input may be replaced at run time: every pass leaves it be."""
     from onnx import TensorProto, helper
 
-    from onnxprune.model import from_proto
+    from onnxprune.ir.load import from_proto
 
     proto = _tiny_model(big=True)
     proto.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [64, 64]))
@@ -192,12 +197,12 @@ def test_inspect_and_check_refuse_too(tmp_path: Path, key: str, command: str,
 @pytest.mark.parametrize("key", REFUSED)
 def test_streaming_parser_refuses_too(tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same corpus through the field-by-field parser used for files over 64 MB (forced here)."""
-    import onnxprune.model as model_mod
+    import onnxprune.ir.load as load_mod
 
-    if not hasattr(model_mod, "STREAM_PARSE_BYTES"):
+    if not hasattr(load_mod, "STREAM_PARSE_BYTES"):
         pytest.skip("this build has no streaming parser")
-    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 100)
-    monkeypatch.setattr(model_mod, "INLINE_REF_BYTES", 1000, raising=False)
+    monkeypatch.setattr(load_mod, "STREAM_PARSE_BYTES", 100)
+    monkeypatch.setattr(load_mod, "INLINE_REF_BYTES", 1000, raising=False)
     case = _make(tmp_path, key)
     digests, listing = _snapshot(case)
     with pytest.raises(OnnxPruneError) as info:

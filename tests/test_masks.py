@@ -1,4 +1,4 @@
-"""Tests of the mask maths (onnxprune.sparsity) and the ``masks`` / ``nm`` passes."""
+"""Tests of the mask maths (onnxprune.criteria.masks) and the ``masks`` / ``nm`` passes."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from onnx import numpy_helper as nh
 import onnxprune
 from onnxprune.check import run_model
 from onnxprune.cli import main
+from onnxprune.criteria.masks import is_nm, nm_mask, topk_mask
+from onnxprune.criteria.registry import prune_weight_kn
 from onnxprune.errors import CalibrationError, PassError, PipelineError
-from onnxprune.model import from_proto
-from onnxprune.pass_infra import PassContext, get_pass
-from onnxprune.sparsity import is_nm, nm_mask, prune_weight_kn, topk_mask
+from onnxprune.ir.load import from_proto
+from onnxprune.pipeline.base import PassContext
+from onnxprune.pipeline.registry import get_pass
 
 # ---------------------------------------------------------------------- the maths
 
@@ -92,7 +94,7 @@ def test_prune_weight_kn_magnitude_persistence_and_dtype():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int8])
 def test_apply_mask_bit_exact(dtype):
-    from onnxprune.sparsity import apply_mask
+    from onnxprune.criteria.masks import apply_mask
 
     rng = np.random.default_rng(0)
     W = (rng.standard_normal((8, 6)) * 50).astype(dtype)
@@ -505,10 +507,10 @@ def test_cnn_builder_grouped_and_depthwise():
 @pytest.fixture()
 def streamed(monkeypatch):
     """Make onnxprune.load take its large-file path (streamed parse, raw data mapped) for small files."""
-    import onnxprune.model as model_mod
+    import onnxprune.ir.load as load_mod
 
-    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 0)
-    monkeypatch.setattr(model_mod, "INLINE_REF_BYTES", 1024)
+    monkeypatch.setattr(load_mod, "STREAM_PARSE_BYTES", 0)
+    monkeypatch.setattr(load_mod, "INLINE_REF_BYTES", 1024)
 
 
 def test_streamed_load_masks_and_single_file_save(tmp_path, streamed):

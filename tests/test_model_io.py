@@ -12,10 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 import onnxprune.cli
-import onnxprune.model as model_mod
+import onnxprune.ir.save as save_mod
 from onnxprune.check import run_model
 from onnxprune.errors import ModelLoadError, ModelSaveError
-from onnxprune.model import from_proto, load, save
+from onnxprune.ir.load import from_proto, load
+from onnxprune.ir.save import save
 
 
 def _rich_model() -> onnx.ModelProto:
@@ -142,7 +143,7 @@ def test_refuses_to_overwrite_input_external_data(tmp_path: Path) -> None:
 
 
 def test_large_model_switches_to_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_mod, "EXTERNAL_DATA_LIMIT", 10_000)
+    monkeypatch.setattr(save_mod, "EXTERNAL_DATA_LIMIT", 10_000)
     rng = np.random.default_rng(0)
     m = from_proto(helper.make_model(helper.make_graph(
         [helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",

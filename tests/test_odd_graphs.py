@@ -22,7 +22,7 @@ from models import build_cnn, build_mlp, build_transformer_block, random_inputs
 from onnxprune.check import run_model
 from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
 
 RNG = np.random.default_rng(0)
 
@@ -246,7 +246,7 @@ def test_nested_subgraph_outer_reference() -> None:
     x = np.ones(2, np.float32)
     out = _roundtrip_cleanup(m, [{"c": np.array(True), "x": x}, {"c": np.array(False), "x": x}])
     assert "Deep" in {t.name for t in out.graph.initializer}
-    assert onnxprune.pass_infra.remove_dead_code(out) == 0
+    assert onnxprune.pipeline.manager.remove_dead_code(out) == 0
 
 
 # ---------------------------------------------------------------------- custom ops, functions

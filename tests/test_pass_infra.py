@@ -14,20 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import pass_infra
 from onnxprune.errors import PassError, PipelineError
-from onnxprune.model import Model, from_proto
-from onnxprune.pass_infra import (
-    Pass,
-    PassContext,
-    PassManager,
-    PassResult,
-    build_options,
-    load_recipe,
-    parse_pipeline,
-    parse_pipeline_spec,
-    register_pass,
-)
+from onnxprune.ir.load import from_proto
+from onnxprune.ir.model import Model
+from onnxprune.pipeline import manager, registry
+from onnxprune.pipeline.base import Pass, PassContext, PassResult
+from onnxprune.pipeline.manager import PassManager
+from onnxprune.pipeline.options import build_options
+from onnxprune.pipeline.registry import register_pass
+from onnxprune.pipeline.spec import load_recipe, parse_pipeline, parse_pipeline_spec
 
 
 @dataclass
@@ -100,13 +95,13 @@ class CheckAnalysesPass(Pass):
 @pytest.fixture(autouse=True)
 def toy_passes() -> Iterator[None]:
     """Register the toy passes for one test, then remove them (the fuzzer must not see them)."""
-    pass_infra.registered_passes()
+    registry.registered_passes()
     classes = (ToyPass, BreakPass, CrashPass, CheckAnalysesPass)
     for cls in classes:
         register_pass(cls)
     yield
     for cls in classes:
-        pass_infra._REGISTRY.pop(cls.name, None)
+        registry._REGISTRY.pop(cls.name, None)
 
 
 def _model() -> Model:
@@ -222,7 +217,7 @@ def test_register_pass_rejects_bad_definitions() -> None:
 
 
 def test_registry_is_sorted_and_contains_builtins() -> None:
-    names = list(pass_infra.registered_passes())
+    names = list(registry.registered_passes())
     assert names == sorted(names) and "cleanup" in names
 
 
@@ -276,7 +271,7 @@ def test_remove_dead_code_keeps_subgraph_outer_reads() -> None:
     proto.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "K"))
     proto.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "unused"))
     m = from_proto(proto)
-    assert pass_infra.remove_dead_code(m) == 2
+    assert manager.remove_dead_code(m) == 2
     assert [t.name for t in m.graph.initializer] == ["K"] and [n.op_type for n in m.graph.node] == ["If"]
     onnx.checker.check_model(m.proto)
 

@@ -16,7 +16,8 @@ from onnxprune.analysis.removal import (
     positions,
 )
 from onnxprune.errors import PassError
-from onnxprune.model import Model, from_proto
+from onnxprune.ir.load import from_proto
+from onnxprune.ir.model import Model
 
 
 def _model(inits: dict[str, np.ndarray], nodes: list[onnx.NodeProto] | None = None) -> Model:

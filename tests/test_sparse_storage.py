@@ -14,7 +14,7 @@ import pytest
 import onnxprune
 from models import build_transformer_block, random_inputs
 from onnxprune.cli import main
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
 
 
 def _ort(path) -> dict[str, np.ndarray]:

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from models import build_cnn, build_transformer_block
-from onnxprune.analysis.tensorrt_eligibility import format_tensorrt, inspect_tensorrt
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
+from onnxprune.tensorrt.eligibility import format_tensorrt, inspect_tensorrt
 
 F16 = TensorProto.FLOAT16
 F32 = TensorProto.FLOAT

@@ -323,9 +323,9 @@ from types import SimpleNamespace  # noqa: E402
 
 import onnxprune  # noqa: E402
 from onnxprune.errors import PassError, PipelineError  # noqa: E402
-from onnxprune.model import from_proto  # noqa: E402
-from onnxprune.pass_infra import get_pass  # noqa: E402
-from onnxprune.trt_support import (  # noqa: E402
+from onnxprune.ir.load import from_proto  # noqa: E402
+from onnxprune.pipeline.registry import get_pass  # noqa: E402
+from onnxprune.tensorrt.trtexec import (
     DEFAULT_BATCH,
     DEFAULT_DIM,
     BuildSettings,
@@ -478,7 +478,7 @@ def _no_trt(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing() -> Any:
         raise ImportError("No module named 'tensorrt'")
 
-    monkeypatch.setattr(tp, "_import_tensorrt", missing)
+    monkeypatch.setattr(tp, "import_tensorrt", missing)
 
 
 def test_missing_tensorrt_raises_with_trtexec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -650,7 +650,7 @@ def test_build_engine_api_sequence_with_stand_in(monkeypatch: pytest.MonkeyPatch
     import onnxprune.passes.tensorrt as tp
 
     fake = _FakeTRT(version)
-    monkeypatch.setattr(tp, "_import_tensorrt", lambda: fake)
+    monkeypatch.setattr(tp, "import_tensorrt", lambda: fake)
     engine = tmp_path / "m.engine"
     cache = tmp_path / "tc.bin"
     cache.write_bytes(b"OLD")

@@ -1,4 +1,4 @@
-"""Tests of the Wanda criterion (onnxprune.criteria_calib.wanda_prune) and the OWL allocation."""
+"""Tests of the Wanda criterion (onnxprune.criteria.wanda.wanda_prune) and the OWL allocation."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from models import build_transformer_block
-from onnxprune.allocation import outlier_ratio, owl_sparsities, weighted_mean
 from onnxprune.analysis.weights import find_weights, to_kn
-from onnxprune.criteria_calib import nm_groups_ok, prune_with_calibration, wanda_prune, wanda_scores
+from onnxprune.criteria.masks import nm_groups_ok
+from onnxprune.criteria.owl import outlier_ratio, owl_sparsities, weighted_mean
+from onnxprune.criteria.wanda import wanda_prune, wanda_scores
 from onnxprune.errors import CalibrationError, PipelineError
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
 
 
 def _layer(K: int = 16, N: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -95,21 +96,24 @@ def _calib(seed: int = 0, n: int = 3) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def test_prune_with_calibration_owl_and_errors() -> None:
+def test_masks_owl_allocation_and_errors() -> None:
+    from onnxprune import optimize
+
     model = from_proto(build_transformer_block(layers=2))
     weights = [w for w in find_weights(model) if not w.skip_reason]
-    rep = prune_with_calibration(model, weights, _calib(), criterion="wanda", sparsity=0.6, allocation="owl",
-                                 owl_lambda=0.1)
+    res = optimize(model, "masks(sparsity=0.6,criterion=wanda,allocation=owl,owl_lambda=0.1)", calibration=_calib())
+    pruned = res.model
+    achieved = {w.name: float((to_kn(pruned.get_array(w.name), w) == 0).mean()) for w in weights}
     sizes = {w.name: w.size for w in weights}
-    assert weighted_mean(rep["target"], sizes) == pytest.approx(0.6, abs=1e-6)
-    assert len(set(np.round(list(rep["target"].values()), 6))) > 1
-    for w in weights:  # achieved = floor(target*K)/K per column
-        z = float((to_kn(model.get_array(w.name), w) == 0).mean())
-        assert z == pytest.approx(rep["target"][w.name], abs=1.0 / w.shape[0] + 1e-9)
+    # per-layer targets differ (OWL), their parameter-weighted mean is the global target
+    assert len(set(np.round(list(achieved.values()), 2))) > 1
+    assert weighted_mean(achieved, sizes) == pytest.approx(0.6, abs=0.02)
+    assert all(0.6 - 0.1 - 1e-6 - 1.0 / w.shape[0] <= achieved[w.name] <= 0.6 + 0.1 + 1e-6 for w in weights)
     with pytest.raises(CalibrationError, match="needs calibration data"):
-        prune_with_calibration(model, weights, None, criterion="wanda", sparsity=0.5)
-    with pytest.raises(PipelineError, match="N:M"):
-        prune_with_calibration(model, weights, _calib(), criterion="wanda", nm=(2, 4), allocation="owl")
+        optimize(from_proto(build_transformer_block(layers=2)), "masks(sparsity=0.5,criterion=wanda)")
+    with pytest.raises(PipelineError, match="owl"):
+        optimize(from_proto(build_transformer_block(layers=2)),
+                 "masks(sparsity=0.5,criterion=wanda,allocation=owl,scope=global)", calibration=_calib())
 
 
 def test_optimize_masks_wanda_end_to_end() -> None:
@@ -150,7 +154,9 @@ def test_masks_global_scope_wanda_uses_collected_stats() -> None:
 
 
 def test_owl_blocks_share_one_sparsity() -> None:
-    from onnxprune.allocation import block_keys, owl_for_weights
+    from onnxprune.passes.masks import owl_for_weights
+
+    from onnxprune.criteria.owl import block_keys
 
     model = from_proto(build_transformer_block(layers=2))
     weights = [w for w in find_weights(model) if not w.skip_reason]

@@ -14,15 +14,14 @@ from onnx import numpy_helper as nh
 from onnxprune.analysis.weights import (
     WeightInfo,
     find_weights,
-    format_nm,
     format_weights,
     from_kn,
-    inspect_nm,
     inspect_weights,
     to_kn,
     weight_map,
 )
-from onnxprune.model import from_proto
+from onnxprune.ir.load import from_proto
+from onnxprune.tensorrt.eligibility import format_nm, inspect_nm
 
 RNG = np.random.default_rng(0)
 

@@ -43,7 +43,8 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import CalibrationError
-from onnxprune.model import Model, _shell
+from onnxprune.ir.graph import make_shell
+from onnxprune.ir.model import Model
 from onnxprune.progress import progress
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def _value_types(model: Model, names: Iterable[str]) -> dict[str, int]:
             known[vi.name] = vi.type.tensor_type.elem_type
     if want - set(known):
         try:
-            inferred = onnx.shape_inference.infer_shapes(_shell(model.proto))
+            inferred = onnx.shape_inference.infer_shapes(make_shell(model.proto))
             for vi in inferred.graph.value_info:
                 if vi.name in want and vi.name not in known and vi.type.tensor_type.elem_type:
                     known[vi.name] = vi.type.tensor_type.elem_type
@@ -336,7 +337,7 @@ def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, in
     Runtime to drop.
     """
     from onnxprune.check import make_session
-    from onnxprune.model import node_outer_reads
+    from onnxprune.ir.graph import node_outer_reads
 
     graph = model.graph
     needed = set(outputs)
@@ -457,7 +458,7 @@ class SegmentRunner:
     """
 
     def __init__(self, model: Model, calib: CalibrationData, token_mask_input: str | None = "auto") -> None:
-        from onnxprune.model import node_outer_reads
+        from onnxprune.ir.graph import node_outer_reads
 
         self.model = model
         self.nodes = list(model.graph.node)
@@ -477,7 +478,7 @@ class SegmentRunner:
 
     def _session(self, seg: list[int], feeds: list[str], outputs: list[str]) -> Any:
         from onnxprune.check import make_session
-        from onnxprune.model import copy_without_initializers
+        from onnxprune.ir.graph import copy_without_initializers
 
         sub = copy_without_initializers(self.model.proto)
         g = sub.graph

@@ -42,12 +42,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.model import Model, graph_outer_reads, node_subgraphs
+from onnxprune.fmt import shorten
+from onnxprune.ir.graph import graph_outer_reads, node_subgraphs
+from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES
 
 #: Op types that carry a weight, and the ops a weight may pass through on its way there.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
 PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear")
+
 
 #: Cache key of :func:`find_weights` in a ``PassContext``.
 ANALYSIS_KEY = "weights"
@@ -401,7 +406,7 @@ def find_weights(model: Model) -> list[WeightInfo]:
 SUBGRAPH_OPS_TEXT = "If/Loop/Scan"
 
 
-def _is_weight_tensor(t: onnx.TensorProto) -> bool:
+def is_weight_tensor(t: onnx.TensorProto) -> bool:
     """A floating-point tensor of more than one element (what a sparsity pass could change)."""
     return t.data_type in FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > 1
 
@@ -452,7 +457,7 @@ def subgraph_initializers(model: Model) -> dict[str, str]:
         while stack:
             sub = stack.pop(0)
             for t in sub.initializer:
-                if _is_weight_tensor(t):
+                if is_weight_tensor(t):
                     out.setdefault(t.name, label)
             for n in sub.node:
                 stack.extend(node_subgraphs(n))
@@ -467,7 +472,7 @@ def subgraph_weights(model: Model) -> dict[str, str]:
         ``{initializer name: label of the main-graph node with the body}``.
     """
     inits = model.initializer_map()
-    out = {name: label for name, label in subgraph_reads(model).items() if _is_weight_tensor(inits[name])}
+    out = {name: label for name, label in subgraph_reads(model).items() if is_weight_tensor(inits[name])}
     for name, label in subgraph_initializers(model).items():
         out.setdefault(name, label)
     return out
@@ -516,28 +521,6 @@ def from_kn(arr2d: np.ndarray, info: WeightInfo, shape: tuple[int, ...] | None =
     return np.moveaxis(arr2d.reshape(moved_shape), 0, k)
 
 
-# ---------------------------------------------------------------------- inspect
-def trt_sparse_reason(info: WeightInfo) -> str | None:
-    """Why TensorRT could not run this weight on sparse tensor cores (None if it could).
-
-    TensorRT needs a constant weight, 2:4 along K with K % 4 == 0, and no grouped convolution.
-    """
-    if info.op_type not in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
-        return f"{info.op_type} is not a GEMM-like op"
-    if info.k_axis is None:
-        return "K axis not traceable"
-    if info.conflict:
-        return "shared with conflicting axes"
-    if info.op_type in ("Conv", "ConvTranspose") and info.group > 1:
-        return f"grouped convolution (group={info.group})"
-    if info.op_type == "MatMul" and len(info.shape) != 2:
-        return f"MatMul weight is {len(info.shape)}-D (TensorRT needs a 2-D constant)"
-    k = info.k or 0
-    if k % 4:
-        return f"K={k} is not a multiple of 4"
-    return None
-
-
 def inspect_weights(model: Model) -> list[dict[str, Any]]:
     """The prunable-weights table for ``onnxprune inspect``: one dict per weight."""
     from onnxprune.summary import count_nonzero
@@ -553,9 +536,6 @@ def inspect_weights(model: Model) -> list[dict[str, Any]]:
         rows.append(d)
     return rows
 
-
-def _short(name: str, width: int) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def format_weights(data: list[dict[str, Any]]) -> str:
@@ -576,118 +556,8 @@ def format_weights(data: list[dict[str, Any]]) -> str:
             notes.append("skip: " + r["skip_reason"])
         k = "-" if r["k_axis"] is None else str(r["k_axis"])
         n = "-" if r["n_axis"] is None else str(r["n_axis"])
-        lines.append(f"{_short(r['name'], 44):<44} {r['op_type']:<13} {str(r['shape']):<18} {r['dtype']:<8} "
+        lines.append(f"{shorten(r['name'], 44):<44} {r['op_type']:<13} {str(r['shape']):<18} {r['dtype']:<8} "
                      f"{k:>4} {n:>4} {r['sparsity']:>8.2%}  {'; '.join(notes)}".rstrip())
-    return "\n".join(lines)
-
-
-def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
-    """Check every weight for N:M sparsity along K, and TensorRT sparse-tensor-core eligibility.
-
-    Returns:
-        ``{"n", "m", "weights": [...], "summary": {...}, "tensorrt": [...]}``. Each weight entry
-        has ``status`` (``ok`` / ``violates`` / ``skipped``), ``violating_groups``, ``groups``,
-        ``first_violations`` (element indices in the initializer's layout) and ``reason``.
-
-    Raises:
-        PipelineError: ``n``/``m`` out of range.
-    """
-    from onnxprune.errors import PipelineError
-    from onnxprune.sparsity import is_nm
-
-    if m < 2 or n < 1 or n >= m:
-        raise PipelineError(f"--nm {n}:{m}: need 1 <= N < M and M >= 2")
-    entries = []
-    trt = []
-    counts = {"ok": 0, "violates": 0, "skipped": 0}
-    for w in find_weights(model):
-        e: dict[str, Any] = {"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "k_axis": w.k_axis,
-                             "k": w.k, "status": "skipped", "groups": 0, "violating_groups": 0,
-                             "first_violations": [], "reason": None}
-        if w.k_axis is None or w.conflict:
-            e["reason"] = w.conflict or w.skip_reason or "K axis not traceable"
-        elif (w.k or 0) % m:
-            e["reason"] = f"K={w.k} is not a multiple of {m}"
-        else:
-            arr = model.get_array(w.name)
-            if w.quant is not None:
-                arr = _quant_zero_mask(model, w, arr)
-            ok, bad, first = is_nm(to_kn(np.asarray(arr), w), n, m)
-            e["groups"] = int(w.size // m)
-            e["violating_groups"] = int(bad)
-            e["first_violations"] = [_kn_to_index(k_idx, col, w) for k_idx, col in first]
-            e["status"] = "ok" if ok else "violates"
-        counts[e["status"]] += 1
-        entries.append(e)
-        reason = trt_sparse_reason(w)
-        trt.append({"name": w.name, "op_type": w.op_type, "nodes": w.nodes, "shape": list(w.shape),
-                    "eligible": reason is None, "reason": reason, "nm_ok": e["status"] == "ok",
-                    "size_note": _size_note(w) if reason is None else None})
-    summary = dict(counts)
-    summary["weights"] = len(entries)
-    summary["tensorrt_eligible"] = sum(1 for t in trt if t["eligible"])
-    summary["tensorrt_eligible_and_sparse"] = sum(1 for t in trt if t["eligible"] and t["nm_ok"])
-    return {"n": n, "m": m, "weights": entries, "summary": summary, "tensorrt": trt}
-
-
-#: Below this K·N a 2:4 GEMM measured no better than dense on H100 (see FACTS.md: BERT-base
-#: 768x3072 layers gained 0-15% at 4k-16k tokens and lost at 512; 4096x4096 gained 1.1-1.4x).
-SPARSE_BENEFIT_MIN_KN = 4096 * 4096
-
-
-def _size_note(w: WeightInfo) -> str:
-    k = w.k or 0
-    kn = k * (w.size // k if k else 0)
-    if kn >= SPARSE_BENEFIT_MIN_KN:
-        return "large enough to gain from 2:4 (~1.1-1.5x on H100 at many tokens)"
-    return "small (K*N < 4096^2): expect little or no 2:4 speedup (BERT-base-sized layers: 0.5-1.15x)"
-
-
-def _quant_zero_mask(model: Model, w: WeightInfo, q: np.ndarray) -> np.ndarray:
-    """For an integer weight behind DequantizeLinear: 1 where the dequantized value is non-zero."""
-    from onnxprune.sparsity import quant_zero_points
-
-    zp = quant_zero_points(model, w)
-    return (np.asarray(q) != zp).astype(np.int8)
-
-
-def _kn_to_index(k_idx: int, col: int, w: WeightInfo) -> list[int]:
-    """Element index in the initializer layout of ``[k_idx, col]`` in the ``to_kn`` layout."""
-    assert w.k_axis is not None
-    rest = tuple(s for i, s in enumerate(w.shape) if i != w.k_axis)
-    rest_idx = list(np.unravel_index(col, rest)) if rest else []
-    idx = [int(v) for v in rest_idx]
-    idx.insert(w.k_axis, int(k_idx))
-    return idx
-
-
-def format_nm(data: dict[str, Any]) -> str:
-    """Text report of :func:`inspect_nm`."""
-    n, m, s = data["n"], data["m"], data["summary"]
-    lines = [f"{n}:{m} sparsity along K: {s['ok']} ok, {s['violates']} violate, {s['skipped']} skipped "
-             f"(of {s['weights']} weights)"]
-    if data["weights"]:
-        head = f"{'weight':<44} {'shape':<18} {'K':>6} {'status':<9} {'bad groups':>12}  detail"
-        lines += [head, "-" * len(head)]
-        for e in data["weights"]:
-            if e["status"] == "violates":
-                detail = "first at " + ", ".join(str(v) for v in e["first_violations"][:3])
-                bad = f"{e['violating_groups']}/{e['groups']}"
-            elif e["status"] == "ok":
-                detail, bad = "", f"0/{e['groups']}"
-            else:
-                detail, bad = e["reason"] or "", "-"
-            k = "-" if e["k"] is None else str(e["k"])
-            lines.append(f"{_short(e['name'], 44):<44} {str(e['shape']):<18} {k:>6} {e['status']:<9} {bad:>12}  "
-                         f"{detail}".rstrip())
-    lines.append("")
-    lines.append(f"TensorRT sparse tensor cores (constant weight, K % 4 == 0, not grouped Conv): "
-                 f"{s['tensorrt_eligible']} eligible, {s['tensorrt_eligible_and_sparse']} eligible and {n}:{m}")
-    for t in data["tensorrt"]:
-        state = "eligible" if t["eligible"] else "no"
-        extra = ((f"{n}:{m} ok" if t["nm_ok"] else f"not {n}:{m}") + f"; {t['size_note']}") if t["eligible"] \
-            else t["reason"]
-        lines.append(f"  {_short(t['name'], 44):<44} {t['op_type']:<13} {str(t['shape']):<18} {state:<8} {extra}")
     return "\n".join(lines)
 
 
@@ -697,10 +567,3 @@ def match_names(pattern: str | None, info: WeightInfo) -> bool:
         return False
     rx = re.compile(pattern)
     return bool(rx.search(info.name) or any(rx.search(n) for n in info.nodes))
-
-
-__all__ = [
-    "ANALYSIS_KEY", "QuantInfo", "WeightInfo", "find_weights", "format_nm", "format_weights", "from_kn",
-    "get_weights", "inspect_nm", "inspect_weights", "match_names", "node_label", "subgraph_initializers",
-    "subgraph_reads", "subgraph_skip_reason", "subgraph_weights", "to_kn", "trt_sparse_reason", "weight_map",
-]

@@ -1,0 +1,434 @@
+"""Which GEMM-like layers TensorRT could run on sparse tensor cores, and what share of the FLOPs.
+
+For every Conv / ConvTranspose / MatMul / Gemm node the report gives its constant weight (found by
+:mod:`onnxprune.analysis.weights`), the weight's shape and dtype, the compute dtype (the node's
+inferred output type), ``K`` (reduction length) and ``N``, whether the weight is 2:4 along K, and
+whether TensorRT could pick a sparse kernel for it. TensorRT's rules (see docs/FACTS):
+
+* a constant weight (a MatMul of two activations, e.g. attention scores, never runs sparse);
+* Convolution weights ``[N, C, kh, kw]`` 2:4 along C with ``C % 4 == 0`` and ``group == 1``
+  (grouped and depthwise convolutions are never considered); MatMul / Gemm with a constant 2-D
+  weight, 2:4 along its reduction axis (``K % 4 == 0``); ConvTranspose is not a documented
+  sparse layer;
+* FP16, BF16, INT8 (Q/DQ) or FP8 math: TensorRT 11 networks are strongly typed, so an FP32 ONNX
+  builds FP32 layers and gets no sparse tactics (run the ``fp16`` pass first);
+* ``BuilderFlag.SPARSE_WEIGHTS`` at build time; TensorRT then times dense and sparse kernels and
+  keeps the faster, so eligibility is necessary, not sufficient.
+
+``eligible`` is true when every rule holds *and* the weight is 2:4 along K. Layers with
+``K·N < 4096·4096`` (Conv: ``K = C·kh·kw``) get the note ``small``: on an H100 (cuSPARSELt 0.8, FP16) BERT-base-sized
+GEMMs ran 0.7–1.15× dense and Llama-7B-sized ones 1.1–1.5×, so small layers rarely gain.
+
+FLOPs: ``2 · prod(output shape) · K`` per layer (Conv: ``K = C/group · kh · kw``), from shape
+inference with symbolic dims resolved by ``dims`` (name -> value); unresolved dims count as 1 on
+axis 0 (batch) and :data:`DEFAULT_DIM` elsewhere. ``eligible_flops_share`` is the eligible layers'
+share of the total over all listed layers (attention's activation-activation MatMuls included).
+
+Preconditions: the model passed the checker. Weight values are read only for the 2:4 check.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis.weights import (
+    WEIGHT_OPS,
+    WeightInfo,
+    find_weights,
+    node_label,
+    to_kn,
+)
+from onnxprune.fmt import shorten
+from onnxprune.ir.graph import make_shell
+from onnxprune.ir.model import Model
+
+log = logging.getLogger(__name__)
+
+
+#: Value of a symbolic dimension (other than axis 0) when computing FLOPs.
+DEFAULT_DIM = 128
+
+
+#: Below this K·N a sparse kernel rarely beats dense (H100 measurements in FACTS.md).
+SMALL_KN = 4096 * 4096
+
+
+SPARSE_DTYPES = {"float16": "FP16", "bfloat16": "BF16", "int8": "INT8", "float8e4m3fn": "FP8",
+                 "float8e5m2": "FP8", "float8e4m3fnuz": "FP8", "float8e5m2fnuz": "FP8"}
+
+
+STRONGLY_TYPED_NOTE = ("TensorRT 11 is strongly typed: an FP32 ONNX builds FP32 layers and gets no sparse "
+                       "tactics; convert with the fp16 pass first")
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _infer(model: Model) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
+    """Shapes (ints, dim names or None) and element types of the main graph's tensors."""
+    shell = make_shell(model.proto)
+    del shell.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shell, strict_mode=False, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference is best effort here
+        log.debug("shape inference failed: %s", exc)
+        inferred = shell
+    shapes: dict[str, list[int | str | None]] = {}
+    types: dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            continue
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                               for d in tt.shape.dim]
+    for t in model.graph.initializer:
+        shapes[t.name] = [int(d) for d in t.dims]
+        types[t.name] = t.data_type
+    return shapes, types
+
+
+def _resolve(shape: list[int | str | None] | None, dims: Mapping[str, int]) -> tuple[int | None, list[str]]:
+    """Product of a shape with symbolic dims substituted; also which dims were assumed."""
+    if shape is None:
+        return None, []
+    total, assumed = 1, []
+    for axis, d in enumerate(shape):
+        if isinstance(d, int) and d > 0:
+            total *= d
+        elif isinstance(d, str) and d in dims:
+            total *= int(dims[d])
+        else:
+            v = 1 if axis == 0 else DEFAULT_DIM
+            named = isinstance(d, str) and not d.startswith("unk__")
+            assumed.append(f"{d}={v}" if named else f"unnamed dims on axis {'0' if axis == 0 else '>0'}={v}")
+            total *= v
+    return total, assumed
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _weight_of(node_lbl: str, by_node: dict[str, list[WeightInfo]]) -> WeightInfo | None:
+    infos = by_node.get(node_lbl, [])
+    return infos[0] if infos else None
+
+
+def _is_24(model: Model, info: WeightInfo) -> bool | None:
+    if info.k_axis is None or (info.k or 0) % 4:
+        return None
+    arr = np.asarray(model.get_array(info.name))
+    if info.quant is not None:
+        from onnxprune.analysis.quant import quant_zero_points
+
+        arr = (arr != quant_zero_points(model, info)).astype(np.int8)
+    kn = to_kn(arr, info)
+    nz = (kn != 0).reshape(kn.shape[0] // 4, 4, -1)
+    return bool((nz.sum(axis=1) <= 2).all())
+
+
+def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """TensorRT sparse-tensor-core eligibility of every Conv/ConvTranspose/MatMul/Gemm.
+
+    Args:
+        model: The model.
+        dims: Values of symbolic dimensions for the FLOP count.
+
+    Returns:
+        ``{"layers": [...], "summary": {...}, "notes": [...]}``; each layer has ``node``,
+        ``op_type``, ``weight``, ``weight_shape``, ``weight_dtype``, ``compute_dtype``, ``K``, ``N``,
+        ``nm_24``, ``eligible`` (bool), ``reasons`` (why not), ``notes`` and ``flops``.
+    """
+    dims = dict(dims or {})
+    shapes, types = _infer(model)
+    by_node: dict[str, list[WeightInfo]] = {}
+    for info in find_weights(model):
+        for lbl in info.nodes:
+            by_node.setdefault(lbl, []).append(info)
+    nm_cache: dict[str, bool | None] = {}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    consumers_of: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers_of.setdefault(x, set()).update(n.output)
+
+    def weight_chain(info: WeightInfo) -> set[str]:
+        """The initializer and the tensors its pass-through chain produces."""
+        chain, frontier = {info.name}, [info.name]
+        while frontier:
+            t = frontier.pop()
+            for o in consumers_of.get(t, ()):
+                if producers.get(o) in ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear") and o not in chain:
+                    chain.add(o)
+                    frontier.append(o)
+        return chain
+
+    layers: list[dict[str, Any]] = []
+    assumed_all: set[str] = set()
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        lbl = node_label(node, idx)
+        info = _weight_of(lbl, by_node)
+        out_type = types.get(node.output[0]) if node.output else None
+        compute = _dtype_name(out_type) if out_type else None
+        reasons: list[str] = []
+        notes: list[str] = []
+        entry: dict[str, Any] = {"node": lbl, "op_type": node.op_type, "weight": None, "weight_shape": None,
+                                 "weight_dtype": None, "compute_dtype": compute, "K": None, "N": None,
+                                 "group": int(_attr(node, "group", 1)), "nm_24": None}
+        k_len: int | None = None
+        if info is None:
+            reasons.append("dynamic weight: no constant operand (activation x activation)")
+            a = shapes.get(node.input[0]) if node.input else None
+            if node.op_type == "MatMul" and a and isinstance(a[-1], int) and a[-1] > 0:
+                k_len = a[-1]
+        else:
+            entry.update(weight=info.name, weight_shape=list(info.shape), weight_dtype=info.dtype,
+                         K=info.k, N=(int(info.shape[info.n_axis]) if info.n_axis is not None else None))
+            k_len = info.k
+            if info.via:
+                notes.append("via " + ">".join(info.via))
+            if node.op_type == "ConvTranspose":
+                reasons.append("ConvTranspose is not a documented TensorRT sparse layer")
+            if node.op_type in ("Conv", "ConvTranspose") and info.group > 1:
+                reasons.append(f"grouped convolution (group={info.group}) is never run sparse")
+            if node.op_type == "MatMul" and len(info.shape) != 2:
+                reasons.append(f"MatMul weight is {len(info.shape)}-D (TensorRT needs a constant 2-D weight)")
+            if info.conflict:
+                reasons.append(info.conflict)
+            if info.k_axis is None:
+                reasons.append("K axis not traceable" + (f" ({info.skip_reason})" if info.skip_reason else ""))
+            elif (info.k or 0) % 4:
+                reasons.append(f"K={info.k} is not a multiple of 4")
+            if info.quant is not None:
+                act = next((x for x in node.input[:2] if x and x not in weight_chain(info)), None)
+                if act is not None and producers.get(act) == "DequantizeLinear":
+                    compute = "int8"
+                    entry["compute_dtype"] = "int8 (Q/DQ)"
+                else:
+                    notes.append("weight-only quantization: the activation is not quantized, so the layer "
+                                 f"computes in {compute}")
+            if compute not in SPARSE_DTYPES:
+                if compute == "float32":
+                    reasons.append("FP32 math: " + STRONGLY_TYPED_NOTE)
+                else:
+                    reasons.append(f"{compute or 'unknown'} math: sparse kernels need FP16, BF16, INT8 or FP8")
+            if node.op_type == "MatMul" and info.k_axis is not None and info.k_axis == len(info.shape) - 1 \
+                    and len(info.shape) == 2:
+                notes.append("constant is the first MatMul operand (W @ x)")
+            if info.name not in nm_cache:
+                nm_cache[info.name] = _is_24(model, info) if info.k_axis is not None else None
+            entry["nm_24"] = nm_cache[info.name]
+            k_gemm = int(np.prod(info.shape[1:])) if node.op_type == "Conv" and len(info.shape) > 2 else (info.k or 0)
+            kn = k_gemm * (entry["N"] or 0)  # Conv: implicit GEMM with K = C*kh*kw
+            if kn and kn < SMALL_KN:
+                notes.append("small: K*N < 4096*4096, sparse kernels rarely beat dense here")
+        structural = not reasons
+        entry["eligible"] = bool(structural and entry["nm_24"])
+        if structural and entry["nm_24"] is False:
+            reasons.append("weight is not 2:4 along K (run nm(n=2,m=4))")
+        entry["reasons"] = reasons
+        entry["notes"] = notes
+        entry["structurally_eligible"] = structural
+        flops = None
+        out_shape = shapes.get(node.output[0]) if node.output else None
+        out_elems, assumed = _resolve(out_shape, dims)
+        if node.op_type in ("Conv", "ConvTranspose") and info is not None and len(info.shape) >= 3:
+            k_len = int(np.prod(info.shape[1:])) if node.op_type == "Conv" else int(np.prod(info.shape[1:]))
+        if out_elems is not None and k_len:
+            flops = 2.0 * out_elems * k_len
+            assumed_all.update(assumed)
+        entry["flops"] = flops
+        layers.append(entry)
+    total = sum(e["flops"] or 0.0 for e in layers)
+    elig = sum(e["flops"] or 0.0 for e in layers if e["eligible"])
+    struct = sum(e["flops"] or 0.0 for e in layers if e["structurally_eligible"])
+    notes = []
+    if any("FP32 math" in r for e in layers for r in e["reasons"]):
+        notes.append(STRONGLY_TYPED_NOTE)
+    if assumed_all:
+        notes.append("FLOPs assume symbolic dims " + ", ".join(sorted(assumed_all)) + " (pass dims to change)")
+    summary = {
+        "layers": len(layers),
+        "eligible": sum(1 for e in layers if e["eligible"]),
+        "structurally_eligible": sum(1 for e in layers if e["structurally_eligible"]),
+        "small_eligible": sum(1 for e in layers if e["eligible"] and any(n.startswith("small") for n in e["notes"])),
+        "total_flops": total,
+        "eligible_flops": elig,
+        "eligible_flops_share": (elig / total) if total else 0.0,
+        "structural_flops_share": (struct / total) if total else 0.0,
+    }
+    return {"layers": layers, "summary": summary, "notes": notes}
+
+
+
+def format_tensorrt(data: dict[str, Any]) -> str:
+    """Text table of :func:`inspect_tensorrt`."""
+    s = data["summary"]
+    lines = [f"TensorRT sparse tensor cores: {s['eligible']} of {s['layers']} GEMM-like layers eligible "
+             f"({s['eligible_flops_share']:.1%} of FLOPs; {s['structurally_eligible']} would be with 2:4 weights, "
+             f"{s['structural_flops_share']:.1%} of FLOPs; {s['small_eligible']} eligible but small)"]
+    if not data["layers"]:
+        return lines[0]
+    head = f"{'node':<46} {'op':<8} {'weight shape':<16} {'dtype':<9} {'K':>6} {'N':>6} {'2:4':<4} {'sparse':<7} why / notes"
+    lines += [head, "-" * len(head)]
+    for e in data["layers"]:
+        nm = "-" if e["nm_24"] is None else ("yes" if e["nm_24"] else "no")
+        k = "-" if e["K"] is None else str(e["K"])
+        n = "-" if e["N"] is None else str(e["N"])
+        why = "; ".join(e["reasons"] + e["notes"])
+        dtype = (e["compute_dtype"] or "?")[:9]
+        lines.append(f"{shorten(e['node'], 46):<46} {e['op_type']:<8} {str(e['weight_shape'] or '-'):<16} "
+                     f"{dtype:<9} {k:>6} {n:>6} {nm:<4} {'YES' if e['eligible'] else 'no':<7} {why}".rstrip())
+    for note in data.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- inspect
+def trt_sparse_reason(info: WeightInfo) -> str | None:
+    """Why TensorRT could not run this weight on sparse tensor cores (None if it could).
+
+    TensorRT needs a constant weight, 2:4 along K with K % 4 == 0, and no grouped convolution.
+    """
+    if info.op_type not in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
+        return f"{info.op_type} is not a GEMM-like op"
+    if info.k_axis is None:
+        return "K axis not traceable"
+    if info.conflict:
+        return "shared with conflicting axes"
+    if info.op_type in ("Conv", "ConvTranspose") and info.group > 1:
+        return f"grouped convolution (group={info.group})"
+    if info.op_type == "MatMul" and len(info.shape) != 2:
+        return f"MatMul weight is {len(info.shape)}-D (TensorRT needs a 2-D constant)"
+    k = info.k or 0
+    if k % 4:
+        return f"K={k} is not a multiple of 4"
+    return None
+
+
+def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
+    """Check every weight for N:M sparsity along K, and TensorRT sparse-tensor-core eligibility.
+
+    Returns:
+        ``{"n", "m", "weights": [...], "summary": {...}, "tensorrt": [...]}``. Each weight entry
+        has ``status`` (``ok`` / ``violates`` / ``skipped``), ``violating_groups``, ``groups``,
+        ``first_violations`` (element indices in the initializer's layout) and ``reason``.
+
+    Raises:
+        PipelineError: ``n``/``m`` out of range.
+    """
+    from onnxprune.criteria.masks import is_nm
+    from onnxprune.errors import PipelineError
+
+    if m < 2 or n < 1 or n >= m:
+        raise PipelineError(f"--nm {n}:{m}: need 1 <= N < M and M >= 2")
+    entries = []
+    trt = []
+    counts = {"ok": 0, "violates": 0, "skipped": 0}
+    for w in find_weights(model):
+        e: dict[str, Any] = {"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "k_axis": w.k_axis,
+                             "k": w.k, "status": "skipped", "groups": 0, "violating_groups": 0,
+                             "first_violations": [], "reason": None}
+        if w.k_axis is None or w.conflict:
+            e["reason"] = w.conflict or w.skip_reason or "K axis not traceable"
+        elif (w.k or 0) % m:
+            e["reason"] = f"K={w.k} is not a multiple of {m}"
+        else:
+            arr = model.get_array(w.name)
+            if w.quant is not None:
+                arr = _quant_zero_mask(model, w, arr)
+            ok, bad, first = is_nm(to_kn(np.asarray(arr), w), n, m)
+            e["groups"] = int(w.size // m)
+            e["violating_groups"] = int(bad)
+            e["first_violations"] = [_kn_to_index(k_idx, col, w) for k_idx, col in first]
+            e["status"] = "ok" if ok else "violates"
+        counts[e["status"]] += 1
+        entries.append(e)
+        reason = trt_sparse_reason(w)
+        trt.append({"name": w.name, "op_type": w.op_type, "nodes": w.nodes, "shape": list(w.shape),
+                    "eligible": reason is None, "reason": reason, "nm_ok": e["status"] == "ok",
+                    "size_note": _size_note(w) if reason is None else None})
+    summary = dict(counts)
+    summary["weights"] = len(entries)
+    summary["tensorrt_eligible"] = sum(1 for t in trt if t["eligible"])
+    summary["tensorrt_eligible_and_sparse"] = sum(1 for t in trt if t["eligible"] and t["nm_ok"])
+    return {"n": n, "m": m, "weights": entries, "summary": summary, "tensorrt": trt}
+
+
+#: Below this K·N a 2:4 GEMM measured no better than dense on H100 (see FACTS.md: BERT-base
+#: 768x3072 layers gained 0-15% at 4k-16k tokens and lost at 512; 4096x4096 gained 1.1-1.4x).
+SPARSE_BENEFIT_MIN_KN = 4096 * 4096
+
+
+def _size_note(w: WeightInfo) -> str:
+    k = w.k or 0
+    kn = k * (w.size // k if k else 0)
+    if kn >= SPARSE_BENEFIT_MIN_KN:
+        return "large enough to gain from 2:4 (~1.1-1.5x on H100 at many tokens)"
+    return "small (K*N < 4096^2): expect little or no 2:4 speedup (BERT-base-sized layers: 0.5-1.15x)"
+
+
+def _quant_zero_mask(model: Model, w: WeightInfo, q: np.ndarray) -> np.ndarray:
+    """For an integer weight behind DequantizeLinear: 1 where the dequantized value is non-zero."""
+    from onnxprune.analysis.quant import quant_zero_points
+
+    zp = quant_zero_points(model, w)
+    return (np.asarray(q) != zp).astype(np.int8)
+
+
+def _kn_to_index(k_idx: int, col: int, w: WeightInfo) -> list[int]:
+    """Element index in the initializer layout of ``[k_idx, col]`` in the ``to_kn`` layout."""
+    assert w.k_axis is not None
+    rest = tuple(s for i, s in enumerate(w.shape) if i != w.k_axis)
+    rest_idx = list(np.unravel_index(col, rest)) if rest else []
+    idx = [int(v) for v in rest_idx]
+    idx.insert(w.k_axis, int(k_idx))
+    return idx
+
+
+def format_nm(data: dict[str, Any]) -> str:
+    """Text report of :func:`inspect_nm`."""
+    n, m, s = data["n"], data["m"], data["summary"]
+    lines = [f"{n}:{m} sparsity along K: {s['ok']} ok, {s['violates']} violate, {s['skipped']} skipped "
+             f"(of {s['weights']} weights)"]
+    if data["weights"]:
+        head = f"{'weight':<44} {'shape':<18} {'K':>6} {'status':<9} {'bad groups':>12}  detail"
+        lines += [head, "-" * len(head)]
+        for e in data["weights"]:
+            if e["status"] == "violates":
+                detail = "first at " + ", ".join(str(v) for v in e["first_violations"][:3])
+                bad = f"{e['violating_groups']}/{e['groups']}"
+            elif e["status"] == "ok":
+                detail, bad = "", f"0/{e['groups']}"
+            else:
+                detail, bad = e["reason"] or "", "-"
+            k = "-" if e["k"] is None else str(e["k"])
+            lines.append(f"{shorten(e['name'], 44):<44} {str(e['shape']):<18} {k:>6} {e['status']:<9} {bad:>12}  "
+                         f"{detail}".rstrip())
+    lines.append("")
+    lines.append(f"TensorRT sparse tensor cores (constant weight, K % 4 == 0, not grouped Conv): "
+                 f"{s['tensorrt_eligible']} eligible, {s['tensorrt_eligible_and_sparse']} eligible and {n}:{m}")
+    for t in data["tensorrt"]:
+        state = "eligible" if t["eligible"] else "no"
+        extra = ((f"{n}:{m} ok" if t["nm_ok"] else f"not {n}:{m}") + f"; {t['size_note']}") if t["eligible"] \
+            else t["reason"]
+        lines.append(f"  {shorten(t['name'], 44):<44} {t['op_type']:<13} {str(t['shape']):<18} {state:<8} {extra}")
+    return "\n".join(lines)

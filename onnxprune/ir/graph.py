@@ -94,7 +94,7 @@ def _copy_fields(src: object, dst: object, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def _toposortable(graph: onnx.GraphProto, available: set[str]) -> bool:
+def is_toposortable(graph: onnx.GraphProto, available: set[str]) -> bool:
     return topo_order(graph, available) is not None
 
 
@@ -144,7 +144,7 @@ def _outer_scope_names(graph: onnx.GraphProto) -> dict[int, list[str]]:
     return result
 
 
-def _unsortable_reason(graph: onnx.GraphProto, available: set[str]) -> str:
+def unsortable_reason(graph: onnx.GraphProto, available: set[str]) -> str:
     """Why a graph cannot be sorted: an input nobody provides, or else a cycle (named)."""
     produced = set(available)
     for node in graph.node:

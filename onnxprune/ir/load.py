@@ -25,13 +25,13 @@ from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, UnsupportedModelError
 from onnxprune.ir.graph import (
-    _toposortable,
-    _unsortable_reason,
     duplicate_node_name,
     first_line,
     is_repeated,
+    is_toposortable,
     make_shell,
     toposort_inplace,
+    unsortable_reason,
 )
 from onnxprune.ir.model import MIN_OPSET, Model, opset_version
 from onnxprune.ir.save import same_file
@@ -468,8 +468,8 @@ def validate_graph(model: Model, where: str = "model", _sorted: bool = False) ->
         msg = " ".join(str(exc).split())
         if not _sorted and ("topologically sorted" in msg or "not output of any previous nodes" in msg):
             available = {i.name for i in model.graph.input} | seen | {""}
-            if not _toposortable(model.graph, available):
-                raise ModelLoadError(f"{where}: {_unsortable_reason(model.graph, available)}") from None
+            if not is_toposortable(model.graph, available):
+                raise ModelLoadError(f"{where}: {unsortable_reason(model.graph, available)}") from None
             toposort_inplace(model.graph, available)
             return validate_graph(model, where, _sorted=True)
         raise ModelLoadError(f"{where}: invalid ONNX model: {first_line(msg)}") from None

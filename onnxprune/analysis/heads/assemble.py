@@ -12,16 +12,12 @@ The methods rely on the engine's helpers (``_need``, ``const``, ``producer``, ``
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from onnxprune.analysis.heads.state import SHAPE_ONLY, Blocked, Comp, attr_dict
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, ShapeEdit
-
-if TYPE_CHECKING:
-    from onnxprune.analysis.heads.engine import Engine
 
 
 class GroupAssembly:
@@ -280,7 +276,7 @@ class GroupAssembly:
                     blocked.append(f"{tensor!r} is also read by {user.op_type} {user.name!r}")
 
 
-def element_source(eng: Engine, tensor: str, pos: int, depth: int = 0) -> tuple | None:
+def element_source(eng: GroupAssembly, tensor: str, pos: int, depth: int = 0) -> tuple | None:
     """Where element ``pos`` of a 1-D int tensor comes from.
 
     Returns ``("const", initializer, flat_index, value)``, ``("shape", tensor, axis)`` or None.

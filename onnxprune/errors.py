@@ -34,7 +34,7 @@ class PassError(OnnxPruneError):
     """A pass failed or its result did not validate; the message names the pass."""
 
 
-class CalibrationError(OnnxPruneError):
+class CalibrationError(PipelineError):
     """Calibration data is missing or does not match the model's inputs."""
 
 

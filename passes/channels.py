@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 
+from onnxprune.analysis.calibration import channel_stats
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.channels.prepare import prepare
 from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
-from onnxprune.errors import CalibrationError, PipelineError
+from onnxprune.errors import PipelineError
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
@@ -112,55 +111,20 @@ def bn_scores(model: Model, group: PruneGroup) -> np.ndarray | None:
     return sum(_per_channel_stat(model, s, group.width, 1) for s in found)  # type: ignore[return-value]
 
 
-def _batches(calibration: Any) -> Iterable[dict[str, np.ndarray]]:
-    if calibration is None:
-        raise CalibrationError("channels: criterion=activation needs calibration data (--calib DATA.npz, or calibration= in the API)")
-    batches = getattr(calibration, "batches", None)
-    return batches() if callable(batches) else calibration
-
-
 def activation_scores(model: Model, groups: list[PruneGroup], calibration: Any) -> dict[str, np.ndarray]:
     """Mean |activation| per channel at the tensors the group's readers consume.
 
-    Each batch is reduced to a per-position mean over every other axis at once, so memory does
-    not grow with the number of batches.
+    Statistics come from :func:`onnxprune.analysis.calibration.channel_stats` (padding tokens
+    excluded where the model has an attention mask); memory does not grow with the number of
+    batches.
     """
-    from onnxprune.check import make_session
-
-    wanted = sorted({(p[0], p[1]) for g in groups for p in g.probes})
-    names = sorted({t for t, _ in wanted})
-    graph_outputs = model.graph.output
-    n_out = len(graph_outputs)
-    existing = {o.name for o in graph_outputs}
-    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
-    for name in names:
-        if name not in existing:
-            graph_outputs.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    try:
-        sess = make_session(model)
-    finally:
-        del graph_outputs[n_out:]
-    in_names = [i.name for i in sess.get_inputs()]
-    running: dict[tuple[str, int], np.ndarray] = {}
-    count = 0
-    for feed in _batches(calibration):
-        missing = [n for n in in_names if n not in feed]
-        if missing:
-            raise CalibrationError(f"channels: calibration batch lacks inputs {missing}")
-        vals = dict(zip(names, sess.run(names, {n: feed[n] for n in in_names})))
-        for tensor, axis in wanted:
-            v = np.asarray(vals[tensor])
-            ax = axis % v.ndim
-            m = np.abs(np.moveaxis(v, ax, 0).reshape(v.shape[ax], -1)).mean(axis=1, dtype=np.float64)
-            running[(tensor, axis)] = running.get((tensor, axis), 0) + m
-        count += 1
-    if count == 0:
-        raise CalibrationError("channels: the calibration data holds no batches")
+    probes = sorted({(p[0], p[1]) for g in groups for p in g.probes})
+    stats = channel_stats(model, calibration, probes, who="channels")
     out: dict[str, np.ndarray] = {}
     for g in groups:
         score = np.zeros(g.width)
         for tensor, axis, offset, block in g.probes:
-            per_pos = running[(tensor, axis)] / count
+            per_pos = stats[(tensor, axis)][0]
             pos = offset + np.arange(g.width)[:, None] * block + np.arange(block)[None, :]
             score += per_pos[pos].mean(axis=1)
         out[g.name] = score

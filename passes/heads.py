@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune.analysis.calibration import channel_stats, needs_calibration
 from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.heads.shapes import static_shapes
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, apply_removal, positions
-from onnxprune.errors import CalibrationError, PipelineError
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
@@ -101,53 +101,17 @@ def unit_scores(model: Model, group: PruneGroup, roles: tuple[str, ...] = ("out"
     return np.sqrt(total)
 
 
-def channel_means(model: Model, tensors: Iterable[str], calibration: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Stream calibration batches through ONNX Runtime; per tensor, per last-axis channel.
+def channel_means(model: Model, tensors: Iterable[str], calibration: Any, who: str = "heads"
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tensor, per last-axis channel: ``(mean |x|, mean x)`` over every other position, float64.
 
-    Where the model has an attention-mask input ``[B, S]`` and a tensor is ``[B, S, C]``, only
-    the positions whose mask is non-zero count (padding would bias the means).
-
-    Returns:
-        Tensor -> ``(mean |x|, mean x)`` over every position except the last axis, in float64.
+    One pass of :func:`onnxprune.analysis.calibration.channel_stats` (padding tokens excluded).
 
     Raises:
         CalibrationError: no calibration data, or data that does not fit the model.
     """
-    from onnxprune.analysis.calibration import CalibrationData, find_mask_input
-    from onnxprune.check import make_session
-
-    names = list(dict.fromkeys(tensors))
-    if calibration is None:
-        raise CalibrationError("this criterion needs calibration data (give --calib DATA.npz)")
-    calib = CalibrationData.from_any(calibration, model)
-    mask_name = find_mask_input(model, "auto")
-    n_out = len(model.graph.output)
-    existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    try:
-        session = make_session(model)
-    finally:
-        del model.graph.output[n_out:]
-    sums_abs: dict[str, np.ndarray] = {}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = dict.fromkeys(names, 0)
-    for bi, feed in enumerate(calib.batches()):
-        try:
-            outs = session.run(names, feed)
-        except Exception as exc:
-            raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
-                                   f"{' '.join(str(exc).split())[:300]}") from None
-        mask = np.asarray(feed[mask_name]) if mask_name and mask_name in feed else None
-        for name, x in zip(names, outs):
-            x = np.asarray(x)
-            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                rows = x[mask != 0].astype(np.float64)
-            else:
-                rows = x.astype(np.float64).reshape(-1, x.shape[-1])
-            sums_abs[name] = sums_abs.get(name, 0.0) + np.abs(rows).sum(axis=0)
-            sums[name] = sums.get(name, 0.0) + rows.sum(axis=0)
-            counts[name] += rows.shape[0]
-    return {n: (sums_abs[n] / max(counts[n], 1), sums[n] / max(counts[n], 1)) for n in names}
+    stats = channel_stats(model, calibration, [(t, -1) for t in tensors], who=who)
+    return {t: v for (t, _), v in stats.items()}
 
 
 def _activation_scores(group: PruneGroup, exits: list[tuple[str, str]],
@@ -279,9 +243,8 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     needs_calib = opts.criterion in ("activation", "weighted") or opts.compensate
     means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if needs_calib:
-        if ctx.calibration is None:
-            raise PipelineError(f"{label}: criterion=activation/weighted and compensate=true need calibration data "
-                                "(--calib DATA.npz)")
+        what = f"criterion={opts.criterion}" if opts.criterion != "l2" else "compensate=true"
+        needs_calibration(label, what, ctx.calibration)
         means = channel_means(model, [t for g in live for _, t in exits[g.name]], ctx.calibration)
     if opts.criterion == "activation":
         scores = [_activation_scores(g, exits[g.name], means) for g in live]

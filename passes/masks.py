@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune.analysis.calibration import needs_calibration
 from onnxprune.analysis.quant import quant_zero_points
 from onnxprune.analysis.weights import (
     WeightInfo,
@@ -376,9 +377,7 @@ def _collect_stats(model: Model, ctx: PassContext, targets: list[Target], criter
     """Calibration statistics per weight name for wanda / sparsegpt (one streaming pass)."""
     if criterion not in CALIB_CRITERIA:
         return {}
-    if ctx.calibration is None:
-        raise CalibrationError(f"criterion {criterion} needs calibration data: pass --calib FILE.npz "
-                               "(or calibration=... to onnxprune.optimize)")
+    needs_calibration("masks", f"criterion={criterion}", ctx.calibration)
     try:
         from onnxprune.analysis.calibration import collect
     except ImportError:
@@ -410,9 +409,7 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
         group = [t for t in targets if t.options.criterion == crit]
         if not group:
             continue
-        if ctx.calibration is None:
-            raise CalibrationError(f"criterion {crit} needs calibration data: pass --calib FILE.npz "
-                                   "(or calibration=... to onnxprune.optimize)")
+        needs_calibration("masks", f"criterion={crit}", ctx.calibration)
         from onnxprune.analysis.calibration import (
             as_calibration,
             calib_targets,
@@ -510,8 +507,7 @@ class MasksPass(_SparsityPass):
         goal = {t.info.name: t.options.sparsity for t in layer}
         if opts.allocation == "owl" and layer:
 
-            if ctx.calibration is None:
-                raise CalibrationError("masks: allocation=owl needs calibration data (--calib FILE.npz)")
+            needs_calibration("masks", "allocation=owl", ctx.calibration)
             free = [t for t in layer if t.options.sparsity == opts.sparsity and t.info.k_axis is not None]
             goal.update(owl_for_weights(model, [t.info for t in free], ctx.calibration, opts.sparsity,
                                         lam=opts.owl_lambda, m=opts.owl_m, blocks=opts.owl_blocks,

@@ -12,20 +12,20 @@ from onnx import TensorProto, helper
 from onnxprune.passes.heads import channel_means
 
 from models import build_mlp, build_transformer_block, random_inputs
+from models.attention import E, GraphBuilder, check_masked_twin
 from onnxprune import optimize
 from onnxprune.analysis.heads.groups import find_ffn_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.check import run_model
 from onnxprune.errors import PipelineError
 from onnxprune.ir.model import Model
-from tests.test_attention import _G, E, check_masked_twin
 
 F = 48
 
 
 def build_swiglu(seed: int = 0) -> onnx.ModelProto:
     """Llama MLP: ``down(silu(gate(x)) * up(x)) + x`` with SiLU as ``g * Sigmoid(g)``."""
-    g = _G(seed)
+    g = GraphBuilder(seed)
     gate = g.linear("x", E, F, bias=False)
     silu = g.n1("Mul", [gate, g.n1("Sigmoid", [gate])])
     up = g.linear("x", E, F, bias=False)
@@ -35,7 +35,7 @@ def build_swiglu(seed: int = 0) -> onnx.ModelProto:
 
 def build_gelu_tanh(seed: int = 0) -> onnx.ModelProto:
     """GPT-2 MLP: ``0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))`` between two linears."""
-    g = _G(seed)
+    g = GraphBuilder(seed)
     h = g.linear("x", E, F)
     cube = g.n1("Mul", [g.n1("Pow", [h, g.c(3.0)]), g.c(0.044715)])
     inner = g.n1("Mul", [g.n1("Add", [h, cube]), g.c(np.sqrt(2 / np.pi))])
@@ -175,7 +175,7 @@ def test_weighted_criterion_removes_neurons_with_no_output_weight() -> None:
 
 
 def test_compensation_in_a_chain_of_bias_free_blocks() -> None:
-    g = _G(5)
+    g = GraphBuilder(5)
     h1 = g.n1("Relu", [g.linear("x", E, 40, bias=False)])
     h2 = g.n1("Relu", [g.linear(h1, 40, 24, bias=False)])
     proto = g.model(g.linear(h2, 24, E, bias=False))

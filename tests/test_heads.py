@@ -14,11 +14,11 @@ import pytest
 from onnxprune.passes.heads import channel_means
 
 from models import build_transformer_block, random_inputs
+from models.attention import build_attention
 from onnxprune import load, optimize
 from onnxprune.check import run_model
 from onnxprune.errors import PipelineError
 from onnxprune.ir.model import Model
-from tests.test_attention import build_attention
 
 PER_HEAD = 3 * (64 * 16 + 16) + 16 * 64  # Q/K/V columns + biases, output-projection rows
 
@@ -95,9 +95,9 @@ def test_activation_criterion_and_compensation() -> None:
 
 
 def test_compensation_creates_bias_add_when_missing() -> None:
-    from tests.test_attention import _G, E
+    from models.attention import E, GraphBuilder
 
-    g = _G(3)
+    g = GraphBuilder(3)
     q, k, v = (g.linear("x", E, 32) for _ in range(3))
     heads = {}
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -24,6 +24,12 @@ independent of the number of batches (sequential mode additionally caches the te
 the current stage boundary for every batch; see :class:`SegmentRunner`). When all requested Hessians exceed ``chunk_bytes`` the
 tensors are split into chunks and the data is streamed once per chunk.
 
+**Channel means.** :func:`channel_stats` streams the same data for the structured passes: per
+probed ``(tensor, axis)``, the mean of ``|x|`` and of ``x`` at every position of ``axis`` over all
+other axes and all batches (float64 sums divided by the row count), with the same padding rule.
+It is the one statistics loop of ``channels`` (``criterion=activation``) and ``heads``/``ffn``
+(``activation``/``weighted`` criteria and bias compensation).
+
 **Stages.** :func:`calib_targets` maps weights to the activations they multiply;
 :func:`calibration_stages` yields statistics for all of them at once (``parallel``: one pass over
 the dense model) or stage by stage (``sequential``: weights grouped by depth, each stage's
@@ -42,8 +48,9 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxprune.check import make_session
 from onnxprune.errors import CalibrationError
-from onnxprune.ir.graph import make_shell
+from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
 from onnxprune.progress import progress
 
@@ -135,7 +142,7 @@ class CalibrationData:
 
     @classmethod
     def from_any(cls, src: Any, model: Model, batch_size: int | None = None) -> CalibrationData:
-        """Build from an ``.npz`` path, an iterable of feed dicts, or a ``CalibrationData``.
+        """Build from an ``.npz`` path, an iterable of feed dicts, an object with ``batches()``, or a ``CalibrationData``.
 
         Args:
             src: The data.
@@ -154,6 +161,8 @@ class CalibrationData:
             return cls.from_npz(src, model, batch_size)
         if isinstance(src, Mapping):
             return cls.from_feeds([src], model)
+        if callable(getattr(src, "batches", None)):  # any object with a batches() iterator
+            return cls.from_feeds(src.batches(), model)
         if isinstance(src, Iterable):
             return cls.from_feeds(src, model)
         raise CalibrationError(f"cannot use {type(src).__name__} as calibration data; give an .npz path or "
@@ -336,7 +345,6 @@ def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, in
     and restored afterwards, so weights are never copied; unused initializers are left for ONNX
     Runtime to drop.
     """
-    from onnxprune.check import make_session
     from onnxprune.ir.graph import node_outer_reads
 
     graph = model.graph
@@ -477,7 +485,6 @@ class SegmentRunner:
         return {x for i, r in enumerate(self.reads) if i not in self.executed for x in r}
 
     def _session(self, seg: list[int], feeds: list[str], outputs: list[str]) -> Any:
-        from onnxprune.check import make_session
         from onnxprune.ir.graph import copy_without_initializers
 
         sub = copy_without_initializers(self.model.proto)
@@ -563,13 +570,6 @@ class CalibTarget:
     skip_reason: str | None = None
 
 
-def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(onnx.helper.get_attribute_value(a))
-    return default
-
-
 def _consumer_map(model: Model) -> dict[str, list[onnx.NodeProto]]:
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -630,17 +630,17 @@ def calib_targets(model: Model, weights: Sequence[Any]) -> list[CalibTarget]:
             slot = 1 if len(node.input) > 1 and node.input[1] in chain else 0
             other = node.input[1 - slot] if len(node.input) > 1 else ""
             if op == "Conv":
-                if _attr_int(node, "group", 1) != 1:
-                    reason = f"grouped Conv {label!r} (group={_attr_int(node, 'group', 1)})"
+                if int(attr(node, "group", 1)) != 1:
+                    reason = f"grouped Conv {label!r} (group={int(attr(node, 'group', 1))})"
                     break
                 inputs.append((node.input[0], 1))
             elif op == "MatMul":
                 inputs.append((other, -1 if slot == 1 else -2))
             elif op == "Gemm":
                 if slot == 1:
-                    inputs.append((other, 0 if _attr_int(node, "transA", 0) else 1))
+                    inputs.append((other, 0 if int(attr(node, "transA", 0)) else 1))
                 else:
-                    inputs.append((other, 1 if _attr_int(node, "transB", 0) else 0))
+                    inputs.append((other, 1 if int(attr(node, "transB", 0)) else 0))
             else:
                 reason = f"{op} {label!r} is not supported by calibration criteria"
                 break
@@ -784,3 +784,78 @@ def collect(
     stats = collect_input_stats(model, calib, acts, kind=kind, token_mask_input=token_mask_input,
                                 chunk_bytes=chunk_bytes)
     return weight_stats(targets, stats)
+
+
+def needs_calibration(pass_name: str, what: str, calibration: Any) -> None:
+    """Raise the one "needs calibration data" error when ``calibration`` is None.
+
+    Raises:
+        CalibrationError: ``calibration`` is None.
+    """
+    if calibration is None:
+        raise CalibrationError(f"{pass_name}: {what} needs calibration data (--calib DATA.npz, or "
+                               "calibration= in the Python API)")
+
+
+def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, int]], *, who: str = "calibration",
+                  mask_input: str | None = "auto") -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Mean ``|x|`` and mean ``x`` per position of ``axis`` for every probed ``(tensor, axis)``.
+
+    The tensors are added as extra graph outputs for one ONNX Runtime session (the model is
+    restored afterwards) and every calibration batch is streamed through it. Where the model has an
+    attention-mask input ``[B, S]`` and a probed tensor starts with ``[B, S]`` (the probed axis
+    being a later one), only positions whose mask is non-zero count: padding would bias the means.
+    Memory is one batch of activations plus two float64 vectors per probe.
+
+    Args:
+        model: The model (its graph outputs are extended temporarily).
+        calibration: Anything :meth:`CalibrationData.from_any` takes.
+        probes: ``(tensor name, axis)`` pairs; negative axes count from the end.
+        who: Pass name for error messages.
+        mask_input: Attention-mask input name, ``auto`` or None.
+
+    Returns:
+        ``(tensor, axis) -> (mean |x|, mean x)``, each of length ``shape[axis]``, float64.
+
+    Raises:
+        CalibrationError: no data, data that does not fit the model, or ONNX Runtime failing on it.
+    """
+    needs_calibration(who, "this criterion", calibration)
+    calib = CalibrationData.from_any(calibration, model)
+    probes = list(dict.fromkeys(probes))
+    names = list(dict.fromkeys(t for t, _ in probes))
+    mask_name = find_mask_input(model, mask_input)
+    graph_outputs = model.graph.output
+    n_out = len(graph_outputs)
+    existing = {o.name for o in graph_outputs}
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for name in names:
+        if name not in existing:
+            graph_outputs.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    try:
+        session = make_session(model)
+    finally:
+        del graph_outputs[n_out:]
+    in_names = [i.name for i in session.get_inputs()]
+    sums_abs: dict[tuple[str, int], np.ndarray] = {}
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    counts: dict[tuple[str, int], int] = dict.fromkeys(probes, 0)
+    for bi, feed in enumerate(calib.batches()):
+        try:
+            outs = dict(zip(names, session.run(names, {n: feed[n] for n in in_names})))
+        except Exception as exc:
+            raise CalibrationError(f"{who}: ONNX Runtime failed on calibration batch {bi}: "
+                                   f"{' '.join(str(exc).split())[:300]}") from None
+        mask = np.asarray(feed[mask_name]) if mask_name and mask_name in feed else None
+        for tensor, axis in probes:
+            x = np.asarray(outs[tensor])
+            ax = axis % x.ndim
+            if mask is not None and ax >= 2 and x.ndim >= 3 and x.shape[:2] == mask.shape:
+                x = x[mask != 0]  # [tokens, ...]: the probed axis moves to ax - 1
+                ax -= 1
+            rows = np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax]).astype(np.float64)
+            key = (tensor, axis)
+            sums_abs[key] = sums_abs.get(key, 0.0) + np.abs(rows).sum(axis=0)
+            sums[key] = sums.get(key, 0.0) + rows.sum(axis=0)
+            counts[key] += rows.shape[0]
+    return {k: (sums_abs[k] / max(counts[k], 1), sums[k] / max(counts[k], 1)) for k in probes}

@@ -43,7 +43,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.fmt import shorten
-from onnxprune.ir.graph import graph_outer_reads, node_subgraphs
+from onnxprune.ir.graph import attr, graph_outer_reads, node_subgraphs
 from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES
 
@@ -131,13 +131,6 @@ class WeightInfo:
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """A node's name, or ``op_type#index`` when it has none."""
     return node.name or f"{node.op_type}#{index}"
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class _Graph:
@@ -249,12 +242,12 @@ def _trace(g: _Graph, tensor: str) -> _Trace | None:
     for idx, node in chain:
         op = node.op_type
         if op == "Transpose":
-            perm = _attr(node, "perm", None) or list(reversed(range(len(shape))))
+            perm = attr(node, "perm", None) or list(reversed(range(len(shape))))
             fwd = [fwd[p] for p in perm]
             shape = tuple(shape[p] for p in perm)
         elif op == "Reshape":
             target = g.const_value(node.input[1])
-            out_shape = _reshape_target(shape, np.asarray(target), int(_attr(node, "allowzero", 0)))
+            out_shape = _reshape_target(shape, np.asarray(target), int(attr(node, "allowzero", 0)))
             if out_shape is None:
                 return None
             amap = _reshape_axis_map(shape, out_shape)
@@ -267,7 +260,7 @@ def _trace(g: _Graph, tensor: str) -> _Trace | None:
             if scale_val is None:
                 problem = f"DequantizeLinear {node_label(node, idx)} has a non-constant scale"
             elif scale_val.size > 1:
-                a = int(_attr(node, "axis", 1))
+                a = int(attr(node, "axis", 1))
                 a = a + len(shape) if a < 0 else a
                 axis = fwd[a] if 0 <= a < len(fwd) else None
                 if axis is None:
@@ -304,9 +297,9 @@ def _consumer_axes(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int | No
         if rank != 2:
             return None
         if slot == 1:
-            return (1, 0) if int(_attr(node, "transB", 0)) else (0, 1)
+            return (1, 0) if int(attr(node, "transB", 0)) else (0, 1)
         if slot == 0:
-            return (0, 1) if int(_attr(node, "transA", 0)) else (1, 0)
+            return (0, 1) if int(attr(node, "transA", 0)) else (1, 0)
     return None
 
 
@@ -364,7 +357,7 @@ def find_weights(model: Model) -> list[WeightInfo]:
                     name=tr.init, nodes=[label], op_type=node.op_type, shape=init_shape,
                     dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name,
                     k_axis=k_axis, n_axis=n_axis,
-                    group=int(_attr(node, "group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1,
+                    group=int(attr(node, "group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1,
                     via=tr.via, quant=tr.quant,
                 )
                 reasons = []

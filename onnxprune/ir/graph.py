@@ -206,3 +206,8 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def attr_dict(node: onnx.NodeProto) -> dict[str, Any]:
+    """Every attribute of a node as ``name -> Python value``."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

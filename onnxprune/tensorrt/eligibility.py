@@ -44,7 +44,7 @@ from onnxprune.analysis.weights import (
     to_kn,
 )
 from onnxprune.fmt import shorten
-from onnxprune.ir.graph import make_shell
+from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,6 @@ def _resolve(shape: list[int | str | None] | None, dims: Mapping[str, int]) -> t
     return total, assumed
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _weight_of(node_lbl: str, by_node: dict[str, list[WeightInfo]]) -> WeightInfo | None:
     infos = by_node.get(node_lbl, [])
     return infos[0] if infos else None
@@ -192,7 +185,7 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         notes: list[str] = []
         entry: dict[str, Any] = {"node": lbl, "op_type": node.op_type, "weight": None, "weight_shape": None,
                                  "weight_dtype": None, "compute_dtype": compute, "K": None, "N": None,
-                                 "group": int(_attr(node, "group", 1)), "nm_24": None}
+                                 "group": int(attr(node, "group", 1)), "nm_24": None}
         k_len: int | None = None
         if info is None:
             reasons.append("dynamic weight: no constant operand (activation x activation)")

@@ -170,7 +170,7 @@ FOLD_MAX_ELEMENTS = 1 << 20
 
 def fold_constants(model: Model) -> bool:
     """Replace nodes whose inputs are all small constants by initializers (e.g. Unsqueeze of a
-    BN scale), so per-channel constants reach the handlers as initializers."""
+    BN scale), so per-channel constants reach the rules as initializers."""
     from onnx.reference import ReferenceEvaluator
 
     g = model.graph

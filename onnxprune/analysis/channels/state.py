@@ -49,7 +49,7 @@ class Space:
 
 
 class Analysis:
-    """State of one propagation round (used by the handlers).
+    """State of one propagation round (used by the channel rules in :mod:`onnxprune.analysis.rules`).
 
     Attributes:
         model: The model.
@@ -260,7 +260,7 @@ class Analysis:
         for seg in axis_layout:
             self.edits[seg.space].append(ShapeEdit(kind, target, index, seg.block * scale))  # type: ignore[arg-type]
 
-    # ------------------------------------------------------------------ helpers for handlers
+    # ------------------------------------------------------------------ helpers for the rules
     def unify_axes(self, a: AxisLayout, b: AxisLayout, where: str) -> AxisLayout:
         """Unify two layouts of the same axis (element-wise operands); returns the result."""
         if not a:

@@ -16,8 +16,10 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from onnxprune.analysis.heads.state import SHAPE_ONLY, Blocked, Comp, attr_dict
+from onnxprune.analysis.heads.state import Blocked, Comp
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, ShapeEdit
+from onnxprune.ir.graph import attr_dict
+from onnxprune.ir.ops import SHAPE_ONLY
 
 
 class GroupAssembly:
@@ -68,7 +70,7 @@ class GroupAssembly:
                 blocked.append(f"{how} {node_name!r}: {exc}")
         for (node_name, idx, pos), contrib in back_refs.items():
             node = self.nodes[node_name]
-            total = self._need(node.output[0])[pos]
+            total = self.need_shape(node.output[0])[pos]
             if contrib != total:
                 blocked.append(f"reshape {node_name!r} carries {total} channels but the block owns {contrib}")
                 continue
@@ -122,7 +124,7 @@ class GroupAssembly:
             if node is None:
                 raise Blocked(f"{cur!r} is not produced by a projection")
             path.add(node.name)
-            comp.channel_tensors.setdefault(cur, len(self._need(cur)) - 1)
+            comp.channel_tensors.setdefault(cur, len(self.need_shape(cur)) - 1)
             op = node.op_type
             if op in ("Identity", "Cast"):
                 cur = node.input[0]
@@ -134,7 +136,7 @@ class GroupAssembly:
                 bias = self.const(consts[0])
                 assert bias is not None
                 if bias.size > 1:
-                    if bias.shape[-1] != self._need(cur)[-1] or bias.size != bias.shape[-1]:
+                    if bias.shape[-1] != self.need_shape(cur)[-1] or bias.size != bias.shape[-1]:
                         raise Blocked(f"bias {consts[0]!r} is not per channel")
                     if len(self.consumers.get(consts[0], [])) > 1:
                         raise Blocked(f"bias {consts[0]!r} is shared")
@@ -163,11 +165,11 @@ class GroupAssembly:
                         slices.append(ParamSlice(node.input[2], cb.ndim - 1, "out", offset, block, None, "bias"))
                 return
             elif op == "Split":
-                rank = len(self._need(node.input[0]))
+                rank = len(self.need_shape(node.input[0]))
                 if int(attr_dict(node).get("axis", 0)) % rank != rank - 1:
                     raise Blocked(f"Split {node.name!r} is not along the channel axis")
                 k = list(node.output).index(cur)
-                sizes = [self._need(o)[-1] for o in node.output]
+                sizes = [self.need_shape(o)[-1] for o in node.output]
                 offset += sum(sizes[:k])
                 split_cov[node.name][k] = split_cov[node.name].get(k, 0) + length
                 cur = node.input[0]
@@ -177,7 +179,7 @@ class GroupAssembly:
                 offset += start_
                 cur = node.input[0]
             elif op == "Reshape":
-                i, o = self._need(node.input[0]), self._need(node.output[0])
+                i, o = self.need_shape(node.input[0]), self.need_shape(node.output[0])
                 if i[-1] != o[-1]:
                     raise Blocked(f"Reshape {node.name!r} changes the channel axis")
                 back_refs[(node.name, 1, len(o) - 1)] += length
@@ -188,7 +190,7 @@ class GroupAssembly:
 
     def _last_axis_slice(self, node: onnx.NodeProto) -> tuple[int, int]:
         """``(start, end)`` of a step-1 Slice along the last axis with constant bounds."""
-        dims = self._need(node.input[0])
+        dims = self.need_shape(node.input[0])
         rank = len(dims)
         consts = [self.const(x) if len(node.input) > k and node.input[k] else None for k, x in
                   ((k, node.input[k] if len(node.input) > k else "") for k in range(5))]
@@ -208,7 +210,7 @@ class GroupAssembly:
     def _slice_edits(self, source: str, pieces: list[tuple[str, int, int, int]], width: int,
                      edits: dict[tuple[str, str, int | str], int], blocked: list[str]) -> None:
         """Slices of one fused projection: every channel must belong to a piece; bounds shift."""
-        total = self._need(source)[-1]
+        total = self.need_shape(source)[-1]
         spans = sorted({(a, b, c) for _, a, b, c in pieces})
         covered = 0
         for a, b, c in spans:
@@ -270,7 +272,7 @@ class GroupAssembly:
     def _check_consumers(self, comp: Comp, path: set[str], blocked: list[str]) -> None:
         for tensor in comp.channel_tensors:
             if tensor in self.outputs and tensor not in self.ann:
-                blocked.append(f"graph output {tensor!r} carries the {self._what()}")
+                blocked.append(f"graph output {tensor!r} carries the {self.what()}")
             for user in self.consumers.get(tensor, []):
                 if user.name not in path and user.op_type not in SHAPE_ONLY:
                     blocked.append(f"{tensor!r} is also read by {user.op_type} {user.name!r}")
@@ -328,7 +330,7 @@ def element_source(eng: GroupAssembly, tensor: str, pos: int, depth: int = 0) ->
         return inner if inner is not None and inner[0] == "shape" else None
     if op == "Shape":
         attrs = attr_dict(node)
-        rank = len(eng._need(node.input[0])) if eng.shape(node.input[0]) else None
+        rank = len(eng.need_shape(node.input[0])) if eng.shape(node.input[0]) else None
         start = int(attrs.get("start", 0))
         if start < 0 and rank is not None:
             start += rank

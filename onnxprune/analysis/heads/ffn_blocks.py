@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnxprune.analysis.heads.state import Ann, attr_dict
+from onnxprune.analysis.heads.state import Ann
+from onnxprune.ir.graph import attr_dict
 
 
 class FfnStarts:

@@ -18,7 +18,8 @@ from typing import Any
 
 import onnx
 
-from onnxprune.analysis.heads.state import Ann, Blocked, attr_dict
+from onnxprune.analysis.heads.state import Ann, Blocked
+from onnxprune.ir.graph import attr_dict
 
 
 class FusedAttentionRules:
@@ -30,7 +31,7 @@ class FusedAttentionRules:
         if self.mode != "heads" or set(by_k) != {0, 1, 2}:
             raise Blocked("only Q, K and V may carry heads")
         for k, a in by_k.items():
-            if len(self._need(node.input[k])) != 4 or a.axis != 1 or a.o != 1:
+            if len(self.need_shape(node.input[k])) != 4 or a.axis != 1 or a.o != 1:
                 raise Blocked("4-D Attention inputs must carry the heads on axis 1")
         self._check_attention23_extras(node)
         if any(o and (self.consumers.get(o) or o in self.outputs) for o in node.output[1:]):
@@ -46,12 +47,12 @@ class FusedAttentionRules:
                 raise Blocked(f"head factors disagree ({q.n} vs {a.n})")
             if a.n > fine.n:
                 fine = Ann(1, 1, a.n, a.b * (q_len // kv_len), c)
-        self._out(node, fine, c)
+        self.emit(node, fine, c)
 
     def _check_attention23_extras(self, node: onnx.NodeProto) -> None:
         """ai.onnx Attention: the mask must not vary per head, and no past key/value state."""
         if len(node.input) > 3 and node.input[3]:
-            m = self._need(node.input[3])
+            m = self.need_shape(node.input[3])
             if len(m) == 4 and m[1] != 1:
                 raise Blocked("the attention mask varies per head")
         if any(x for x in node.input[4:6]):
@@ -77,7 +78,7 @@ class FusedAttentionRules:
     def _fused(self, node: onnx.NodeProto, attrs: dict[str, Any], ms: bool, c: int) -> None:
         comp = self.comp(c)
         op = node.op_type
-        out = self._need(node.output[0])
+        out = self.need_shape(node.output[0])
         if any(o and (self.consumers.get(o) or o in self.outputs) for o in node.output[1:]):
             raise Blocked("present key/value outputs are used")
         if ms and op == "Attention":
@@ -109,18 +110,18 @@ class FusedAttentionRules:
         if op == "MultiHeadAttention":
             hq = hkv = int(attrs["num_heads"])
             q, k, v = (node.input[i] if len(node.input) > i else "" for i in range(3))
-            if not k or not v or len(self._need(q)) != 3 or len(self._need(k)) != 3 or len(self._need(v)) != 3:
+            if not k or not v or len(self.need_shape(q)) != 3 or len(self.need_shape(k)) != 3 or len(self.need_shape(v)) != 3:
                 raise Blocked("only separate 3-D query/key/value inputs are supported")
             bias = node.input[3] if len(node.input) > 3 else ""
             if bias:
                 if self.const(bias) is None:
                     raise Blocked("packed bias is not constant")
-                sq, sk = self._need(q)[-1], self._need(k)[-1]
-                sv = self._need(v)[-1]
+                sq, sk = self.need_shape(q)[-1], self.need_shape(k)[-1]
+                sv = self.need_shape(v)[-1]
                 for off, s in ((0, sq), (sq, sk), (sq + sk, sv)):
                     comp.params.append((bias, 0, off, s, "out", "bias"))
             if len(node.input) > 5 and node.input[5]:
-                ab = self._need(node.input[5])
+                ab = self.need_shape(node.input[5])
                 if len(ab) == 4 and ab[1] != 1:
                     raise Blocked("attention_bias varies per head")
             if any(x for x in node.input[6:8]):
@@ -138,7 +139,7 @@ class FusedAttentionRules:
             comp.attr_edits.append((node.name, "kv_num_heads", hkv))
         else:  # ai.onnx Attention with 3-D inputs
             q, k, v = node.input[0], node.input[1], node.input[2]
-            if len(self._need(q)) != 3:
+            if len(self.need_shape(q)) != 3:
                 return  # 4-D form: handled by propagation (attention23_4d)
             hq, hkv = int(attrs.get("q_num_heads", 0)), int(attrs.get("kv_num_heads", 0))
             if not hq or not hkv:
@@ -149,7 +150,7 @@ class FusedAttentionRules:
         if hq % hkv:
             raise Blocked("query heads are not a multiple of the KV heads")
         for name, heads in ((q, hq), (k, hkv), (v, hkv)):
-            length = self._need(name)[-1]
+            length = self.need_shape(name)[-1]
             if length % heads:
                 raise Blocked(f"input {name!r} width {length} is not a multiple of {heads} heads")
             comp.streams.append((name, 0, length, node.name))

@@ -4,38 +4,19 @@
   units as the middle factor, ``o`` outer and ``b`` inner elements per unit;
 * :class:`Comp` -- one candidate block (attention or FFN), merged by union-find;
 * :class:`Blocked` -- raised by a rule that cannot account for a node (message = reason);
-* the op-type sets the propagation rules dispatch on, and small attribute helpers.
+* :func:`axes_of`, :func:`factor_axis` -- helpers of the propagation rules (in
+  :mod:`onnxprune.analysis.rules`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 import onnx
 
-UNARY = {"Identity", "Cast", "Neg", "Sqrt", "Relu", "Erf", "Tanh", "Sigmoid", "Exp", "Log",
-         "Reciprocal", "Abs", "IsNaN", "IsInf", "Not", "Sign", "Softplus", "Gelu", "LeakyRelu",
-         "Elu", "Selu", "HardSigmoid", "HardSwish", "Mish", "Sin", "Cos", "Floor", "Ceil", "Round",
-         "Dropout", "Celu", "ThresholdedRelu", "Softsign"}
-
-
-BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater",
-             "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "Clip", "PRelu", "BitShift"}
-
-
-ACTIVATIONS = {"Relu", "Erf", "Tanh", "Sigmoid", "Gelu", "Softplus", "LeakyRelu", "Elu", "Selu",
-               "HardSigmoid", "HardSwish", "Mish", "Celu", "FastGelu", "BiasGelu", "QuickGelu"}
-
-
-REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1",
-          "ReduceSumSquare", "ReduceLogSumExp"}
-
-
-SHAPE_ONLY = {"Shape", "Size"}
-
-
-FUSED_MS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+from onnxprune.ir.graph import attr_dict
 
 
 @dataclass
@@ -73,5 +54,26 @@ class Blocked(Exception):
     """A rule cannot account for a node; the message is the reason."""
 
 
-def attr_dict(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+def axes_of(node: onnx.NodeProto, input_index: int, const: Callable[[str], np.ndarray | None]) -> list[int] | None:
+    """Axes of a Squeeze/Unsqueeze/Reduce: the attribute (old opsets) or the constant input ``input_index``."""
+    attrs = attr_dict(node)
+    if "axes" in attrs:
+        return [int(a) for a in attrs["axes"]]
+    if len(node.input) > input_index and node.input[input_index]:
+        v = const(node.input[input_index])
+        return None if v is None else [int(a) for a in v.reshape(-1)]
+    return None
+
+
+def factor_axis(o: list[int], pre: int, n: int) -> int | None:
+    """Output axis that holds the head factor ``[pre, pre * n)`` whole (None if split)."""
+    p = 1
+    cands = []
+    for j, d in enumerate(o):
+        if pre % p == 0 and (p * d) % (pre * n) == 0:
+            cands.append(j)
+        p *= d
+    if not cands:
+        return None
+    wide = [j for j in cands if o[j] > 1]
+    return wide[0] if wide else cands[0]

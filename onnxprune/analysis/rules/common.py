@@ -1,4 +1,4 @@
-"""Helpers shared by the handlers: pass-through, broadcasting, opaque outputs.
+"""Helpers shared by the channel rules: pass-through, broadcasting, opaque outputs.
 """
 
 from __future__ import annotations

@@ -13,27 +13,15 @@ from __future__ import annotations
 import onnx
 
 from onnxprune.analysis.channels.state import Analysis
+from onnxprune.analysis.heads.engine import Engine
+from onnxprune.analysis.heads.state import Ann, Blocked
 from onnxprune.analysis.rules import register
 from onnxprune.analysis.rules.common import broadcast, has_channels, passthrough
 from onnxprune.ir.graph import attr
-
-UNARY = [
-    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
-    "Softsign", "Gelu", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sign", "Floor", "Ceil",
-    "Round", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Mish",
-    "ThresholdedRelu", "Shrink", "Not", "IsNaN", "IsInf", "Cast", "CastLike", "Identity", "Dropout",
-    "BitwiseNot", "Swish",
-]
+from onnxprune.ir.ops import ACTIVATIONS, BINARY, SHAPE_ONLY, UNARY
 
 
-BINARY = [
-    "Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean", "PRelu", "Where", "Equal", "Less",
-    "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "BitwiseAnd",
-    "BitwiseOr", "BitwiseXor",
-]
-
-
-@register(UNARY)
+@register(sorted(UNARY))
 def unary(a: Analysis, node: onnx.NodeProto) -> None:
     """Per-element ops: the output keeps the input's layout (Dropout's mask too)."""
     passthrough(a, node)
@@ -53,13 +41,13 @@ def clip(a: Analysis, node: onnx.NodeProto) -> None:
     a.set_layout(node.output[0], lay)
 
 
-@register(BINARY)
+@register(sorted(BINARY))
 def binary(a: Analysis, node: onnx.NodeProto) -> None:
     """Broadcasting element-wise ops (residual Add unifies its operands)."""
     a.set_layout(node.output[0], broadcast(a, node, list(node.input)))
 
 
-@register(["Shape", "Size"])
+@register(sorted(SHAPE_ONLY))
 def shape_of(a: Analysis, node: onnx.NodeProto) -> None:
     """Shape/Size read no values: opaque output, no block (run-time shapes follow the pruned model)."""
     a.set_layout(node.output[0], [()] if node.op_type == "Shape" else [])
@@ -88,3 +76,49 @@ def quant(a: Analysis, node: onnx.NodeProto) -> None:
         elif len(d) > 1:
             a.block(lay, f"{node.op_type} node {node.name!r}: blocked quantisation is not supported")
     a.set_layout(node.output[0], lay)
+
+
+# ---------------------------------------------------------------------- head / FFN annotations
+@register(sorted(UNARY | ACTIVATIONS | BINARY | {"Clip"}), analysis="heads")
+@register(sorted(ACTIVATIONS), domain="com.microsoft", analysis="heads")
+def heads_elementwise(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    out = eng.need_shape(node.output[0])
+    rank = len(out)
+    ax_out = None
+    fine: Ann | None = None
+    for k, a in annotated:
+        r = len(eng.need_shape(node.input[k]))
+        ax = a.axis + rank - r
+        if ax_out is None:
+            ax_out = ax
+        if ax != ax_out or a.o != annotated[0][1].o or a.n * a.b != annotated[0][1].n * annotated[0][1].b:
+            raise Blocked("operands carry the heads on different axes or factors")
+        if fine is None or a.n > fine.n:
+            fine = a
+    assert fine is not None and ax_out is not None
+    length = out[ax_out]
+    ann_inputs = {k for k, _ in annotated}
+    for k, name in enumerate(node.input):
+        if not name or k in ann_inputs:
+            continue
+        s = eng.need_shape(name)
+        al = ax_out - (rank - len(s))
+        if al < 0 or s[al] == 1:
+            continue
+        value = eng.const(name)
+        if value is None or s[al] != length:
+            raise Blocked(f"operand {name!r} varies along the {eng.what()} axis and is not a constant")
+        if fine.o != 1:
+            raise Blocked(f"per-channel constant {name!r} with an outer factor")
+        users = {n.name for n in eng.consumers.get(name, [])}
+        if len(users) > 1:
+            raise Blocked(f"per-channel constant {name!r} is shared")
+        tag = "bias" if node.op_type in ("Add", "Sub") else "param"
+        eng.comp(c).params.append((name, al, 0, length, "out" if tag == "bias" else "param", tag))
+    eng.check_ffn_axis(fine, rank)
+    eng.emit(node, Ann(ax_out, fine.o, fine.n, fine.b, c), c)
+
+
+@register(sorted(SHAPE_ONLY), analysis="heads")
+def heads_shape_only(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    """Shape/Size read only the shape: nothing to carry, nothing to block."""

@@ -13,9 +13,11 @@ from __future__ import annotations
 import onnx
 
 from onnxprune.analysis.channels.state import Analysis, AxisLayout
+from onnxprune.analysis.heads.engine import Engine
+from onnxprune.analysis.heads.state import Ann, Blocked
 from onnxprune.analysis.rules import register
 from onnxprune.analysis.rules.common import opaque
-from onnxprune.ir.graph import attr
+from onnxprune.ir.graph import attr, attr_dict
 
 
 @register("Gemm")
@@ -99,3 +101,49 @@ def matmul(a: Analysis, node: onnx.NodeProto) -> None:
             ax = a.unify_axes(ax, bw[kw], where)
         batch.append(ax)
     a.set_layout(y, batch + [lx[-2], lw[-1]])
+
+
+# ---------------------------------------------------------------------- head / FFN annotations
+@register("MatMul", analysis="heads")
+def heads_matmul(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    a_shape, b_shape = eng.need_shape(node.input[0]), eng.need_shape(node.input[1])
+    out = eng.need_shape(node.output[0])
+    ra, rb, rank = len(a_shape), len(b_shape), len(out)
+    by_k = dict(annotated)
+    if 0 in by_k and by_k[0].axis == ra - 1 and 1 not in by_k:
+        eng.exit(node, by_k[0], node.input[1], 0, c)
+        return
+    if eng.mode == "ffn":
+        raise Blocked("FFN neurons reach a MatMul other than the down projection")
+    axes = []
+    for k, a in annotated:
+        r = ra if k == 0 else rb
+        if a.axis >= r - 2:
+            raise Blocked("the annotated axis is a matrix axis of a MatMul")
+        axes.append(a.axis + rank - r)
+    if len(set(axes)) != 1:
+        raise Blocked("MatMul operands carry heads on different axes")
+    ax = axes[0]
+    if len(annotated) == 1:
+        k = 1 - annotated[0][0]
+        other = b_shape if k == 1 else a_shape
+        al = ax - (rank - len(other))
+        if al >= 0 and other[al] != 1:
+            raise Blocked("the other MatMul operand varies along the heads axis")
+    else:
+        eng.comp(c).cores += 1  # an attention core, prunable or not: report it
+        (_, a), (_, b) = annotated
+        if a.o != b.o or a.n * a.b != b.n * b.b or max(a.n, b.n) % min(a.n, b.n):
+            raise Blocked(f"head factors disagree ({a.n}x{a.b} vs {b.n}x{b.b})")
+    fine = max((a for _, a in annotated), key=lambda a: a.n)
+    eng.emit(node, Ann(ax, fine.o, fine.n, fine.b, c), c)
+
+
+@register("Gemm", analysis="heads")
+def heads_gemm(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    attrs = attr_dict(node)
+    by_k = dict(annotated)
+    if 0 in by_k and len(by_k) == 1 and by_k[0].axis == 1 and not attrs.get("transA", 0):
+        eng.exit(node, by_k[0], node.input[1], 1 if attrs.get("transB", 0) else 0, c)
+        return
+    raise Blocked("Gemm operand carries the annotated axis in an unsupported place")

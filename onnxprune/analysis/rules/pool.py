@@ -13,6 +13,8 @@ from __future__ import annotations
 import onnx
 
 from onnxprune.analysis.channels.state import Analysis
+from onnxprune.analysis.heads.engine import Engine
+from onnxprune.analysis.heads.state import Ann, Blocked, axes_of
 from onnxprune.analysis.rules import register
 from onnxprune.analysis.rules.common import (
     axes_input,
@@ -20,13 +22,11 @@ from onnxprune.analysis.rules.common import (
     opaque,
     reduce_axes,
 )
-from onnxprune.ir.graph import attr
-
-POOLS = ["MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-         "MaxRoiPool"]
+from onnxprune.ir.graph import attr, attr_dict
+from onnxprune.ir.ops import NORMALIZING, POOLS, REDUCE
 
 
-@register(POOLS[:-1])
+@register(POOLS)
 def pool(a: Analysis, node: onnx.NodeProto) -> None:
     """Per-channel pooling."""
     lay = a.layout(node.input[0])
@@ -104,11 +104,7 @@ def resize(a: Analysis, node: onnx.NodeProto) -> None:
     a.set_layout(y, lay)
 
 
-REDUCE = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
-
-
-@register(REDUCE)
+@register(sorted(REDUCE))
 def reduce(a: Analysis, node: onnx.NodeProto) -> None:
     """Reductions: over spatial axes keep the channel layout; over channels inexact."""
     axes = axes_input(a, node, 1)
@@ -139,7 +135,7 @@ def argmax(a: Analysis, node: onnx.NodeProto) -> None:
     a.set_layout(node.output[0], out)
 
 
-@register(["Softmax", "LogSoftmax", "Hardmax"])
+@register(sorted(NORMALIZING))
 def softmax(a: Analysis, node: onnx.NodeProto) -> None:
     """Softmax over non-channel axes is per-channel; over channels it is inexact."""
     lay = a.layout(node.input[0])
@@ -155,3 +151,31 @@ def softmax(a: Analysis, node: onnx.NodeProto) -> None:
         if lay[k]:
             a.inexact(lay[k], f"{node.op_type} node {node.name!r} normalises over the channel axis")
     a.set_layout(node.output[0], lay)
+
+
+# ---------------------------------------------------------------------- head / FFN annotations
+@register(sorted(NORMALIZING | REDUCE), analysis="heads")
+def heads_reduce(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    i = eng.need_shape(node.input[0])
+    rank = len(i)
+    attrs = attr_dict(node)
+    if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+        default = -1 if eng.model.opset >= 13 else 1
+        axis = int(attrs.get("axis", default)) % rank
+        if axis == ann.axis or (eng.model.opset < 13 and axis <= ann.axis):
+            raise Blocked("normalises over the annotated axis")
+        eng.check_ffn_axis(ann, rank)
+        eng.emit(node, ann, c)
+        return
+    axes = axes_of(node, 1, eng.const)
+    if axes is None:
+        raise Blocked("reduces over all axes")
+    axes = sorted(a % rank for a in axes)
+    if ann.axis in axes:
+        raise Blocked("reduces over the annotated axis")
+    keepdims = int(attrs.get("keepdims", 1))
+    new_axis = ann.axis if keepdims else ann.axis - sum(1 for a in axes if a < ann.axis)
+    new = Ann(new_axis, ann.o, ann.n, ann.b, c)
+    eng.check_ffn_axis(new, rank if keepdims else rank - len(axes))
+    eng.emit(node, new, c)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from math import prod
 
+import numpy as np
 import onnx
 
 from onnxprune.analysis.channels.state import Analysis, AxisLayout, Segment
+from onnxprune.analysis.heads.engine import Engine
+from onnxprune.analysis.heads.state import Ann, Blocked, axes_of, factor_axis
 from onnxprune.analysis.rules import register
 from onnxprune.analysis.rules.common import axes_input, has_channels, opaque
-from onnxprune.ir.graph import attr
+from onnxprune.ir.graph import attr, attr_dict
 
 MAX_REPLICAS = 256
 
@@ -477,3 +480,125 @@ def tile(a: Analysis, node: onnx.NodeProto) -> None:
             axl = ()
         out.append(axl)
     a.set_layout(node.output[0], out)
+
+
+# ---------------------------------------------------------------------- head / FFN annotations
+@register("Transpose", analysis="heads")
+def heads_transpose(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    rank = len(eng.need_shape(node.input[0]))
+    perm = attr_dict(node).get("perm") or list(reversed(range(rank)))
+    new = Ann(list(perm).index(ann.axis), ann.o, ann.n, ann.b, c)
+    eng.check_ffn_axis(new, rank)
+    eng.emit(node, new, c)
+
+
+@register("Reshape", analysis="heads")
+def heads_reshape(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    if annotated[0][0] != 0:
+        raise Blocked("the shape input is derived from annotated data")
+    ann = annotated[0][1]
+    i, o = eng.need_shape(node.input[0]), eng.need_shape(node.output[0])
+    pre = int(np.prod(i[: ann.axis], dtype=np.int64)) * ann.o
+    j = factor_axis(o, pre, ann.n)
+    if j is None:
+        raise Blocked(f"reshape {i} -> {o} splits the {eng.what()} across axes")
+    p_j = int(np.prod(o[:j], dtype=np.int64))
+    new = Ann(j, pre // p_j, ann.n, p_j * o[j] // (pre * ann.n), c)
+    eng.check_ffn_axis(new, len(o))
+    eng.comp(c).shape_refs.append((node.name, 1, j, o[j], "reshape"))
+    eng.emit(node, new, c)
+
+
+@register(["Squeeze", "Unsqueeze"], analysis="heads")
+def heads_squeeze(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    i, o = eng.need_shape(node.input[0]), eng.need_shape(node.output[0])
+    axes = axes_of(node, 1, eng.const)
+    if node.op_type == "Unsqueeze":
+        if axes is None:
+            raise Blocked("axes not constant")
+        axes = sorted(a % len(o) for a in axes)
+        keep = [k for k in range(len(o)) if k not in axes]
+        new_axis = keep[ann.axis]
+    else:
+        if axes is None:
+            axes = [k for k, d in enumerate(i) if d == 1]
+        axes = sorted(a % len(i) for a in axes)
+        if ann.axis in axes:
+            raise Blocked("squeezes the annotated axis")
+        new_axis = ann.axis - sum(1 for a in axes if a < ann.axis)
+    new = Ann(new_axis, ann.o, ann.n, ann.b, c)
+    eng.check_ffn_axis(new, len(o))
+    eng.emit(node, new, c)
+
+
+@register("Expand", analysis="heads")
+def heads_expand(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    if annotated[0][0] != 0:
+        raise Blocked("the expand shape is derived from annotated data")
+    ann = annotated[0][1]
+    i, o = eng.need_shape(node.input[0]), eng.need_shape(node.output[0])
+    ax = ann.axis + len(o) - len(i)
+    if o[ax] != i[ann.axis]:
+        raise Blocked("broadcasts along the annotated axis")
+    shape_len = int(np.prod(eng.need_shape(node.input[1])))
+    pos = ax - (len(o) - shape_len)
+    if pos >= 0:
+        eng.comp(c).shape_refs.append((node.name, 1, pos, o[ax], "expand"))
+    new = Ann(ax, ann.o, ann.n, ann.b, c)
+    eng.check_ffn_axis(new, len(o))
+    eng.emit(node, new, c)
+
+
+@register("Tile", analysis="heads")
+def heads_tile(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    reps = eng.const(node.input[1])
+    if annotated[0][0] != 0 or reps is None:
+        raise Blocked("repeats are not constant")
+    if int(reps.reshape(-1)[ann.axis]) != 1:
+        raise Blocked("tiles the annotated axis (non-consecutive head repeat)")
+    eng.emit(node, ann, c)
+
+
+@register("Slice", analysis="heads")
+def heads_slice(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    if annotated[0][0] != 0:
+        raise Blocked("slice bounds are derived from annotated data")
+    i = eng.need_shape(node.input[0])
+    o = eng.need_shape(node.output[0])
+    if o[ann.axis] != i[ann.axis]:
+        raise Blocked("slices the annotated axis")
+    eng.check_ffn_axis(ann, len(i))
+    eng.emit(node, ann, c)
+
+
+@register("Split", analysis="heads")
+def heads_split(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    rank = len(eng.need_shape(node.input[0]))
+    axis = int(attr_dict(node).get("axis", 0)) % rank
+    if axis == ann.axis or annotated[0][0] != 0:
+        raise Blocked("splits the annotated axis")
+    eng.check_ffn_axis(ann, rank)
+    for k, o in enumerate(node.output):
+        if o:
+            eng.emit(node, ann, c, k)
+
+
+@register("Concat", analysis="heads")
+def heads_concat(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    ann = annotated[0][1]
+    rank = len(eng.need_shape(node.output[0]))
+    axis = int(attr_dict(node).get("axis", 0)) % rank
+    if axis == ann.axis:
+        raise Blocked("concatenates along the annotated axis")
+    if len(annotated) != len([x for x in node.input if x]):
+        raise Blocked("concatenates annotated with other data (e.g. a KV cache)")
+    if any(a.axis != ann.axis or a.n * a.b != ann.n * ann.b or a.o != ann.o for _, a in annotated):
+        raise Blocked("operands carry the heads differently")
+    eng.check_ffn_axis(ann, rank)
+    fine = max((a for _, a in annotated), key=lambda a: a.n)
+    eng.emit(node, Ann(ann.axis, fine.o, fine.n, fine.b, c), c)

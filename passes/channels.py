@@ -14,10 +14,11 @@ Criteria (per channel ``c`` of a group with slices ``S``):
 * ``activation``: mean ``|x_c|`` over calibration data at every tensor where readers see the
   channel (ONNX Runtime with extra outputs, streamed batch by batch).
 
-``scope=layer`` removes ``round(ratio * width)`` channels of each group (nearest, halves up); ``scope=global``
-normalises scores by each group's mean and removes every channel below the global
-``ratio``-quantile. Then the survivor count is rounded to a multiple of ``round_to`` (rounding
-up, never above the width) and kept at least ``min_keep``.
+Selection is :func:`onnxprune.criteria.structured.select`, shared with ``heads``/``ffn``:
+``scope=layer`` removes ``round(ratio * width)`` channels of each group (nearest, halves up);
+``scope=global`` normalises scores by each group's mean and removes the ``round(ratio * total)``
+lowest over all groups, greedily, never leaving a group below ``min_keep``. Then the survivor
+count is rounded up to a multiple of ``round_to`` (never above the width).
 
 Preconditions: ``0 <= ratio < 1``; exact groups only unless ``allow_approximate``.
 """
@@ -35,6 +36,7 @@ from onnxprune.analysis.calibration import channel_stats
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.channels.prepare import prepare
 from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
+from onnxprune.criteria.structured import select as select_units
 from onnxprune.errors import PipelineError
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
@@ -132,32 +134,11 @@ def activation_scores(model: Model, groups: list[PruneGroup], calibration: Any) 
 
 
 # ---------------------------------------------------------------------- selection
-def _keep_count(width: int, n_remove: int, round_to: int, min_keep: int) -> int:
-    keep = width - n_remove
-    if round_to > 1 and width >= round_to:
-        keep = min(width, int(np.ceil(keep / round_to)) * round_to)
-        keep = max(keep, round_to)
-    return min(width, max(keep, min_keep))
-
-
 def select(groups: list[PruneGroup], scores: dict[str, np.ndarray], opts: ChannelsOptions) -> list[tuple[PruneGroup, np.ndarray]]:
-    """Channels to remove per group (lowest scores first)."""
-    plan: list[tuple[PruneGroup, np.ndarray]] = []
-    if opts.scope == "global" and groups:
-        normed = {g.name: scores[g.name] / (scores[g.name].mean() + 1e-12) for g in groups}
-        allv = np.concatenate(list(normed.values()))
-        thr = np.quantile(allv, opts.ratio) if opts.ratio > 0 else -np.inf
-        n_rm = {g.name: int((normed[g.name] < thr).sum()) for g in groups}
-    else:
-        n_rm = {g.name: int(np.floor(opts.ratio * g.width + 0.5)) for g in groups}
-    for g in groups:
-        keep = _keep_count(g.width, n_rm[g.name], opts.round_to, opts.min_keep)
-        n = g.width - keep
-        if n <= 0:
-            continue
-        order = np.argsort(scores[g.name], kind="stable")
-        plan.append((g, np.sort(order[:n])))
-    return plan
+    """Channels to remove per group (:func:`onnxprune.criteria.structured.select`)."""
+    chosen = select_units([scores[g.name] for g in groups], opts.ratio, scope=opts.scope, min_keep=opts.min_keep,
+                          round_to=opts.round_to)
+    return [(g, c) for g, c in zip(groups, chosen) if c.size]
 
 
 def _matches(g: PruneGroup, pattern: str) -> bool:

@@ -18,10 +18,11 @@ holds the head count or width.
   (down) projection, i.e. how much the unit can move the block's output (the weighting Wanda and
   FLAP use). On all-MiniLM-L6-v2 it keeps the embeddings closer than either alone.
 
-**Selection.** ``heads``: ``floor(ratio * width)`` lowest units per block (``scope=layer``), or
-the lowest ``floor(ratio * total)`` over all blocks with scores divided by their block's mean
+**Selection** is :func:`onnxprune.criteria.structured.select`, shared with ``channels``:
+``heads``: the ``round(ratio * width)`` lowest units per block (``scope=layer``), or the lowest
+``round(ratio * total)`` over all blocks with scores divided by their block's mean
 (``scope=global``); every block keeps at least ``min_heads``. ``ffn``: per block, the kept
-width is ``width - floor(ratio * width)`` rounded up to a multiple of ``round_to``.
+width is ``width - round(ratio * width)`` rounded up to a multiple of ``round_to``.
 
 **Compensation** (``compensate=true``, FLAP-style): with ``m_c = mean_t x[t, c]`` over the
 calibration data and ``W_out`` the output projection (``y = x W_out + b``), removing channels
@@ -48,6 +49,7 @@ from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.heads.shapes import static_shapes
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, apply_removal, positions
+from onnxprune.criteria.structured import select
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
@@ -124,32 +126,6 @@ def _activation_scores(group: PruneGroup, exits: list[tuple[str, str]],
 
 
 # ---------------------------------------------------------------------- selection
-def _per_group(width: int, ratio: float, keep_min: int, round_to: int = 1) -> int:
-    k = int(np.floor(ratio * width + 1e-9))
-    kept = width - k
-    kept = int(np.ceil(kept / round_to) * round_to)
-    kept = max(kept, keep_min)
-    return max(0, min(width - kept, width - 1))
-
-
-def _select_global(scores: list[np.ndarray], ratio: float, keep_min: int) -> list[np.ndarray]:
-    widths = [len(s) for s in scores]
-    total = int(np.floor(ratio * sum(widths) + 1e-9))
-    norm = np.concatenate([s / (s.mean() if s.mean() > 0 else 1.0) for s in scores])
-    owner = np.concatenate([np.full(w, i) for i, w in enumerate(widths)])
-    local = np.concatenate([np.arange(w) for w in widths])
-    chosen: list[list[int]] = [[] for _ in scores]
-    for j in np.argsort(norm, kind="stable"):
-        if total == 0:
-            break
-        g = owner[j]
-        if widths[g] - len(chosen[g]) - 1 < keep_min:
-            continue
-        chosen[g].append(int(local[j]))
-        total -= 1
-    return [np.sort(np.asarray(c, dtype=np.int64)) for c in chosen]
-
-
 # ---------------------------------------------------------------------- compensation
 def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray, width: int,
                 means: dict[str, tuple[np.ndarray, np.ndarray]], live: list[PruneGroup]) -> int:
@@ -252,15 +228,8 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         scores = [_activation_scores(g, exits[g.name], means) * unit_scores(model, g, ("in",)) for g in live]
     else:
         scores = [unit_scores(model, g) for g in live]
-    if mode == "heads" and opts.scope == "global":
-        chosen = _select_global(scores, opts.ratio, opts.min_heads)
-    else:
-        keep_min = opts.min_heads if mode == "heads" else 1
-        round_to = getattr(opts, "round_to", 1)
-        chosen = []
-        for g, s in zip(live, scores):
-            k = _per_group(g.width, opts.ratio, keep_min, round_to)
-            chosen.append(np.sort(np.argsort(s, kind="stable")[:k]).astype(np.int64))
+    chosen = select(scores, opts.ratio, scope=getattr(opts, "scope", "layer"),
+                    min_keep=opts.min_heads if mode == "heads" else 1, round_to=getattr(opts, "round_to", 1))
     removals = [(g, c) for g, c in zip(live, chosen) if c.size]
     if opts.compensate:
         stats["biases_compensated"] = sum(_compensate(model, exits[g.name], c, g.width, means, live)

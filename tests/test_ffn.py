@@ -86,7 +86,7 @@ def test_intermediate_read_elsewhere_blocks() -> None:
     assert not g.prunable and act in g.blocked
 
 
-@pytest.mark.parametrize(("ratio", "round_to", "kept"), [(0.25, 1, 72), (0.3, 8, 72), (0.3, 1, 68)])
+@pytest.mark.parametrize(("ratio", "round_to", "kept"), [(0.25, 1, 72), (0.3, 8, 72), (0.3, 1, 67)])  # 0.3*96 = 28.8 -> 29 removed
 def test_ffn_pass_widths(ratio: float, round_to: int, kept: int) -> None:
     proto = build_transformer_block(layers=2, ffn=96)
     res = optimize(Model(proto), f"ffn(ratio={ratio},round_to={round_to})")

@@ -7,6 +7,8 @@ node, tensor, pass or option at fault and, where possible, what to do about it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 class OnnxPruneError(Exception):
     """Base class of every error a user can cause."""
@@ -40,3 +42,20 @@ class CalibrationError(PipelineError):
 
 class CheckError(OnnxPruneError):
     """A numerical comparison could not run or exceeded the requested tolerance."""
+
+
+class NoGpuError(PassError):
+    """TensorRT is importable but no GPU (or no CUDA driver) can build an engine."""
+
+
+class Reason(NamedTuple):
+    """Why something was skipped or blocked: a stable ``code`` for programs, a ``message`` for people.
+
+    Code compares codes, never message text; ``str(reason)`` is the message.
+    """
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message

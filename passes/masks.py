@@ -595,7 +595,7 @@ class NMPass(_SparsityPass):
                 eligible.append(t)
                 reason = trt_sparse_reason(info)
                 if reason is not None:
-                    not_trt[info.name] = reason
+                    not_trt[info.name] = reason.message
         per_weight = _prune_layerwise(model, ctx, eligible, opts, lambda t: (None, (t.options.n, t.options.m)),
                                       skipped)
         unusual = {k: v for k, v in skipped.items() if "multiple of" in v or "K axis" in v or "disagree" in v}

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxprune.errors import PassError, PipelineError
+from onnxprune.errors import NoGpuError, PassError, PipelineError
 from onnxprune.ir.model import Model
 from onnxprune.ir.save import save
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
@@ -124,7 +124,7 @@ class TensorRTPass(Pass):
             summary = data["summary"]
             stats["onnx_eligible"] = summary["eligible"]
             stats["onnx_eligible_flops_share"] = round(summary["eligible_flops_share"], 4)
-            fp32 = sum(1 for e in data["layers"] if any(r.startswith("FP32 math") for r in e["reasons"]))
+            fp32 = sum(1 for e in data["layers"] if "fp32_math" in e["reason_codes"])
             if opts.sparse and fp32:
                 ctx.warn(f"tensorrt: {fp32} GEMM layer(s) compute in FP32; TensorRT builds them FP32 with no sparse "
                          "kernels (strongly typed). Run the fp16 pass first")
@@ -143,14 +143,12 @@ class TensorRTPass(Pass):
                 onnx_file = os.path.join(tmp, "model.onnx")
                 save(model, onnx_file)
                 stats.update(build_engine(trt, onnx_file, settings))
-        except PassError as exc:
-            if opts.emit_trtexec and "no usable GPU" in str(exc):
+        except NoGpuError as exc:
+            if opts.emit_trtexec:
                 ctx.warn(f"{exc}; command: {command}")
                 stats["built"] = False
                 return PassResult(model, False, stats)
-            if "no usable GPU" in str(exc):
-                raise PassError(missing_message(str(exc).removeprefix("tensorrt: "), command)) from None
-            raise
+            raise PassError(missing_message(str(exc).removeprefix("tensorrt: "), command)) from None
         stats["built"] = True
         return PassResult(model, False, stats)
 

@@ -243,7 +243,8 @@ def find_gemm_weights_onnxprune(model_path: str | os.PathLike[str]) -> tuple[lis
     skipped: list[dict[str, str]] = []
     for info in find_weights(model):
         label = info.nodes[0] if info.nodes else info.name
-        reason = trt_sparse_reason(info)
+        found = trt_sparse_reason(info)
+        reason = found.message if found else None
         if reason is None and info.op_type not in ("MatMul", "Gemm", "Conv"):
             reason = f"{info.op_type} is not timed here"
         if reason is None and (info.n_axis is None or info.quant is not None or not info.dtype.startswith(("float", "bfloat"))):

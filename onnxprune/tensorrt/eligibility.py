@@ -43,6 +43,7 @@ from onnxprune.analysis.weights import (
     node_label,
     to_kn,
 )
+from onnxprune.errors import Reason
 from onnxprune.fmt import shorten
 from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
@@ -54,8 +55,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DIM = 128
 
 
-#: Below this K·N a sparse kernel rarely beats dense (H100 measurements in FACTS.md).
-SMALL_KN = 4096 * 4096
 
 
 SPARSE_DTYPES = {"float16": "FP16", "bfloat16": "BF16", "int8": "INT8", "float8e4m3fn": "FP8",
@@ -182,6 +181,7 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         out_type = types.get(node.output[0]) if node.output else None
         compute = _dtype_name(out_type) if out_type else None
         reasons: list[str] = []
+        codes: list[str] = []
         notes: list[str] = []
         entry: dict[str, Any] = {"node": lbl, "op_type": node.op_type, "weight": None, "weight_shape": None,
                                  "weight_dtype": None, "compute_dtype": compute, "K": None, "N": None,
@@ -189,6 +189,7 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         k_len: int | None = None
         if info is None:
             reasons.append("dynamic weight: no constant operand (activation x activation)")
+            codes.append("dynamic_weight")
             a = shapes.get(node.input[0]) if node.input else None
             if node.op_type == "MatMul" and a and isinstance(a[-1], int) and a[-1] > 0:
                 k_len = a[-1]
@@ -198,18 +199,9 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
             k_len = info.k
             if info.via:
                 notes.append("via " + ">".join(info.via))
-            if node.op_type == "ConvTranspose":
-                reasons.append("ConvTranspose is not a documented TensorRT sparse layer")
-            if node.op_type in ("Conv", "ConvTranspose") and info.group > 1:
-                reasons.append(f"grouped convolution (group={info.group}) is never run sparse")
-            if node.op_type == "MatMul" and len(info.shape) != 2:
-                reasons.append(f"MatMul weight is {len(info.shape)}-D (TensorRT needs a constant 2-D weight)")
-            if info.conflict:
-                reasons.append(info.conflict)
-            if info.k_axis is None:
-                reasons.append("K axis not traceable" + (f" ({info.skip_reason})" if info.skip_reason else ""))
-            elif (info.k or 0) % 4:
-                reasons.append(f"K={info.k} is not a multiple of 4")
+            for r in weight_sparse_reasons(info):
+                reasons.append(r.message)
+                codes.append(r.code)
             if info.quant is not None:
                 act = next((x for x in node.input[:2] if x and x not in weight_chain(info)), None)
                 if act is not None and producers.get(act) == "DequantizeLinear":
@@ -221,23 +213,26 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
             if compute not in SPARSE_DTYPES:
                 if compute == "float32":
                     reasons.append("FP32 math: " + STRONGLY_TYPED_NOTE)
+                    codes.append("fp32_math")
                 else:
                     reasons.append(f"{compute or 'unknown'} math: sparse kernels need FP16, BF16, INT8 or FP8")
+                    codes.append("compute_dtype")
             if node.op_type == "MatMul" and info.k_axis is not None and info.k_axis == len(info.shape) - 1 \
                     and len(info.shape) == 2:
                 notes.append("constant is the first MatMul operand (W @ x)")
             if info.name not in nm_cache:
                 nm_cache[info.name] = _is_24(model, info) if info.k_axis is not None else None
             entry["nm_24"] = nm_cache[info.name]
-            k_gemm = int(np.prod(info.shape[1:])) if node.op_type == "Conv" and len(info.shape) > 2 else (info.k or 0)
-            kn = k_gemm * (entry["N"] or 0)  # Conv: implicit GEMM with K = C*kh*kw
-            if kn and kn < SMALL_KN:
+            entry["small"] = is_small(info)
+            if entry["small"]:
                 notes.append("small: K*N < 4096*4096, sparse kernels rarely beat dense here")
         structural = not reasons
         entry["eligible"] = bool(structural and entry["nm_24"])
         if structural and entry["nm_24"] is False:
             reasons.append("weight is not 2:4 along K (run nm(n=2,m=4))")
+            codes.append("not_24")
         entry["reasons"] = reasons
+        entry["reason_codes"] = codes
         entry["notes"] = notes
         entry["structurally_eligible"] = structural
         flops = None
@@ -254,7 +249,7 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
     elig = sum(e["flops"] or 0.0 for e in layers if e["eligible"])
     struct = sum(e["flops"] or 0.0 for e in layers if e["structurally_eligible"])
     notes = []
-    if any("FP32 math" in r for e in layers for r in e["reasons"]):
+    if any("fp32_math" in e["reason_codes"] for e in layers):
         notes.append(STRONGLY_TYPED_NOTE)
     if assumed_all:
         notes.append("FLOPs assume symbolic dims " + ", ".join(sorted(assumed_all)) + " (pass dims to change)")
@@ -262,7 +257,7 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         "layers": len(layers),
         "eligible": sum(1 for e in layers if e["eligible"]),
         "structurally_eligible": sum(1 for e in layers if e["structurally_eligible"]),
-        "small_eligible": sum(1 for e in layers if e["eligible"] and any(n.startswith("small") for n in e["notes"])),
+        "small_eligible": sum(1 for e in layers if e["eligible"] and e.get("small")),
         "total_flops": total,
         "eligible_flops": elig,
         "eligible_flops_share": (elig / total) if total else 0.0,
@@ -296,25 +291,41 @@ def format_tensorrt(data: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- inspect
-def trt_sparse_reason(info: WeightInfo) -> str | None:
-    """Why TensorRT could not run this weight on sparse tensor cores (None if it could).
+def weight_sparse_reasons(info: WeightInfo) -> list[Reason]:
+    """THE weight-level rule: every reason TensorRT could not run this weight on sparse tensor cores.
 
-    TensorRT needs a constant weight, 2:4 along K with K % 4 == 0, and no grouped convolution.
+    TensorRT needs a Conv / MatMul / Gemm with a constant weight, 2:4 along K with ``K % 4 == 0``,
+    no grouped convolution, and (for MatMul) a 2-D weight. ConvTranspose is not a documented
+    sparse layer. Empty list: structurally eligible (the compute dtype is checked per node by
+    :func:`inspect_tensorrt`).
     """
+    out: list[Reason] = []
     if info.op_type not in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
-        return f"{info.op_type} is not a GEMM-like op"
-    if info.k_axis is None:
-        return "K axis not traceable"
-    if info.conflict:
-        return "shared with conflicting axes"
+        return [Reason("not_gemm", f"{info.op_type} is not a GEMM-like op")]
+    if info.op_type == "ConvTranspose":
+        out.append(Reason("conv_transpose", "ConvTranspose is not a documented TensorRT sparse layer"))
     if info.op_type in ("Conv", "ConvTranspose") and info.group > 1:
-        return f"grouped convolution (group={info.group})"
+        out.append(Reason("grouped_conv", f"grouped convolution (group={info.group}) is never run sparse"))
     if info.op_type == "MatMul" and len(info.shape) != 2:
-        return f"MatMul weight is {len(info.shape)}-D (TensorRT needs a 2-D constant)"
-    k = info.k or 0
-    if k % 4:
-        return f"K={k} is not a multiple of 4"
-    return None
+        out.append(Reason("matmul_nd", f"MatMul weight is {len(info.shape)}-D (TensorRT needs a constant 2-D weight)"))
+    if info.conflict:
+        out.append(Reason("axis_conflict", info.conflict))
+    if info.k_axis is None:
+        out.append(Reason("no_k_axis", "K axis not traceable" + (f" ({info.skip_reason})" if info.skip_reason else "")))
+    elif (info.k or 0) % 4:
+        out.append(Reason("k_not_multiple_of_4", f"K={info.k} is not a multiple of 4"))
+    return out
+
+
+def trt_sparse_reason(info: WeightInfo) -> Reason | None:
+    """The first of :func:`weight_sparse_reasons` (None: structurally eligible)."""
+    reasons = weight_sparse_reasons(info)
+    return reasons[0] if reasons else None
+
+
+def is_small(info: WeightInfo) -> bool:
+    """Below :data:`SPARSE_BENEFIT_MIN_KN` (``K*N`` = the weight's size, for Conv the implicit GEMM's)."""
+    return info.size < SPARSE_BENEFIT_MIN_KN
 
 
 def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
@@ -357,7 +368,8 @@ def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
         entries.append(e)
         reason = trt_sparse_reason(w)
         trt.append({"name": w.name, "op_type": w.op_type, "nodes": w.nodes, "shape": list(w.shape),
-                    "eligible": reason is None, "reason": reason, "nm_ok": e["status"] == "ok",
+                    "eligible": reason is None, "reason": reason.message if reason else None,
+                    "reason_code": reason.code if reason else None, "nm_ok": e["status"] == "ok",
                     "size_note": _size_note(w) if reason is None else None})
     summary = dict(counts)
     summary["weights"] = len(entries)
@@ -372,9 +384,7 @@ SPARSE_BENEFIT_MIN_KN = 4096 * 4096
 
 
 def _size_note(w: WeightInfo) -> str:
-    k = w.k or 0
-    kn = k * (w.size // k if k else 0)
-    if kn >= SPARSE_BENEFIT_MIN_KN:
+    if not is_small(w):
         return "large enough to gain from 2:4 (~1.1-1.5x on H100 at many tokens)"
     return "small (K*N < 4096^2): expect little or no 2:4 speedup (BERT-base-sized layers: 0.5-1.15x)"
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from onnxprune.errors import PassError
+from onnxprune.errors import NoGpuError, PassError
 from onnxprune.ir.save import atomic_write
 from onnxprune.tensorrt.trtexec import (
     BuildSettings,
@@ -72,9 +72,9 @@ def build_engine(trt: Any, onnx_file: str, settings: BuildSettings) -> dict[str,
     try:
         builder = trt.Builder(logger)
     except Exception as exc:  # noqa: BLE001 - CUDA initialisation failures surface here
-        raise PassError(f"tensorrt: cannot create a TensorRT builder (no usable GPU?): {exc}") from None
+        raise NoGpuError(f"tensorrt: cannot create a TensorRT builder (no usable GPU?): {exc}") from None
     if builder is None:
-        raise PassError("tensorrt: cannot create a TensorRT builder (no usable GPU?)")
+        raise NoGpuError("tensorrt: cannot create a TensorRT builder (no usable GPU?)")
     flags = 0
     if major < 10:
         flags |= _flag(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") or 0

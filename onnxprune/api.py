@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune.analysis.calibration import CalibrationData
+from onnxprune.analysis.weights import is_weight_tensor, subgraph_initializers
 from onnxprune.check import compare
 from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
@@ -35,10 +37,6 @@ class OptimizeResult:
 def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
     if calibration is None:
         return None
-    try:
-        from onnxprune.analysis.calibration import CalibrationData
-    except ImportError:  # pragma: no cover - calibration module not built yet
-        return calibration
     if isinstance(calibration, CalibrationData):
         return calibration
     return CalibrationData.from_any(calibration, model, batch_size=batch_size)
@@ -47,8 +45,6 @@ def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
 def subgraph_weights(model: Model) -> list[str]:
     """Floating-point weights (more than one element) that If/Loop/Scan bodies use: main-graph
     initializers read from inside a body, and initializers stored in a body. Sorted, deduplicated."""
-    from onnxprune.analysis.weights import is_weight_tensor, subgraph_initializers
-
     main = model.initializer_map()
     names = set(subgraph_initializers(model))
     for node in model.graph.node:

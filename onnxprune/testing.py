@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.removal import apply_removal, mask_group
+from onnxprune.check import run_model
 from onnxprune.ir.model import Model
+from onnxprune.pipeline.manager import verify_model
 
 
 def masked_twin_error(model: Model, group_name: str, channels: np.ndarray, feeds: dict[str, np.ndarray],
@@ -25,10 +28,6 @@ def masked_twin_error(model: Model, group_name: str, channels: np.ndarray, feeds
         The largest absolute difference twin vs removed, the largest difference original vs
         removed (to show the removal mattered), and per output the (twin, removed) shapes.
     """
-    from onnxprune.analysis.channels.groups import build_groups
-    from onnxprune.check import run_model
-    from onnxprune.pipeline.manager import verify_model
-
     twin, pruned = model.copy(), model.copy()
     g_twin = {g.name: g for g in build_groups(twin, allow_approximate)}
     g_pruned = {g.name: g for g in build_groups(pruned, allow_approximate)}

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from onnxprune.errors import CalibrationError, OnnxPruneError
+from onnxprune.ir.load import load
 
 __all__ = ["main", "tokenize_lines", "tokenize_text_file"]
 
@@ -97,8 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = None
         if args.model:
-            from onnxprune.ir.load import load
-
             model = load(args.model)
         arrays = tokenize_text_file(args.text, args.tokenizer, max_len=args.max_len, model=model)
     except OnnxPruneError as exc:

@@ -69,7 +69,13 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.analysis.calibration import needs_calibration
+from onnxprune.analysis.calibration import (
+    as_calibration,
+    calib_targets,
+    calibration_stages,
+    collect,
+    needs_calibration,
+)
 from onnxprune.analysis.quant import quant_zero_points
 from onnxprune.analysis.weights import (
     WeightInfo,
@@ -89,7 +95,8 @@ from onnxprune.criteria.owl import (
     owl_sparsities,
 )
 from onnxprune.criteria.registry import CRITERIA, prune_weight_kn
-from onnxprune.errors import CalibrationError, PassError, PipelineError
+from onnxprune.criteria.wanda import wanda_scores
+from onnxprune.errors import PassError, PipelineError
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.options import build_options
@@ -378,11 +385,6 @@ def _collect_stats(model: Model, ctx: PassContext, targets: list[Target], criter
     if criterion not in CALIB_CRITERIA:
         return {}
     needs_calibration("masks", f"criterion={criterion}", ctx.calibration)
-    try:
-        from onnxprune.analysis.calibration import collect
-    except ImportError:
-        raise CalibrationError(f"criterion {criterion}: this build has no calibration statistics "
-                               "(onnxprune.analysis.calibration.collect)") from None
     return collect(model, ctx.calibration, [t.info for t in targets], criterion=criterion)
 
 
@@ -410,11 +412,6 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
         if not group:
             continue
         needs_calibration("masks", f"criterion={crit}", ctx.calibration)
-        from onnxprune.analysis.calibration import (
-            as_calibration,
-            calib_targets,
-            calibration_stages,
-        )
 
         calib = as_calibration(ctx.calibration, model)
         by_name = {t.info.name: t for t in group}
@@ -532,8 +529,6 @@ class MasksPass(_SparsityPass):
             keep = _nonzero_mask(model, info, arr)
             values = _dequantized(model, info, arr) if info.quant is not None else arr
             if opts.criterion == "wanda":
-                from onnxprune.criteria.wanda import wanda_scores
-
                 st = stats.get(info.name)
                 s = wanda_scores(_kn(values, info), st["sumsq"] if isinstance(st, dict) else st)
                 s = _unkn(s.astype(np.float32), info)
@@ -633,10 +628,6 @@ def owl_for_weights(
     block's sparsity (the OWL paper's granularity is the transformer block); without it, every
     weight is its own block. Weights without statistics keep ``target``.
     """
-    from onnxprune.analysis.calibration import collect
-    from onnxprune.analysis.weights import to_kn
-    from onnxprune.criteria.wanda import wanda_scores
-
     info = {w.name: w for w in weights}
     keys = block_keys(weights, blocks)
     stats = collect(model, calib, weights, criterion="wanda", token_mask_input=token_mask_input)

@@ -41,6 +41,7 @@ from onnxprune.ir.model import Model
 from onnxprune.ir.save import save
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
+from onnxprune.tensorrt.eligibility import inspect_tensorrt
 from onnxprune.tensorrt.engine import build_engine, import_tensorrt, missing_message
 from onnxprune.tensorrt.trtexec import (
     BuildSettings,
@@ -118,8 +119,6 @@ class TensorRTPass(Pass):
         command = trtexec_command(settings)
         stats: dict[str, Any] = {"trtexec": command}
         try:
-            from onnxprune.tensorrt.eligibility import inspect_tensorrt
-
             data = inspect_tensorrt(model)
             summary = data["summary"]
             stats["onnx_eligible"] = summary["eligible"]

@@ -48,9 +48,15 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxprune.analysis.weights import PASS_THROUGH
 from onnxprune.check import make_session
 from onnxprune.errors import CalibrationError
-from onnxprune.ir.graph import attr, make_shell
+from onnxprune.ir.graph import (
+    attr,
+    copy_without_initializers,
+    make_shell,
+    node_outer_reads,
+)
 from onnxprune.ir.model import Model
 from onnxprune.progress import progress
 
@@ -345,8 +351,6 @@ def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, in
     and restored afterwards, so weights are never copied; unused initializers are left for ONNX
     Runtime to drop.
     """
-    from onnxprune.ir.graph import node_outer_reads
-
     graph = model.graph
     needed = set(outputs)
     keep: list[onnx.NodeProto] = []
@@ -466,8 +470,6 @@ class SegmentRunner:
     """
 
     def __init__(self, model: Model, calib: CalibrationData, token_mask_input: str | None = "auto") -> None:
-        from onnxprune.ir.graph import node_outer_reads
-
         self.model = model
         self.nodes = list(model.graph.node)
         self.reads = [[x for x in n.input if x] + sorted(node_outer_reads(n)) for n in self.nodes]
@@ -485,8 +487,6 @@ class SegmentRunner:
         return {x for i, r in enumerate(self.reads) if i not in self.executed for x in r}
 
     def _session(self, seg: list[int], feeds: list[str], outputs: list[str]) -> Any:
-        from onnxprune.ir.graph import copy_without_initializers
-
         sub = copy_without_initializers(self.model.proto)
         g = sub.graph
         del g.node[:]
@@ -580,8 +580,6 @@ def _consumer_map(model: Model) -> dict[str, list[onnx.NodeProto]]:
 
 def _derived(model: Model, init: str, consumers: dict[str, list[onnx.NodeProto]] | None = None) -> set[str]:
     """The initializer and the tensors derived from it through pass-through ops."""
-    from onnxprune.analysis.weights import PASS_THROUGH
-
     consumers = _consumer_map(model) if consumers is None else consumers
     seen, stack = {init}, [init]
     while stack:

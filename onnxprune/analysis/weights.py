@@ -45,7 +45,7 @@ from onnx import numpy_helper
 from onnxprune.fmt import shorten
 from onnxprune.ir.graph import attr, graph_outer_reads, node_subgraphs
 from onnxprune.ir.model import Model
-from onnxprune.summary import FLOAT_TYPES
+from onnxprune.summary import FLOAT_TYPES, count_nonzero
 
 #: Op types that carry a weight, and the ops a weight may pass through on its way there.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -516,8 +516,6 @@ def from_kn(arr2d: np.ndarray, info: WeightInfo, shape: tuple[int, ...] | None =
 
 def inspect_weights(model: Model) -> list[dict[str, Any]]:
     """The prunable-weights table for ``onnxprune inspect``: one dict per weight."""
-    from onnxprune.summary import count_nonzero
-
     rows = []
     for w in find_weights(model):
         arr = model.get_array(w.name)

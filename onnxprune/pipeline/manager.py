@@ -15,8 +15,13 @@ from typing import Any
 
 import onnx
 
-from onnxprune.errors import OnnxPruneError, PassError
-from onnxprune.ir.graph import make_shell, node_outer_reads, node_subgraphs
+from onnxprune.errors import OnnxPruneError, PassError, UnsupportedModelError
+from onnxprune.ir.graph import (
+    duplicate_node_name,
+    make_shell,
+    node_outer_reads,
+    node_subgraphs,
+)
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext
 
@@ -57,8 +62,6 @@ def verify_model(model: Model, where: str) -> None:
     Raises:
         PassError: the model is invalid; the message names ``where`` (the pass).
     """
-    from onnxprune.ir.graph import duplicate_node_name
-
     dup = duplicate_node_name(model.graph)
     if dup:
         raise PassError(f"{where}: produced an invalid model: two nodes are named {dup!r}")
@@ -85,8 +88,6 @@ def preflight(model: Model, where: str = "the input model") -> None:
     Raises:
         UnsupportedModelError: shape/type inference fails on the input.
     """
-    from onnxprune.errors import UnsupportedModelError
-
     try:
         onnx.shape_inference.infer_shapes(make_shell(model.proto), strict_mode=True, data_prop=True)
     except Exception as exc:  # InferenceError and friends

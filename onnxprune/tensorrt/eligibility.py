@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune.analysis.quant import quant_zero_points
 from onnxprune.analysis.weights import (
     WEIGHT_OPS,
     WeightInfo,
@@ -43,7 +44,8 @@ from onnxprune.analysis.weights import (
     node_label,
     to_kn,
 )
-from onnxprune.errors import Reason
+from onnxprune.criteria.masks import is_nm
+from onnxprune.errors import PipelineError, Reason
 from onnxprune.fmt import shorten
 from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
@@ -127,8 +129,6 @@ def _is_24(model: Model, info: WeightInfo) -> bool | None:
         return None
     arr = np.asarray(model.get_array(info.name))
     if info.quant is not None:
-        from onnxprune.analysis.quant import quant_zero_points
-
         arr = (arr != quant_zero_points(model, info)).astype(np.int8)
     kn = to_kn(arr, info)
     nz = (kn != 0).reshape(kn.shape[0] // 4, 4, -1)
@@ -339,9 +339,6 @@ def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
     Raises:
         PipelineError: ``n``/``m`` out of range.
     """
-    from onnxprune.criteria.masks import is_nm
-    from onnxprune.errors import PipelineError
-
     if m < 2 or n < 1 or n >= m:
         raise PipelineError(f"--nm {n}:{m}: need 1 <= N < M and M >= 2")
     entries = []
@@ -391,8 +388,6 @@ def _size_note(w: WeightInfo) -> str:
 
 def _quant_zero_mask(model: Model, w: WeightInfo, q: np.ndarray) -> np.ndarray:
     """For an integer weight behind DequantizeLinear: 1 where the dequantized value is non-zero."""
-    from onnxprune.analysis.quant import quant_zero_points
-
     zp = quant_zero_points(model, w)
     return (np.asarray(q) != zp).astype(np.int8)
 

@@ -40,6 +40,7 @@ from onnxprune.analysis.channels.prepare import infer_shapes, prepare
 from onnxprune.analysis.channels.state import Analysis, Restart
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, ShapeEdit
 from onnxprune.analysis.rules import lookup
+from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ MAX_ROUNDS = 32
 # ---------------------------------------------------------------------- propagation
 def _run_round(model: Model, shapes: dict[str, list[int | None] | None],
                cuts: dict[tuple[str, int], set[int]], allow_approximate: bool, frozen: bool = False) -> Analysis:
-    from onnxprune.ir.graph import node_outer_reads
-
     a = Analysis(model, shapes, cuts, allow_approximate)
     a.frozen = frozen
     for node in model.graph.node:

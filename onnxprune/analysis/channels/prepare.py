@@ -17,6 +17,7 @@ import onnx
 
 from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
+from onnxprune.ir.save import scratch_cwd
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ def infer_shapes(model: Model) -> dict[str, list[int | None] | None]:
     try:  # ONNX Runtime's symbolic inference resolves more (e.g. -1 in attention Reshapes)
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        from onnxprune.ir.save import scratch_cwd
 
         with scratch_cwd():  # on incomplete inference ORT dumps sym_shape_infer_temp.onnx into the cwd
             sym = _read_shapes(SymbolicShapeInference.infer_shapes(shell, auto_merge=True).graph)

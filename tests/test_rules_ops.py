@@ -1,4 +1,4 @@
-"""Masked-twin oracle for every channel handler, on tiny graphs written in ONNX text.
+"""Masked-twin oracle for every channel rule, on tiny graphs written in ONNX text.
 
 For each graph, every prunable group loses a random third of its channels twice: once by
 zeroing the readers' input slices (the masked twin), once by real removal. ONNX Runtime must give
@@ -214,6 +214,11 @@ CASES: dict[str, tuple[str, dict[str, list[int]], int]] = {
         s = Add (a, b)
         y = Conv (s, w2)
     }}""", {}, 2),
+    "cumsum_spatial": ("""g (float[N, 3, 4, 4] x, float[6,3,1,1] w1, int64[1] ax, float[4,6,1,1] w2) => (float y) {
+        a = Conv (x, w1)
+        s = CumSum (a, ax)
+        y = Conv (s, w2)
+    }""", {"ax": [3]}, 1),
     "softmax_spatial": ("""g (float[N, 3, 4, 4] x, float[6,3,1,1] w1, int64[3] s1, int64[4] s2, float[4,6,1,1] w2) => (float y) {
         a = Conv (x, w1)
         r = Reshape (a, s1)
@@ -372,3 +377,14 @@ def test_shape_edits_recorded() -> None:
     g = next(g for g in build_groups(make(text, consts)) if g.name == "a")
     assert g.shape_edits and g.shape_edits[0].target == "shp" and g.shape_edits[0].per_channel == 16
     assert any(s.initializer == "wg" and s.block == 16 for s in g.slices)
+
+
+def test_cumsum_along_channels_blocks() -> None:
+    model = make("""g (float[N, 3, 4, 4] x, float[6,3,1,1] w1, int64[1] ax, float[4,6,1,1] w2) => (float y) {
+        a = Conv (x, w1)
+        s = CumSum (a, ax)
+        y = Conv (s, w2)
+    }""", {"ax": [1]})
+    groups = build_groups(model.copy())
+    blocked = [g for g in groups if not g.prunable]
+    assert blocked and any("CumSum" in str(g.blocked) for g in blocked)

@@ -8,6 +8,11 @@ Both passes zero entries of constant weights of Conv / ConvTranspose / MatMul / 
 * ``scope=layer``: every targeted weight gets exactly ``floor(sparsity * size)`` zeros (existing
   zeros count; a weight that already has more keeps them), chosen by
   :func:`onnxprune.criteria.registry.prune_weight_kn`.
+* ``scope=row``: ``magnitude`` ranked per output (each column of the ``[K, N]`` view loses exactly
+  ``floor(sparsity * K)`` weights), the comparison group Wanda uses. On all-MiniLM-L6-v2 at 50% it
+  keeps the embeddings closer than per-layer ranking (cosine 0.753 vs 0.721, measured with the
+  peer tool's per-row magnitude); ``layer`` stays the default because it is the exact
+  per-layer count that ``scope=global`` and OWL generalise.
 * ``scope=global``: all targeted weights are ranked together. Scores are normalised per layer so
   that one layer cannot be emptied by scale alone: ``score = |W| / rms(W≠0)`` (the root mean
   square of the layer's non-zero weights; for ``wanda`` the Wanda score divided by its own
@@ -147,9 +152,10 @@ class MasksOptions:
     sparsity: float = field(default=0.5, metadata={"help": "share of weights to zero, in [0, 1)", "min": 0.0,
                                                     "max_exclusive": 1.0})
     criterion: str = _shared("criterion")
-    scope: str = field(default="layer", metadata={"help": "layer: each weight to the target; global: rank all "
+    scope: str = field(default="layer", metadata={"help": "layer: each weight to the target; row: each output "
+                                                          "row of each weight (magnitude); global: rank all "
                                                           "weights together (scores / layer RMS)",
-                                                  "choices": ("layer", "global")})
+                                                  "choices": ("layer", "row", "global")})
     include: str | None = field(default=None, metadata={"help": "regex on initializer/node names: only these "
                                                                  "(also admits biases, norms, embeddings)"})
     exclude: str | None = _shared("exclude")
@@ -180,7 +186,10 @@ class MasksOptions:
             raise ValueError("scope=global is not available with criterion=sparsegpt (it updates weights "
                              "per layer); use scope=layer")
         _regex(self.owl_blocks, "owl_blocks")
-        if self.scope == "global" and self.allocation != "uniform":
+        if self.scope == "row" and self.criterion != "magnitude":
+            raise ValueError("scope=row applies to criterion=magnitude (wanda already ranks per output; sparsegpt "
+                             "chooses its mask adaptively)")
+        if self.scope != "layer" and self.allocation != "uniform":
             raise ValueError("allocation=owl sets per-layer sparsities; use it with scope=layer")
 
 

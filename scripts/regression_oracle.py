@@ -64,6 +64,7 @@ PIPELINES: list[tuple[str, bool]] = [
     ("fp16", False),
     ("fp16(keep_io_types=false)", False),
     ("nm(n=2,m=4),fp16,tensorrt(emit_trtexec=true)", False),
+    ("masks(sparsity=0.5,scope=row)", False),
 ]
 
 INSPECT: list[list[str]] = [["--json"], ["--json", "--groups"], ["--json", "--tensorrt"], ["--json", "--nm", "2:4"]]

@@ -13,6 +13,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxprune
+from models import build_mlp, random_inputs
 from onnxprune.check import run_model
 from onnxprune.cli import main
 from onnxprune.criteria.masks import is_nm, nm_mask, topk_mask
@@ -594,3 +595,28 @@ def test_progress_bars_do_not_change_results(monkeypatch, capsys, spec):
     for name in quiet:
         np.testing.assert_array_equal(drawn[name], quiet[name])
     assert "layer" in capsys.readouterr().err  # tqdm drew (and cleared) a bar
+
+
+def test_masks_scope_row_prunes_every_output_to_the_target() -> None:
+    from onnxprune import optimize
+    from onnxprune.analysis.weights import find_weights, to_kn
+
+    proto = build_mlp()
+    dense = from_proto(proto)
+    weights = [w for w in find_weights(dense) if not w.skip_reason]
+    row = optimize(from_proto(proto), "masks(sparsity=0.5,scope=row)").model
+    layer = optimize(from_proto(proto), "masks(sparsity=0.5)").model
+    uneven = 0
+    for w in weights:
+        K = w.k
+        zeros_row = (to_kn(np.asarray(row.get_array(w.name)), w) == 0).sum(axis=0)
+        assert (zeros_row == K // 2).all(), (w.name, zeros_row)
+        zeros_layer = (to_kn(np.asarray(layer.get_array(w.name)), w) == 0).sum(axis=0)
+        uneven += int((zeros_layer != K // 2).any())
+        # the kept weights of each output are its largest by magnitude
+        W = np.abs(to_kn(np.asarray(dense.get_array(w.name)), w))
+        kept = to_kn(np.asarray(row.get_array(w.name)), w) != 0
+        assert (np.where(kept, W, np.inf).min(axis=0) >= np.where(kept, -np.inf, W).max(axis=0)).all()
+    assert uneven > 0  # per-layer ranking does not give every output the same count
+    with pytest.raises(PipelineError, match="scope=row"):
+        optimize(from_proto(proto), "masks(sparsity=0.5,scope=row,criterion=wanda)", calibration=[random_inputs(proto)])

@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.criteria.masks import apply_mask, magnitude_scores, mask_from_scores
+from onnxprune.criteria.masks import (
+    apply_keep_mask,
+    apply_mask,
+    column_topk_mask,
+    magnitude_scores,
+    mask_from_scores,
+)
 from onnxprune.criteria.sparsegpt import sparsegpt_prune
 from onnxprune.criteria.wanda import wanda_prune
 from onnxprune.errors import CalibrationError, PipelineError
@@ -35,7 +41,8 @@ def prune_weight_kn(
     Args:
         W_kn: The weight with K on axis 0 (see :func:`onnxprune.analysis.weights.to_kn`).
         criterion: ``magnitude``, ``wanda`` or ``sparsegpt``.
-        sparsity: Unstructured share to prune (layer-wise exact count for ``magnitude``).
+        sparsity: Unstructured share to prune (``magnitude``: exactly ``floor(sparsity * size)`` per
+            weight, or ``floor(sparsity * K)`` per output column when ``options.scope == "row"``).
         nm: ``(n, m)`` for N:M along K (``K % m == 0``).
         keep_mask_kn: Bool ``[K, N]``; False positions are pruned first and never revived.
         stats: Calibration statistics of this weight's input (wanda / sparsegpt).
@@ -54,7 +61,12 @@ def prune_weight_kn(
         raise PipelineError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if criterion == "magnitude":
         scores = magnitude_scores(W_kn)
-        mask = mask_from_scores(scores, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn)
+        if sparsity is not None and getattr(options, "scope", None) == "row":  # per output, along K
+            mask = column_topk_mask(apply_keep_mask(scores, keep_mask_kn), sparsity)
+            if keep_mask_kn is not None:
+                mask &= keep_mask_kn
+        else:
+            mask = mask_from_scores(scores, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn)
         return apply_mask(W_kn, mask)
     if stats is None:
         raise CalibrationError(f"criterion {criterion} needs calibration data (--calib FILE.npz)")

@@ -121,7 +121,7 @@ def activation_scores(model: Model, groups: list[PruneGroup], calibration: Any) 
     batches.
     """
     probes = sorted({(p[0], p[1]) for g in groups for p in g.probes})
-    stats = channel_stats(model, calibration, probes, who="channels")
+    stats = channel_stats(model, calibration, probes, who="channels", what="criterion=activation")
     out: dict[str, np.ndarray] = {}
     for g in groups:
         score = np.zeros(g.width)

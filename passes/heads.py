@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.analysis.calibration import channel_stats, needs_calibration
+from onnxprune.analysis.calibration import channel_stats
 from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.heads.shapes import static_shapes
@@ -103,8 +103,8 @@ def unit_scores(model: Model, group: PruneGroup, roles: tuple[str, ...] = ("out"
     return np.sqrt(total)
 
 
-def channel_means(model: Model, tensors: Iterable[str], calibration: Any, who: str = "heads"
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def channel_means(model: Model, tensors: Iterable[str], calibration: Any, who: str = "heads",
+                  what: str = "this criterion") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per tensor, per last-axis channel: ``(mean |x|, mean x)`` over every other position, float64.
 
     One pass of :func:`onnxprune.analysis.calibration.channel_stats` (padding tokens excluded).
@@ -112,7 +112,7 @@ def channel_means(model: Model, tensors: Iterable[str], calibration: Any, who: s
     Raises:
         CalibrationError: no calibration data, or data that does not fit the model.
     """
-    stats = channel_stats(model, calibration, [(t, -1) for t in tensors], who=who)
+    stats = channel_stats(model, calibration, [(t, -1) for t in tensors], who=who, what=what)
     return {t: v for (t, _), v in stats.items()}
 
 
@@ -125,7 +125,6 @@ def _activation_scores(group: PruneGroup, exits: list[tuple[str, str]],
     return score / max(len(exits), 1)
 
 
-# ---------------------------------------------------------------------- selection
 # ---------------------------------------------------------------------- compensation
 def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray, width: int,
                 means: dict[str, tuple[np.ndarray, np.ndarray]], live: list[PruneGroup]) -> int:
@@ -220,8 +219,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if needs_calib:
         what = f"criterion={opts.criterion}" if opts.criterion != "l2" else "compensate=true"
-        needs_calibration(label, what, ctx.calibration)
-        means = channel_means(model, [t for g in live for _, t in exits[g.name]], ctx.calibration)
+        means = channel_means(model, [t for g in live for _, t in exits[g.name]], ctx.calibration, label, what)
     if opts.criterion == "activation":
         scores = [_activation_scores(g, exits[g.name], means) for g in live]
     elif opts.criterion == "weighted":

@@ -796,11 +796,11 @@ def needs_calibration(pass_name: str, what: str, calibration: Any) -> None:
 
 
 def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, int]], *, who: str = "calibration",
-                  mask_input: str | None = "auto") -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+                  what: str = "this criterion", mask_input: str | None = "auto") -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Mean ``|x|`` and mean ``x`` per position of ``axis`` for every probed ``(tensor, axis)``.
 
-    The tensors are added as extra graph outputs for one ONNX Runtime session (the model is
-    restored afterwards) and every calibration batch is streamed through it. Where the model has an
+    One ONNX Runtime session computes just the probed tensors (:func:`_prefix_session`, the model
+    is restored afterwards) and every calibration batch is streamed through it. Where the model has an
     attention-mask input ``[B, S]`` and a probed tensor starts with ``[B, S]`` (the probed axis
     being a later one), only positions whose mask is non-zero count: padding would bias the means.
     Memory is one batch of activations plus two float64 vectors per probe.
@@ -810,6 +810,7 @@ def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, in
         calibration: Anything :meth:`CalibrationData.from_any` takes.
         probes: ``(tensor name, axis)`` pairs; negative axes count from the end.
         who: Pass name for error messages.
+        what: The option that needs the data, for the missing-data error.
         mask_input: Attention-mask input name, ``auto`` or None.
 
     Returns:
@@ -818,22 +819,12 @@ def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, in
     Raises:
         CalibrationError: no data, data that does not fit the model, or ONNX Runtime failing on it.
     """
-    needs_calibration(who, "this criterion", calibration)
+    needs_calibration(who, what, calibration)
     calib = CalibrationData.from_any(calibration, model)
     probes = list(dict.fromkeys(probes))
     names = list(dict.fromkeys(t for t, _ in probes))
     mask_name = find_mask_input(model, mask_input)
-    graph_outputs = model.graph.output
-    n_out = len(graph_outputs)
-    existing = {o.name for o in graph_outputs}
-    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
-    for name in names:
-        if name not in existing:
-            graph_outputs.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    try:
-        session = make_session(model)
-    finally:
-        del graph_outputs[n_out:]
+    session = _prefix_session(model, names, _value_types(model, names))
     in_names = [i.name for i in session.get_inputs()]
     sums_abs: dict[tuple[str, int], np.ndarray] = {}
     sums: dict[tuple[str, int], np.ndarray] = {}

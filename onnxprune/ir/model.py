@@ -1,4 +1,4 @@
-"""Model I/O: load, hold and save ONNX models without copying large weights.
+"""The in-memory model: hold an ONNX model and reach its weights without copying them.
 
 A :class:`Model` wraps an ``onnx.ModelProto`` and keeps everything the graph does not (the path
 it came from, the folder its external data lives in). Weights are reached through
@@ -13,16 +13,8 @@ it came from, the folder its external data lives in). Weights are reached throug
 * a replaced weight is written back into the proto (as ``raw_data``) at once, so the proto is
   always a complete model that the checker, shape inference and ONNX Runtime can read.
 
-Saving writes a temporary file in the target folder, fsyncs it and renames it over the target, so
-an interrupted save leaves either the old file or the new one. The serialized model is streamed
-one initializer at a time (protobuf merges repeated embedded messages, so a model written as
-"graph without initializers" followed by one ``{graph: {initializer: [t]}}`` fragment per weight
-parses as the whole model): peak memory stays near one copy of the weights. Large models (or
-models loaded with external data) are written with external data in ``OUT.onnx.data``; that file
-goes through the same temp-file/fsync/rename path and is renamed into place just before the
-``.onnx`` that points at it. (Two renames cannot be one atomic step: a hard kill in the
-microseconds between them, while overwriting an existing output pair, can leave the new data file
-beside the old ``.onnx``.)
+Loading (streamed parsing, validation) is :mod:`onnxprune.ir.load`; atomic, streamed saving
+with external data and sparse storage is :mod:`onnxprune.ir.save`.
 
 Preconditions: the file is an ONNX ``ModelProto`` with a graph and an ``ai.onnx`` opset >= 7.
 External data must lie inside the model's folder; paths that escape it are refused.

@@ -20,6 +20,12 @@ Selection is :func:`onnxprune.criteria.structured.select`, shared with ``heads``
 lowest over all groups, greedily, never leaving a group below ``min_keep``. Then the survivor
 count is rounded up to a multiple of ``round_to`` (never above the width).
 
+A group whose selected removal cannot be applied (a shape constant would drop to zero or below,
+positions outside a tensor) is blocked with the reason (``blocked_at_apply`` in the stats, one
+warning each) and selection runs again without it; the rest of the model is still pruned. The
+analysis works on a copy: a run that removes nothing returns the input model unchanged
+(``modified=False``), and copies of shared initializers that stay identical are merged back.
+
 Preconditions: ``0 <= ratio < 1``; exact groups only unless ``allow_approximate``.
 """
 
@@ -35,7 +41,13 @@ import numpy as np
 from onnxprune.analysis.calibration import channel_stats
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.channels.prepare import prepare
-from onnxprune.analysis.removal import PruneGroup, apply_removal, positions
+from onnxprune.analysis.removal import (
+    PruneGroup,
+    apply_removal,
+    plan_problems,
+    positions,
+    reshare,
+)
 from onnxprune.criteria.structured import select as select_units
 from onnxprune.errors import PipelineError
 from onnxprune.ir.model import Model
@@ -141,6 +153,24 @@ def select(groups: list[PruneGroup], scores: dict[str, np.ndarray], opts: Channe
     return [(g, c) for g, c in zip(groups, chosen) if c.size]
 
 
+def select_applicable(model: Model, groups: list[PruneGroup], scores: dict[str, np.ndarray],
+                      opts: ChannelsOptions) -> tuple[list[tuple[PruneGroup, np.ndarray]], dict[str, str]]:
+    """:func:`select`, then refuse the groups whose plan cannot be applied and select again.
+
+    Returns the plan and ``{group name: reason}`` for the refused groups (their reasons come from
+    :func:`~onnxprune.analysis.removal.plan_problems`); the plan always applies.
+    """
+    refused: dict[str, str] = {}
+    live = list(groups)
+    while True:
+        plan = select(live, scores, opts)
+        bad = plan_problems(model, plan)
+        if not bad:
+            return plan, refused
+        refused.update(bad)
+        live = [g for g in live if g.name not in bad]
+
+
 def _matches(g: PruneGroup, pattern: str) -> bool:
     rx = re.compile(pattern)
     return any(rx.search(x) for x in [g.name, *g.members])
@@ -155,16 +185,21 @@ class ChannelsPass(Pass):
     Options = ChannelsOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        """Score, select and remove channels in place."""
+        """Score, select and remove channels.
+
+        The analysis runs on a copy (its preparation names nodes and copies shared constants):
+        when nothing is removed the input model comes back untouched with ``modified=False``;
+        otherwise the pruned copy, with copies that stayed byte-identical merged back
+        (:func:`~onnxprune.analysis.removal.reshare`).
+        """
         opts: ChannelsOptions = self.options
         if not 0.0 <= opts.ratio < 1.0:
             raise PipelineError(f"channels: option ratio must be in [0, 1), got {opts.ratio}")
         params_before = count_parameters(model)
-        prepared = prepare(model)
-        if prepared:
-            ctx.invalidate()
-        groups = ctx.get_analysis(f"dependency:{opts.allow_approximate}",
-                                  lambda: build_groups(model, opts.allow_approximate, prepare_model=False))
+        original = {t.name for t in model.graph.initializer}
+        work = model.copy()
+        prepare(work)
+        groups = build_groups(work, opts.allow_approximate, prepare_model=False)
         prunable = [g for g in groups if g.prunable]
         cands = [g for g in prunable if (not opts.include or _matches(g, opts.include))
                  and not (opts.exclude and _matches(g, opts.exclude))]
@@ -172,19 +207,28 @@ class ChannelsPass(Pass):
                                  "groups_blocked": len(groups) - len(prunable), "groups_selected": len(cands),
                                  "approximate_groups": sum(g.approximate for g in cands),
                                  "params_before": params_before}
+        unchanged = PassResult(model, False, stats)
         if not cands or opts.ratio == 0:
             if not cands:
                 reasons = sorted({g.blocked for g in groups if g.blocked})[:3]
                 ctx.warn("channels: nothing to prune" + (f" (blocked: {'; '.join(reasons)})" if reasons else ""))
             stats.update(channels_removed=0, params_after=params_before)
-            return PassResult(model, prepared, stats)
-        scores = self._scores(model, cands, ctx, stats)
-        plan = select(cands, scores, opts)
-        removal = apply_removal(model, plan)
+            return unchanged
+        scores = self._scores(work, cands, ctx, stats)
+        plan, refused = select_applicable(work, cands, scores, opts)
+        for name, reason in refused.items():
+            ctx.warn(f"channels: group {name} blocked: {reason}")
+        if refused:
+            stats.update(groups_blocked_at_apply=len(refused), blocked_at_apply=refused)
+        if not plan:
+            stats.update(channels_removed=0, params_after=params_before)
+            return unchanged
+        removal = apply_removal(work, plan)
+        reshare(work, original)
         stats.update(channels_removed=removal["channels_removed"], groups_pruned=len(plan),
-                     shape_edits=removal["shape_edits"], params_after=count_parameters(model))
+                     shape_edits=removal["shape_edits"], params_after=count_parameters(work))
         log.info("channels: removed %d channels in %d groups", removal["channels_removed"], len(plan))
-        return PassResult(model, True, stats)
+        return PassResult(work, True, stats)
 
     def _scores(self, model: Model, groups: list[PruneGroup], ctx: PassContext,
                 stats: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -206,4 +250,4 @@ class ChannelsPass(Pass):
 
 
 __all__ = ["ChannelsOptions", "ChannelsPass", "activation_scores", "bn_scores", "norm_scores",
-           "select"]
+           "select", "select_applicable"]

@@ -30,6 +30,14 @@ calibration data and ``W_out`` the output projection (``y = x W_out + b``), remo
 bias ``b`` (a bias ``Add`` is created when there is none), so the mean output over the
 calibration data is unchanged.
 
+**Application.** The analysis runs on a copy. A block whose selected removal cannot be applied
+(:func:`~onnxprune.analysis.removal.plan_problems`) is blocked with the reason
+(``blocked_at_apply``) and the others are pruned; a run that removes nothing returns the input
+model unchanged (``modified=False``); copies of shared constants that stay identical are merged
+back (:func:`~onnxprune.analysis.removal.reshare`). When ``heads`` recognises no block at all,
+every Softmax attention candidate it looked at is listed with the reason
+(``candidates`` in the stats, and a warning; :mod:`~onnxprune.analysis.heads.diagnose`).
+
 Preconditions: static head/channel counts; ``activation`` and ``compensate`` need calibration
 data (``--calibration``).
 """
@@ -45,10 +53,18 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.calibration import channel_stats
+from onnxprune.analysis.heads.diagnose import NO_SOFTMAX, why_no_heads
 from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.heads.shapes import static_shapes
-from onnxprune.analysis.removal import ParamSlice, PruneGroup, apply_removal, positions
+from onnxprune.analysis.removal import (
+    ParamSlice,
+    PruneGroup,
+    apply_removal,
+    plan_problems,
+    positions,
+    reshare,
+)
 from onnxprune.criteria.structured import select
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
@@ -201,41 +217,72 @@ def _unique(model: Model, base: str) -> str:
 
 # ---------------------------------------------------------------------- the passes
 def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> PassResult:
+    """Find, score, select and remove units on a copy of ``model``.
+
+    The copy is prepared (:func:`prepare_model` copies small shared constants per reader); when
+    nothing is removed the input model is returned untouched with ``modified=False``, otherwise
+    the pruned copy with byte-identical copies merged back (:func:`reshare`).
+    """
     label = "heads" if mode == "heads" else "ffn"
     params_before = count_parameters(model)
-    prepared = prepare_model(model)
-    groups, exits = find_groups(model, mode, static_shapes(model))
+    original = {t.name for t in model.graph.initializer}
+    work = model.copy()
+    prepared = prepare_model(work)
+    groups, exits = find_groups(work, mode, static_shapes(work))
     blocked = [g for g in groups if not g.prunable]
     for g in blocked:
         ctx.warn(f"{label}: block {g.name} not pruned: {g.blocked}")
     live = [g for g in groups if g.prunable and g.width > 1]
     stats: dict[str, Any] = {"blocks_found": len(groups), "blocks_blocked": len(blocked),
                              "normalized_constants": prepared}
+    unchanged = PassResult(model, False, stats)
+    if not groups and mode == "heads":
+        found = why_no_heads(work, static_shapes(work))
+        stats["candidates"] = found
+        ctx.warn("heads: no attention block recognised: " + ("; ".join(
+            f"{c['softmax']}: {c['reason']}" for c in found[:5]) if found else NO_SOFTMAX))
     if not live or opts.ratio == 0:
-        stats.update(params_before=params_before, params_after=count_parameters(model), params_removed=0,
+        stats.update(params_before=params_before, params_after=params_before, params_removed=0,
                      units_removed=0)
-        return PassResult(model, prepared > 0, stats)
+        return unchanged
     needs_calib = opts.criterion in ("activation", "weighted") or opts.compensate
     means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if needs_calib:
         what = f"criterion={opts.criterion}" if opts.criterion != "l2" else "compensate=true"
-        means = channel_means(model, [t for g in live for _, t in exits[g.name]], ctx.calibration, label, what)
+        means = channel_means(work, [t for g in live for _, t in exits[g.name]], ctx.calibration, label, what)
     if opts.criterion == "activation":
-        scores = [_activation_scores(g, exits[g.name], means) for g in live]
+        score_of = {g.name: _activation_scores(g, exits[g.name], means) for g in live}
     elif opts.criterion == "weighted":
-        scores = [_activation_scores(g, exits[g.name], means) * unit_scores(model, g, ("in",)) for g in live]
+        score_of = {g.name: _activation_scores(g, exits[g.name], means) * unit_scores(work, g, ("in",))
+                    for g in live}
     else:
-        scores = [unit_scores(model, g) for g in live]
-    chosen = select(scores, opts.ratio, scope=getattr(opts, "scope", "layer"),
-                    min_keep=opts.min_heads if mode == "heads" else 1, round_to=getattr(opts, "round_to", 1))
-    removals = [(g, c) for g, c in zip(live, chosen) if c.size]
+        score_of = {g.name: unit_scores(work, g) for g in live}
+    refused: dict[str, str] = {}
+    while True:  # refuse the blocks whose plan cannot be applied, then select again
+        chosen = select([score_of[g.name] for g in live], opts.ratio, scope=getattr(opts, "scope", "layer"),
+                        min_keep=opts.min_heads if mode == "heads" else 1, round_to=getattr(opts, "round_to", 1))
+        removals = [(g, c) for g, c in zip(live, chosen) if c.size]
+        bad = plan_problems(work, removals)
+        if not bad:
+            break
+        refused.update(bad)
+        live = [g for g in live if g.name not in bad]
+    for name, reason in refused.items():
+        ctx.warn(f"{label}: block {name} blocked: {reason}")
+    if refused:
+        stats.update(blocks_blocked_at_apply=len(refused), blocked_at_apply=refused)
+    if not removals:
+        stats.update(params_before=params_before, params_after=params_before, params_removed=0,
+                     units_removed=0)
+        return unchanged
     if opts.compensate:
-        stats["biases_compensated"] = sum(_compensate(model, exits[g.name], c, g.width, means, live)
+        stats["biases_compensated"] = sum(_compensate(work, exits[g.name], c, g.width, means, live)
                                           for g, c in removals)
-    result = apply_removal(model, removals)
+    result = apply_removal(work, removals)
+    reshare(work, original)
     stats.update(
         params_before=params_before,
-        params_after=count_parameters(model),
+        params_after=count_parameters(work),
         params_removed=result["params_removed"],
         units_removed=int(sum(c.size for _, c in removals)),
         units_total=int(sum(g.width for g in live)),
@@ -244,7 +291,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     )
     log.info("%s: removed %d of %d units in %d blocks", label, stats["units_removed"], stats["units_total"],
              len(removals))
-    return PassResult(model, True, stats)
+    return PassResult(work, True, stats)
 
 
 @register_pass

@@ -17,6 +17,15 @@ Removing channels ``R`` of a group deletes ``positions(s, R)`` from every slice 
 slices that land on the same ``(initializer, axis)`` (from one group or several) are merged and
 deleted with a single ``np.delete``, so the indices always refer to the original tensor.
 
+Before anything is changed, :func:`plan_problems` checks each group's removal on its own and
+then all of them together (shape constants stay positive, positions inside their axes, edit
+targets exist), so a pass can block the groups whose plan cannot be applied and prune the rest.
+
+Analyses give readers private copies of shared initializers (so unrelated channels are not tied
+together); after a removal :func:`reshare` points every reader of byte-identical copies back to one
+tensor -- the original name when it is among them -- so only tensors that really differ stay
+copied and a pruned model never holds more parameters than the removal left.
+
 The *masked twin* of a removal zeroes only the ``"in"`` slices: every reader that reduces over
 the channel sees zeros there, so (for exact groups) the pruned graph and the masked twin compute
 the same outputs. Precondition for exactness: everything between the producer and the readers is
@@ -25,6 +34,7 @@ per-channel (the dependency analysis guarantees this unless a group is ``approxi
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +44,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import PassError
+from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
 
 Role = Literal["out", "in", "param"]
@@ -227,6 +238,133 @@ def apply_removal(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
     del model.graph.value_info[:]
     return {"initializers_changed": len(by_init), "shape_edits": len(edits),
             "params_removed": int(params_removed), "channels_removed": n_channels}
+
+
+def _edit_problems(model: Model, edits: dict[tuple[str, str, int | str], int],
+                   nodes: dict[str, onnx.NodeProto]) -> str | None:
+    """Why accumulated shape edits cannot be applied (None: they can)."""
+    for (kind, target, index), delta in edits.items():
+        if kind == "initializer":
+            if model.initializer(target) is None:
+                return f"shape constant {target!r} does not exist"
+            flat = np.asarray(model.get_array(target)).reshape(-1)
+            if not 0 <= int(index) < flat.size:
+                return f"shape constant {target!r} has no element {index}"
+            if flat[int(index)] - delta <= 0:
+                return f"shape constant {target!r}[{index}] = {flat[int(index)]} would drop to {flat[int(index)] - delta}"
+            continue
+        node = nodes.get(target)
+        if node is None:
+            return f"no node named {target!r} for a shape edit"
+        name, _, rest = str(index).partition("[")
+        a = next((a for a in node.attribute if a.name == name), None)
+        if a is None:
+            return f"node {target!r} has no attribute {name!r} to rewrite"
+        val = int(a.ints[int(rest.rstrip("]"))]) if rest and int(rest.rstrip("]")) < len(a.ints) else \
+            (int(a.i) if not rest else None)
+        if val is None:
+            return f"node {target!r}: attribute {index} does not exist"
+        if val - delta <= 0:
+            return f"node {target!r}: attribute {index} = {val} would drop to {val - delta}"
+    return None
+
+
+def _slice_problems(model: Model, group: PruneGroup, ch: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    for s in group.slices:
+        shape = shapes.get(s.initializer)
+        if shape is None:
+            return f"initializer {s.initializer!r} does not exist"
+        if s.axis >= len(shape):
+            return f"initializer {s.initializer!r} has no axis {s.axis}"
+        pos = positions(s, ch)
+        if pos.size and (pos.min() < 0 or pos.max() >= shape[s.axis]):
+            return f"initializer {s.initializer!r}: removal positions exceed axis {s.axis} (size {shape[s.axis]})"
+    return None
+
+
+def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]]) -> dict[str, str]:
+    """Groups of a removal plan that cannot be applied, with the reason (empty: all can).
+
+    Each group is checked alone (channel indices, slice positions, its shape edits), then the
+    groups that pass are accumulated in order and a group whose edits, added to those of the
+    groups before it, would drive a shared shape constant to zero or below is refused too. The
+    model is not changed; :func:`apply_removal` of the remaining groups then succeeds.
+    """
+    shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    total: dict[tuple[str, str, int | str], int] = defaultdict(int)
+    bad: dict[str, str] = {}
+    for group, channels in removals:
+        try:
+            ch = _check_channels(group, channels)
+        except PassError as exc:
+            bad[group.name] = str(exc)
+            continue
+        if ch.size == 0:
+            continue
+        mine: dict[tuple[str, str, int | str], int] = defaultdict(int)
+        for e in group.shape_edits:
+            mine[(e.kind, e.target, e.index)] += e.per_channel * int(ch.size)
+        reason = _slice_problems(model, group, ch, shapes) or _edit_problems(model, mine, nodes)
+        if reason is None:
+            joint = {k: total.get(k, 0) + v for k, v in mine.items()}
+            reason = _edit_problems(model, joint, nodes)
+            if reason is not None:
+                reason = f"together with other groups: {reason}"
+        if reason is not None:
+            bad[group.name] = reason
+            continue
+        for k, v in mine.items():
+            total[k] += v
+    return bad
+
+
+def reshare(model: Model, original: Iterable[str]) -> int:
+    """Merge byte-identical initializers that an analysis copied back into one tensor.
+
+    Args:
+        model: The model after a removal.
+        original: Initializer names of the model before the analysis copied anything; two of
+            these are never merged with each other (the model kept them apart itself).
+
+    Every main-graph reader of a copy (a name not in ``original``) that has the same dtype, shape
+    and bytes as another initializer is pointed at one of them -- an original name when there is
+    one -- and the copy is deleted. Graph inputs, graph outputs and names read inside subgraphs
+    are left alone. Returns the number of initializers removed.
+    """
+    orig = set(original)
+    g = model.graph
+    fixed = model.graph_input_names() | {o.name for o in g.output}
+    fixed |= {x for n in g.node for x in node_outer_reads(n)}
+    buckets: dict[tuple[int, tuple[int, ...]], list[str]] = defaultdict(list)
+    for t in g.initializer:
+        buckets[(t.data_type, tuple(t.dims))].append(t.name)
+    target: dict[str, str] = {}
+    for names in buckets.values():
+        if len(names) < 2 or all(n in orig for n in names):
+            continue
+        by_digest: dict[str, list[str]] = defaultdict(list)
+        for n in names:
+            arr = np.ascontiguousarray(model.get_array(n))
+            by_digest[hashlib.sha256(arr.view(np.uint8).reshape(-1) if arr.size else b"").hexdigest()].append(n)
+        for same in by_digest.values():
+            if len(same) < 2:
+                continue
+            keep = next((n for n in same if n in orig), same[0])
+            for n in same:
+                if n != keep and n not in orig and n not in fixed:
+                    target[n] = keep
+    if not target:
+        return 0
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x in target:
+                n.input[i] = target[x]
+    for i in reversed([i for i, t in enumerate(g.initializer) if t.name in target]):
+        del g.initializer[i]
+    for n in target:
+        model.external.pop(n, None)
+    return len(target)
 
 
 def mask_group(model: Model, group: PruneGroup, channels: np.ndarray) -> None:

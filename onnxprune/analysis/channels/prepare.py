@@ -2,8 +2,9 @@
 
 :func:`prepare` names unnamed nodes, turns Constant nodes into initializers, folds small
 constant subgraphs (:func:`fold_constants`), makes equal Splits explicit and gives each
-shape-constant consumer its own copy (so one Reshape's target can shrink without touching
-another's). :func:`infer_shapes` runs ONNX shape inference on a weightless shell.
+shape-constant consumer and each per-channel constant (bias, scale) reader its own copy (so one
+Reshape's target can shrink without touching another's); shared weights stay shared and tie
+their readers' channels. :func:`infer_shapes` runs ONNX shape inference on a weightless shell.
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ def prepare(model: Model) -> bool:
     Names unnamed nodes, turns ``Constant`` nodes into initializers, folds small constant
     subgraphs, gives equal Splits explicit sizes, gives each shape-constant input (Reshape target,
     Split sizes, Slice bounds, Resize sizes, Expand shape) its own initializer, and duplicates
-    float constants (up to :data:`UNSHARE_MAX_ELEMENTS`) that several nodes read, so exporter
-    de-duplication of equal tensors does not tie unrelated channels. Returns True if anything
+    per-channel float constants (at most one axis longer than 1, up to
+    :data:`UNSHARE_MAX_ELEMENTS` elements: biases, scales, BN statistics) that several nodes read,
+    so exporter de-duplication of equal tensors does not tie unrelated channels. Shared weights
+    (two or more axes longer than 1) are not copied: their readers' channels are tied instead,
+    so a pruned model never holds two pruned copies of one weight. Callers merge copies that stay
+    identical back with :func:`onnxprune.analysis.removal.reshare`. Returns True if anything
     changed.
     """
     g = model.graph
@@ -138,7 +143,8 @@ def prepare(model: Model) -> bool:
             t = model.initializer(x) if uses.get(x, 0) > 1 and x in inits else None
             if t is None or x in model.graph_input_names() or \
                     onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind != "f" or \
-                    not 1 < int(np.prod(t.dims, dtype=np.int64)) <= UNSHARE_MAX_ELEMENTS:  # scalars carry no channels
+                    not 1 < int(np.prod(t.dims, dtype=np.int64)) <= UNSHARE_MAX_ELEMENTS or \
+                    sum(int(d) > 1 for d in t.dims) > 1:  # scalars carry no channels; shared weights stay tied
                 continue
             new = fresh(x)
             model.add_initializer(new, np.asarray(model.get_array(x)))

@@ -4,7 +4,9 @@ Holds :func:`prepare_model` and its helpers. After it runs, every node has a uni
 ``Constant`` nodes and ``Identity(initializer)`` are initializers, every reader of a computed
 shape vector (``Concat``-built Reshape/Expand/Tile/Split/Slice inputs) has its own clone of the
 small int subgraph, and every initializer of at most :data:`PRIVATIZE_MAX_ELEMS` elements has
-one reader per copy. Shape edits made by a group therefore never touch a constant used
+one reader per copy, except float weights (two or more axes longer than 1), which stay shared
+(blocks sharing a weight are blocked). Copies that stay identical after a removal are merged back
+by :func:`onnxprune.analysis.removal.reshare`. Shape edits made by a group therefore never touch a constant used
 elsewhere. Graph inputs and graph outputs are never renamed or privatised.
 """
 
@@ -17,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.ir.model import Model
+from onnxprune.summary import FLOAT_TYPES
 
 #: Initializers up to this many elements are copied per consumer by :func:`prepare_model`.
 PRIVATIZE_MAX_ELEMS = 1 << 16
@@ -183,6 +186,7 @@ def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def privatize(model: Model) -> int:
+    """Copy each small shared initializer per reader (float weights excepted); returns the copies made."""
     graph = model.graph
     sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer}
     graph_inputs = model.graph_input_names()
@@ -192,9 +196,12 @@ def privatize(model: Model) -> int:
             if name in sizes and name not in graph_inputs:
                 uses[name].append((ni, ii))
     taken = set(sizes) | {o for n in graph.node for o in n.output}
+    # float weights (two or more axes longer than 1) stay shared: the engine then blocks the
+    # blocks that share them instead of pruning two copies differently (which grows the model)
+    tied = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES and sum(int(d) > 1 for d in t.dims) > 1}
     changes = 0
     for name, refs in uses.items():
-        if len(refs) < 2 or sizes[name] > PRIVATIZE_MAX_ELEMS:
+        if len(refs) < 2 or sizes[name] > PRIVATIZE_MAX_ELEMS or name in tied:
             continue
         value = np.asarray(model.get_array(name))
         for k, (ni, ii) in enumerate(refs[1:], start=1):

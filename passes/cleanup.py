@@ -8,7 +8,15 @@ graph input, since it may be overridden at run time, and every one that an If/Lo
 which graph-surgeon would otherwise copy into the body) is presented to it as a graph input and
 re-attached unchanged afterwards, so the pass neither copies nor folds big
 weights (folding a Transpose of a weight would duplicate it). Outputs are unchanged by
-construction; the manager's checker and shape inference run afterwards. When nothing would be
+construction; the manager's checker and shape inference run afterwards.
+
+Two rewrites are ours, not graph-surgeon's (:mod:`onnxprune.ir.inline`): an ``Identity`` that
+reads an initializer is removed and its readers read the initializer (graph-surgeon would fold a
+copy of the weight per Identity, so parameters never grow), and ``If`` nodes whose condition is
+constant (before or after folding) are replaced by the branch they take, inserted at the If's
+position with clashing names renamed and the If's output names kept (graph-surgeon's own
+flattening is off: it produced nodes out of topological order on nested Ifs). Folding runs again
+after an inlining, at most ``MAX_ROUNDS`` times, since an inlined branch may expose more constants. When nothing would be
 removed or folded (graph-surgeon only reordered the nodes), the model is left untouched and the
 pass reports ``modified=False``, so cleanup is idempotent and a no-op on clean models.
 """
@@ -19,13 +27,19 @@ import logging
 from dataclasses import dataclass, field
 
 import onnx
+from onnx import numpy_helper
 
 from onnxprune.ir.graph import make_shell, node_outer_reads, shell_input
+from onnxprune.ir.inline import inline_constant_ifs, share_identity_initializers
 from onnxprune.ir.model import Model
+from onnxprune.ir.tensors import nbytes
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
 
 log = logging.getLogger(__name__)
+
+#: Fold / inline rounds at most (an inlined branch may expose more constants).
+MAX_ROUNDS = 3
 
 
 @dataclass
@@ -48,30 +62,27 @@ class CleanupPass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         """Fold and clean ``model`` in place."""
-        import onnx_graphsurgeon as gs
-
-        opts: CleanupOptions = self.options
         graph = model.graph
         nodes_before = len(graph.node)
         inits_before = len(graph.initializer)
         overridable = {i.name for i in graph.input}  # initializers that are graph inputs are not constants
         # graph-surgeon would copy constants that If/Loop/Scan bodies read into those bodies; keep them outside
         pinned = overridable | _subgraph_reads(graph) | set(model.external)
+        # an Identity that hands a weight to a graph output stays; folding it would copy the weight
+        outputs = {o.name for o in graph.output}
+        pinned |= {n.input[0] for n in graph.node if n.op_type == "Identity" and n.input and n.output[0] in outputs}
         big = {t.name for t in graph.initializer if shell_input(t, pinned)}
         big_protos = {t.name: t for t in graph.initializer if t.name in big}
         shell = make_shell(model.proto, force_inputs=pinned)
-        g = gs.import_onnx(shell)
-        if opts.fold_constants:
-            import onnxruntime as ort
-
-            ort.set_default_logger_severity(3)  # graph-surgeon's folding session is noisy
-            try:
-                g.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=int(opts.max_fold_mb * (1 << 20)),
-                                 error_ok=True)
-            except Exception as exc:  # graph-surgeon can fail on exotic graphs; folding is optional
-                ctx.warn(f"cleanup: constant folding skipped ({type(exc).__name__}: {exc})")
-        g.cleanup(remove_unused_graph_inputs=False).toposort()
-        out = gs.export_onnx(g, do_type_check=False)
+        share_identity_initializers(shell.graph, {t.name for t in graph.initializer} - overridable)
+        scalars = {t.name: numpy_helper.to_array(t) for t in big_protos.values()
+                   if t.name not in overridable and nbytes(t) <= 8 and t.data_location != onnx.TensorProto.EXTERNAL}
+        inline_constant_ifs(shell.graph, protected=overridable, constants=scalars)
+        out = shell
+        for _ in range(MAX_ROUNDS):
+            out = self._fold(out, ctx)
+            if not inline_constant_ifs(out.graph, protected=overridable, constants=scalars):
+                break
         new_graph = out.graph
         used: set[str] = set()
         for n in new_graph.node:
@@ -108,6 +119,25 @@ class CleanupPass(Pass):
         }
         modified = stats["nodes_before"] != stats["nodes_after"] or inits_before != len(graph.initializer)
         return PassResult(model, True if modified else _changed(shell, out), stats)
+
+
+    def _fold(self, proto: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        """One graph-surgeon round: fold constants (no If flattening), remove dead code, sort."""
+        import onnx_graphsurgeon as gs
+
+        opts: CleanupOptions = self.options
+        g = gs.import_onnx(proto)
+        if opts.fold_constants:
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(3)  # graph-surgeon's folding session is noisy
+            try:
+                g.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=int(opts.max_fold_mb * (1 << 20)),
+                                 error_ok=True, flatten_subgraphs=False)
+            except Exception as exc:  # graph-surgeon can fail on exotic graphs; folding is optional
+                ctx.warn(f"cleanup: constant folding skipped ({type(exc).__name__}: {exc})")
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        return gs.export_onnx(g, do_type_check=False)
 
 
 def _is_noop(graph: onnx.GraphProto, new_graph: onnx.GraphProto, inputs: list[onnx.ValueInfoProto],

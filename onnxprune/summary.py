@@ -1,9 +1,20 @@
 """Model summaries: op counts, parameter and non-zero counts, file size.
 
-``parameters`` counts the elements of every floating-point initializer of the main graph that
-is consumed as data (integer initializers such as shape constants are not parameters);
-``nonzero`` counts those elements that are not exactly zero; ``nonfinite_weights`` names the
-floating-point initializers that hold NaN or +-Inf.
+``parameters`` counts the elements of
+
+* every floating-point initializer of the main graph (integer initializers such as shape
+  constants are not parameters),
+* every floating-point tensor held by a ``Constant`` node (Paddle2ONNX stores weights so), and
+* every *quantized weight*: an integer initializer read as the quantized operand of
+  ``DequantizeLinear`` (int8/uint8/int4/uint4/int16/uint16/int32), ``MatMulInteger`` /
+  ``ConvInteger``, ``QLinearConv`` / ``QLinearMatMul``, or the com.microsoft
+  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``; a com.microsoft ``MatMulNBits`` weight
+  counts ``K * N`` elements (from its attributes), not its packed bytes.
+
+``nonzero`` counts the parameters that are not exactly zero; a quantized value ``q`` with zero
+point ``z`` is zero when ``q == z`` (it dequantizes to 0), so it is compared with its zero point
+(per tensor, per axis, or per block), not with 0. ``quantized`` is the quantized share of
+``parameters``. ``nonfinite_weights`` names the floating-point initializers holding NaN or +-Inf.
 """
 
 from __future__ import annotations
@@ -16,8 +27,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from onnxprune.ir.constants import constant_tensor
 from onnxprune.ir.model import Model
+from onnxprune.ir.tensors import nbytes
 
 _CHUNK = 1 << 24
 
@@ -35,6 +49,10 @@ class ModelSummary:
     per_initializer: list[dict[str, Any]] = field(default_factory=list)
     #: Floating-point initializers holding NaN or +-Inf (criteria rank such weights unpredictably).
     nonfinite_weights: list[str] = field(default_factory=list)
+    #: Parameters that are quantized weights (included in ``parameters``).
+    quantized: int = 0
+    #: Parameters held by Constant nodes (included in ``parameters``).
+    in_constant_nodes: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -52,16 +70,157 @@ class ModelSummary:
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                          onnx.TensorProto.DOUBLE})
 
+#: Integer element types a quantized weight may have.
+QUANT_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
+                         onnx.TensorProto.UINT4, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                         onnx.TensorProto.INT32})
+
+#: (domain, op) -> ((quantized operand slot, zero-point slot, zero-point axis), ...); the axis is
+#: counted from the end when negative, None means "the node's ``axis`` attribute" (DequantizeLinear).
+QUANT_SLOTS: dict[tuple[str, str], tuple[tuple[int, int, int | None], ...]] = {
+    ("", "DequantizeLinear"): ((0, 2, None),),
+    ("", "MatMulInteger"): ((0, 2, -2), (1, 3, -1)),
+    ("", "ConvInteger"): ((0, 2, 0), (1, 3, 0)),
+    ("", "QLinearConv"): ((0, 2, 0), (3, 5, 0)),
+    ("", "QLinearMatMul"): ((0, 2, -2), (3, 5, -1)),
+    ("com.microsoft", "DynamicQuantizeMatMul"): ((1, 3, -1),),
+    ("com.microsoft", "MatMulIntegerToFloat"): ((0, 4, -2), (1, 5, -1)),
+}
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A constant integer tensor read as a quantized weight, and how to find its zeros."""
+
+    name: str
+    op: str
+    zero_point: str | None = None
+    axis: int | None = None
+    block_size: int = 0
+    #: ``MatMulNBits`` only: (K, N, bits, block_size) from the node's attributes.
+    nbits: tuple[int, int, int, int] | None = None
+
+
+def _domain(node: onnx.NodeProto) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def constant_tensors(model: Model) -> dict[str, onnx.TensorProto]:
+    """Output name -> value of every main-graph ``Constant`` node that holds a tensor."""
+    out = {}
+    for n in model.graph.node:
+        t = constant_tensor(n)
+        if t is not None:
+            out[n.output[0]] = t
+    return out
+
+
+def quantized_weights(model: Model, consts: dict[str, onnx.TensorProto] | None = None) -> dict[str, QuantWeight]:
+    """Constant integer tensors (initializers or Constant outputs) that quantized ops read as weights."""
+    consts = constant_tensors(model) if consts is None else consts
+    inputs = model.graph_input_names()
+    types = {t.name: t.data_type for t in model.graph.initializer if t.name not in inputs}
+    types.update({k: t.data_type for k, t in consts.items()})
+    out: dict[str, QuantWeight] = {}
+    for node in model.graph.node:
+        key = (_domain(node), node.op_type)
+        if key == ("com.microsoft", "MatMulNBits"):
+            if len(node.input) > 1 and types.get(node.input[1]) == onnx.TensorProto.UINT8:
+                zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
+                out.setdefault(node.input[1], QuantWeight(node.input[1], node.op_type, zp, nbits=(
+                    _attr_int(node, "K", 0), _attr_int(node, "N", 0), _attr_int(node, "bits", 4),
+                    _attr_int(node, "block_size", 0))))
+            continue
+        for slot, zp_slot, axis in QUANT_SLOTS.get(key, ()):
+            if slot >= len(node.input) or types.get(node.input[slot]) not in QUANT_TYPES:
+                continue
+            if key[1] != "DequantizeLinear" and types[node.input[slot]] == onnx.TensorProto.INT32:
+                continue
+            zp = node.input[zp_slot] if len(node.input) > zp_slot and node.input[zp_slot] else None
+            block = 0
+            if axis is None:
+                axis, block = _attr_int(node, "axis", 1), _attr_int(node, "block_size", 0)
+            out.setdefault(node.input[slot], QuantWeight(node.input[slot], node.op_type, zp, axis, block))
+    return out
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64))
+
+
+def _quant_size(t: onnx.TensorProto, q: QuantWeight) -> int:
+    return q.nbits[0] * q.nbits[1] if q.nbits else _elements(t)
+
 
 def count_parameters(model: Model) -> int:
-    """Elements of the main graph's floating-point initializers, from their shapes (no data read)."""
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    """Parameters (see the module docstring), from shapes and attributes (no weight data read)."""
+    consts = constant_tensors(model)
+    quant = quantized_weights(model, consts)
+    total = 0
+    for t in [*model.graph.initializer, *consts.values()]:
+        if t.data_type in FLOAT_TYPES:
+            total += _elements(t)
+        elif t.name in quant:
+            total += _quant_size(t, quant[t.name])
+    return total
 
 
 def count_nonzero(arr: np.ndarray) -> int:
     """Non-zeros of a possibly memory-mapped array, read in chunks."""
     flat = arr.reshape(-1)
     return int(sum(np.count_nonzero(flat[i : i + _CHUNK]) for i in range(0, flat.size, _CHUNK)))
+
+
+def _nbits_values(b: np.ndarray, zp: np.ndarray | None, q: QuantWeight) -> np.ndarray | None:
+    """``MatMulNBits``: the [N, K] quantized values minus their zero points; None if unsupported."""
+    assert q.nbits is not None
+    k, n, bits, block = q.nbits
+    if bits not in (4, 8) or n <= 0 or k <= 0 or b.size == 0:
+        return None
+    b = np.asarray(b, dtype=np.uint8).reshape(n, -1)
+    vals = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, -1) if bits == 4 else b
+    if zp is None:
+        zero = np.full((n, 1), 1 << (bits - 1), dtype=np.int16)
+    elif zp.dtype == np.uint8 and block > 0:
+        blocks = -(-k // block)
+        z = zp.reshape(n, -1)
+        z = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1) if bits == 4 else z
+        zero = np.repeat(z[:, :blocks].astype(np.int16), block, axis=1)
+    else:
+        return None
+    vals = vals[:, : zero.shape[1]] if zero.shape[1] > 1 else vals
+    return vals[:, :k].astype(np.int16) - zero[:, :k]
+
+
+def quant_nonzero(arr: np.ndarray, q: QuantWeight, zp: np.ndarray | None) -> int:
+    """Quantized values that do not dequantize to zero (``q != zero point``)."""
+    if q.nbits is not None:
+        diff = _nbits_values(arr, zp, q)
+        return int(np.prod(q.nbits[:2])) if diff is None else int(np.count_nonzero(diff))
+    if zp is None or zp.size == 1:
+        z = 0 if zp is None else zp.reshape(()).item()
+        return count_nonzero(arr) if z == 0 else int(arr.size - np.count_nonzero(np.asarray(arr) == z))
+    if arr.ndim == 0 or q.axis is None:
+        return count_nonzero(arr)
+    a = q.axis % arr.ndim
+    if q.block_size:
+        zp = np.repeat(np.asarray(zp), q.block_size, axis=a)
+        zp = np.take(zp, np.arange(arr.shape[a]), axis=a)
+    elif zp.ndim <= 1:
+        shape = [1] * arr.ndim
+        shape[a] = zp.size
+        zp = zp.reshape(shape)
+    try:
+        return int(np.count_nonzero(np.asarray(arr) != zp))
+    except ValueError:  # a zero point that does not broadcast: count against 0
+        return count_nonzero(arr)
 
 
 def has_nonfinite(arr: np.ndarray) -> bool:
@@ -78,26 +237,47 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
     ops = Counter(
         (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}") for n in model.graph.node
     )
-    params = nnz = 0
+    consts = constant_tensors(model)
+    quant = quantized_weights(model, consts)
+    inits = {t.name for t in model.graph.initializer}
+
+    def value(name: str) -> np.ndarray:
+        return model.get_array(name) if name in inits else numpy_helper.to_array(consts[name])
+
+    params = nnz = n_quant = n_const = 0
     rows = []
     nonfinite: list[str] = []
-    for t in model.graph.initializer:
-        arr = model.get_array(t.name)
-        if arr.dtype.kind != "f" and str(arr.dtype) not in ("bfloat16",):
+    for t in [*model.graph.initializer, *consts.values()]:
+        q = quant.get(t.name)
+        if t.data_type not in FLOAT_TYPES and q is None:
             continue
-        size = int(arr.size)
-        nz = count_nonzero(arr)
+        try:
+            arr = value(t.name)
+        except Exception:  # noqa: BLE001 - a type numpy cannot hold (e.g. float8): count by shape
+            size, nz, dtype = _elements(t), _elements(t), onnx.TensorProto.DataType.Name(t.data_type).lower()
+        else:
+            dtype = str(arr.dtype)
+            if q is not None:
+                zp = value(q.zero_point) if q.zero_point and (q.zero_point in inits or q.zero_point in consts) \
+                    else None
+                size, nz = _quant_size(t, q), quant_nonzero(arr, q, None if zp is None else np.asarray(zp))
+                n_quant += size
+            else:
+                size, nz = int(arr.size), count_nonzero(arr)
+                if t.name in inits and has_nonfinite(arr):  # -inf mask constants are not weights
+                    nonfinite.append(t.name)
         params += size
         nnz += nz
-        if has_nonfinite(arr):
-            nonfinite.append(t.name)
+        if t.name in consts:
+            n_const += size
         if per_initializer:
-            rows.append({"name": t.name, "shape": list(arr.shape), "dtype": str(arr.dtype), "size": size,
-                         "nonzero": nz, "sparsity": round(1 - nz / size, 6) if size else 0.0})
+            rows.append({"name": t.name, "shape": list(t.dims), "dtype": dtype, "size": size,
+                         "nonzero": nz, "sparsity": round(1 - nz / size, 6) if size else 0.0,
+                         **({"quantized": q.op} if q else {}), **({"constant_node": True} if t.name in consts else {})})
     return ModelSummary(
         nodes=len(model.graph.node), ops=dict(sorted(ops.items())), parameters=params, nonzero=nnz,
-        weight_bytes=model.weight_bytes(), file_size=file_size(path) if path else None, per_initializer=rows,
-        nonfinite_weights=nonfinite,
+        weight_bytes=model.weight_bytes() + sum(nbytes(t) for t in consts.values()), file_size=file_size(path) if path else None, per_initializer=rows,
+        nonfinite_weights=nonfinite, quantized=n_quant, in_constant_nodes=n_const,
     )
 
 

@@ -86,6 +86,7 @@ from onnxprune.analysis.weights import (
     WeightInfo,
     find_weights,
     from_kn,
+    hoist_constant_weights,
     match_names,
     subgraph_reads,
     subgraph_skip_reason,
@@ -107,6 +108,7 @@ from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.options import build_options
 from onnxprune.pipeline.registry import register_pass
 from onnxprune.progress import progress
+from onnxprune.summary import quantized_weights
 from onnxprune.tensorrt.eligibility import trt_sparse_reason
 
 log = logging.getLogger(__name__)
@@ -459,6 +461,11 @@ def _no_weights(model: Model, ctx: PassContext, pass_name: str, skipped: dict[st
         listing = ", ".join(list(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
         ctx.warn(f"{pass_name}: the model has no prunable weight outside If/Loop/Scan bodies; nothing changed "
                  f"(skipped: {listing})")
+    elif quant_ops := sorted({q.op for q in quantized_weights(model).values() if q.op != "DequantizeLinear"}):
+        stats["quantized_ops"] = quant_ops
+        ctx.warn(f"{pass_name}: the model's weights are inputs of quantized ops ({', '.join(quant_ops)}), which "
+                 f"{pass_name} does not prune (it prunes float weights and weights behind DequantizeLinear); "
+                 "nothing changed")
     else:
         ctx.warn(f"{pass_name}: the model has no prunable weight (no Conv/ConvTranspose/MatMul/Gemm with a "
                  "constant weight); nothing changed")
@@ -474,12 +481,24 @@ class _SparsityPass(Pass):
     allow_extra = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        """Mask the targeted weights in place."""
+        """Mask the targeted weights in place.
+
+        Weights held by ``Constant`` nodes (Paddle2ONNX, old tf2onnx) become initializers first
+        (exact), so they are pruned like any other weight.
+        """
+        hoisted = hoist_constant_weights(model)
+        if hoisted:
+            ctx.invalidate(())
         targets, skipped = select_targets(model, ctx, self.name, self.options, self.Options,
                                           allow_extra=self.allow_extra)
         if not targets and not find_weights(model) and not self.options.include:
-            return _no_weights(model, ctx, self.name, skipped)
-        return self._prune(model, ctx, targets, skipped)
+            result = _no_weights(model, ctx, self.name, skipped)
+        else:
+            result = self._prune(model, ctx, targets, skipped)
+        if hoisted:
+            result.stats["constants_to_initializers"] = len(hoisted)
+            result = PassResult(result.model, True, result.stats)
+        return result
 
     def _prune(self, model: Model, ctx: PassContext, targets: list[Target],
                skipped: dict[str, str]) -> PassResult:  # pragma: no cover - abstract

@@ -26,6 +26,11 @@ that is also the data of a ``Gather`` (an embedding, e.g. a tied LM head) gets a
 :func:`to_kn` / :func:`from_kn` turn a weight into a 2-D ``[K, rest]`` array (K on axis 0, all
 other axes flattened, in order, on axis 1) and back; every criterion works in that layout.
 
+Weights held by ``Constant`` nodes (Paddle2ONNX) are not initializers, so :func:`find_weights`
+does not see them; :func:`constant_node_weights` names them and :func:`hoist_constant_weights`
+turns them into initializers (exactly: same name, type and bytes). The mask passes and
+``inspect`` do that first, so such weights are weights everywhere.
+
 Preconditions: the model passed the checker (names are unique). Nothing here reads weight
 values except the ``inspect_*`` helpers, Reshape targets and DequantizeLinear scales (to tell
 per-tensor from per-axis quantization).
@@ -43,6 +48,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.fmt import shorten
+from onnxprune.ir.constants import hoist_constants, is_constant_node
 from onnxprune.ir.graph import attr, graph_outer_reads, node_subgraphs
 from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES, count_nonzero
@@ -318,6 +324,14 @@ def _chain_tensors(g: _Graph, init: str) -> set[str]:
     return seen
 
 
+def _weight_slots(node: onnx.NodeProto) -> list[int]:
+    """Input slots of a weight op that may hold a weight (none for other ops)."""
+    if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+        return []
+    slots = (1,) if node.op_type in ("Conv", "ConvTranspose") else (0, 1)
+    return [s for s in slots if s < len(node.input) and node.input[s]]
+
+
 def find_weights(model: Model) -> list[WeightInfo]:
     """Every constant weight of a Conv / ConvTranspose / MatMul / Gemm, in graph order.
 
@@ -331,12 +345,7 @@ def find_weights(model: Model) -> list[WeightInfo]:
     found: dict[str, WeightInfo] = {}
     axes_seen: dict[str, list[tuple[str, int | None, int | None]]] = defaultdict(list)
     for idx, node in enumerate(model.graph.node):
-        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        slots = (1,) if node.op_type in ("Conv", "ConvTranspose") else (0, 1)
-        for slot in slots:
-            if slot >= len(node.input) or not node.input[slot]:
-                continue
+        for slot in _weight_slots(node):
             tr = _trace(g, node.input[slot])
             if tr is None:
                 continue
@@ -393,6 +402,46 @@ def find_weights(model: Model) -> list[WeightInfo]:
             reason = "embedding (also Gather data)"
             info.skip_reason = f"{info.skip_reason}; {reason}" if info.skip_reason else reason
     return list(found.values())
+
+
+def constant_node_weights(model: Model) -> list[str]:
+    """Outputs of ``Constant`` nodes that would be weights if they were initializers.
+
+    A weight slot (see :func:`find_weights`) traced back through pass-through ops that ends at a
+    ``Constant`` node names that node's output; so do the Constant side inputs of that chain (a
+    Reshape target, a DequantizeLinear scale or zero point), which the weight passes read too.
+
+    Returns:
+        Constant output names, in the order they were found.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    found: dict[str, None] = {}
+    for node in model.graph.node:
+        for slot in _weight_slots(node):
+            cur, side = node.input[slot], []
+            for _ in range(33):
+                p = producer.get(cur)
+                if p is None:
+                    break
+                if is_constant_node(p):
+                    for name in [cur, *side]:
+                        found.setdefault(name, None)
+                    break
+                if p.op_type not in PASS_THROUGH or not p.input:
+                    break
+                side.extend(x for x in p.input[1:] if x and x in producer and is_constant_node(producer[x]))
+                cur = p.input[0]
+    return list(found)
+
+
+def hoist_constant_weights(model: Model) -> list[str]:
+    """Turn the ``Constant`` nodes that hold weights into initializers, in place (exact).
+
+    Returns:
+        The tensors that became initializers (empty when the model has none).
+    """
+    names = constant_node_weights(model)
+    return hoist_constants(model, names) if names else []
 
 
 #: Control-flow ops whose bodies the sparsity passes do not prune.

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune.ir.constants import hoist_constants
 from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
 from onnxprune.ir.save import scratch_cwd
@@ -110,26 +111,9 @@ def prepare(model: Model) -> bool:
             n.name = fresh(n.name)
             changed = True
         seen.add(n.name)
-    keep = []
-    for n in g.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value" \
-                and n.output[0] not in {o.name for o in g.output}:
-            t = onnx.TensorProto()
-            t.CopyFrom(n.attribute[0].t)
-            t.name = n.output[0]
-            g.initializer.append(t)
-            inits.add(t.name)
-            changed = True
-        else:
-            keep.append(n)
-    if len(keep) != len(g.node):
-        copies = []
-        for n in keep:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
-        del g.node[:]
-        g.node.extend(copies)
+    hoisted = hoist_constants(model)
+    inits.update(hoisted)
+    changed |= bool(hoisted)
     changed |= fold_constants(model)
     changed |= _explicit_splits(model, fresh)
     uses: dict[str, int] = defaultdict(int)

@@ -16,8 +16,8 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from onnxprune.ir.constants import constant_value
 from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES
 
@@ -168,21 +168,6 @@ def fresh_name(base: str, taken: set[str]) -> str:
         name = f"{base}{k}"
     taken.add(name)
     return name
-
-
-def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_ints":
-            return np.asarray(list(a.ints), dtype=np.int64)
-        if a.name == "value_int":
-            return np.asarray(a.i, dtype=np.int64)
-        if a.name == "value_floats":
-            return np.asarray(list(a.floats), dtype=np.float32)
-        if a.name == "value_float":
-            return np.asarray(a.f, dtype=np.float32)
-    return None
 
 
 def privatize(model: Model) -> int:

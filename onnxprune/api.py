@@ -112,7 +112,7 @@ def optimize(
             reference = model.path  # the input file is never changed
         else:
             reference = model.copy()
-    out, records = PassManager(passes, verify=verify).run(work, ctx)
+    out, records = PassManager(passes, verify=verify, check_inputs=check_inputs, check_dims=check_dims).run(work, ctx)
     after = summarize(out, per_initializer=per_layer)
     report = Report(before=before, after=after, passes=records,
                     input_path=str(input_path or model.path) if (input_path or model.path) else None)

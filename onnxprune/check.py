@@ -14,10 +14,29 @@ For every output present in both models the comparison reports
   feed's attention mask (an input whose name contains ``mask``), i.e. what sentence-embedding
   models compare.
 
-Inputs come from an ``.npz`` file (arrays named after the model inputs), a dict, or are generated
-from the declared input types: float inputs standard normal, integer inputs in ``[0, 100)``
-(``*mask*`` inputs all ones, ``*type*`` inputs zeros), with dynamic dimensions taken from
-``dims`` (name -> value) or 1 for the first axis and 16 otherwise.
+A comparison *fails loudly* (:meth:`CheckResult.problems`, whatever the tolerances) when an
+output changed shape, when the candidate has NaN/Inf where the reference is finite, or when the
+error itself is not finite (a NaN/Inf where the reference had a finite value, or the reverse).
+Positions where both outputs hold the same value (the same Inf, or NaN in both) count as equal.
+
+Inputs come from an ``.npz`` file (arrays named after the model inputs), a dict, or are
+synthesized from the declared input types and from what the graph says (:func:`input_hints`):
+
+* float inputs standard normal; inputs named like recurrent state (``state``, ``h``, ``c``,
+  ``h0``, ``hidden``...) zeros; bool inputs ones;
+* integer inputs in ``[0, min(100, rows))`` where ``rows`` is the smallest first-axis size of a
+  ``Gather`` table they index (directly or through Cast/Unsqueeze/Reshape/...), ``*mask*``
+  inputs all ones, ``*type*`` inputs zeros, scalar sample-rate inputs (``sr``) 16000;
+* one value per symbolic dim name (inputs that share ``batch`` get the same batch); a dynamic
+  dim that an elementwise op against a constant forces (right-aligned broadcasting with a
+  constant dim > 1) gets that size; ``dims`` (name -> value) wins over everything;
+* other dynamic dims: 1 for batch axes (axis 0 of rank >= 2 inputs, every dynamic axis of a
+  state input); for image inputs (rank 4, 1-4 channels) the spatial axes get a multiple of 32,
+  at least 64; every other dynamic axis a length ``L``.
+
+:func:`synthesize_feeds` tries candidates in order (``L`` = 16, 64, 128, 256, 512 and image sizes
+64, 128, 256, 512) and keeps the first the reference model runs on; when none runs it raises
+:class:`FeedSynthesisError` naming the shapes tried.
 """
 
 from __future__ import annotations
@@ -51,10 +70,23 @@ class OutputDiff:
     cosine: float
     top1: float | None
     pooled_cosine: float | None = None
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+
+    def problem(self) -> str | None:
+        """Why this output fails whatever the tolerances: changed shape, new NaN/Inf, non-finite error."""
+        if self.shape_a != self.shape_b:
+            return f"output {self.name!r} changed shape: {self.shape_a} -> {self.shape_b}"
+        if self.nonfinite_b > self.nonfinite_a or (self.nonfinite_b and not self.nonfinite_a):
+            return (f"output {self.name!r} has {self.nonfinite_b} NaN/Inf value(s)"
+                    + (f" (the reference has {self.nonfinite_a})" if self.nonfinite_a else " (the reference has none)"))
+        if not (np.isfinite(self.max_abs) and np.isfinite(self.mean_abs)):
+            return f"output {self.name!r}: the error is not finite (max_abs {self.max_abs})"
+        return None
 
     def within(self, atol: float | None, rtol: float | None) -> bool:
-        """True if ``max_abs <= atol`` and ``max_rel <= rtol`` (each only when given)."""
-        if self.shape_a != self.shape_b:
+        """True if no :meth:`problem` and ``max_abs <= atol`` and ``max_rel <= rtol`` (each only when given)."""
+        if self.problem():
             return False
         if atol is not None and not self.max_abs <= atol:
             return False
@@ -69,12 +101,16 @@ class CheckResult:
     inputs: dict[str, list[int]]
 
     def within(self, atol: float | None = None, rtol: float | None = None) -> bool:
-        """True if every output is within the tolerances."""
+        """True if no output has a :meth:`problems` entry and every output is within the tolerances."""
         return all(o.within(atol, rtol) for o in self.outputs)
+
+    def problems(self) -> list[str]:
+        """Failures that count whatever the tolerances (see :meth:`OutputDiff.problem`)."""
+        return [p for p in (o.problem() for o in self.outputs) if p]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"inputs": self.inputs, "outputs": [asdict(o) for o in self.outputs]}
+        return {"inputs": self.inputs, "outputs": [asdict(o) for o in self.outputs], "problems": self.problems()}
 
     def format(self) -> str:
         """A terminal table."""
@@ -86,11 +122,18 @@ class CheckResult:
             lines.append(f"{name:<28} {o.max_abs:>10.3g} {o.max_rel:>10.3g} {o.mean_abs:>10.3g} "
                          f"{o.cosine:>10.6f} {top1:>7}"
                          + (f"  pooled cosine {o.pooled_cosine:.6f}" if o.pooled_cosine is not None else ""))
+        lines += [f"FAILED: {p}" for p in self.problems()]
         return "\n".join(lines)
 
 
-def make_session(model: Model | str | os.PathLike[str], threads: int | None = None) -> Any:
+def make_session(model: Model | str | os.PathLike[str], threads: int | None = None, *,
+                 optimize: bool = True) -> Any:
     """An ONNX Runtime CPU session for a model object or path.
+
+    Args:
+        model: A :class:`Model` or a path.
+        threads: Intra-op threads (ONNX Runtime's default when None).
+        optimize: False builds the session without graph optimizations (a cheap load check).
 
     Raises:
         CheckError: ONNX Runtime refuses the model.
@@ -99,6 +142,8 @@ def make_session(model: Model | str | os.PathLike[str], threads: int | None = No
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     try:
@@ -119,36 +164,237 @@ _ORT_TYPES = {
 }
 
 
-def random_feeds(session: Any, dims: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching a session's declared input types and shapes."""
-    rng = np.random.default_rng(seed)
-    dims = dict(dims or {})
-    feeds = {}
+class FeedSynthesisError(CheckError):
+    """The reference model runs on none of the synthesized candidate inputs."""
+
+
+#: Ops that carry integer ids unchanged on their first input (ids -> ids) on the way to a Gather.
+ID_PASSTHROUGH = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand",
+                            "Transpose", "Slice", "Tile", "Concat"})
+#: Shape-keeping ops through which a broadcast constraint still reaches the graph input.
+SHAPE_KEEPING = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt",
+                           "Erf", "Softplus", "LeakyRelu", "Clip", "Add", "Sub", "Mul", "Div", "Pow"})
+ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min"})
+#: Candidate lengths for dynamic axes and sizes for image spatial axes, tried in order.
+CANDIDATE_LENGTHS = (DEFAULT_DIM, 64, 128, 256, 512)
+CANDIDATE_SPATIAL = (64, 128, 256, 512, 512)
+SAMPLE_RATE = 16000
+_STATE_NAMES = ("state", "hidden", "h0", "c0", "past", "cache")
+_RATE_NAMES = ("sr", "sample_rate", "sampling_rate", "samplerate")
+
+
+@dataclass
+class InputHints:
+    """What the graph says about its inputs (see :func:`input_hints`).
+
+    Attributes:
+        id_bound: Input -> exclusive upper bound of its integer values (rows of the Gather tables it indexes).
+        forced: ``(input, axis)`` -> the size an elementwise op against a constant forces on that axis.
+    """
+
+    id_bound: dict[str, int]
+    forced: dict[tuple[str, int], int]
+
+
+def _const_shapes(graph: Any) -> dict[str, list[int]]:
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    shapes[n.output[0]] = list(a.t.dims)
+    return shapes
+
+
+def input_hints(model: Any) -> InputHints:
+    """Bounds on integer ids and broadcast-forced dims of a model's graph inputs.
+
+    Args:
+        model: A :class:`Model` or ``onnx.ModelProto`` (only the main graph is read).
+    """
+    graph = model.graph
+    consts = _const_shapes(graph)
+    init_names = {t.name for t in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for x in n.input:
+            if x:
+                consumers.setdefault(x, []).append(n)
+    id_bound: dict[str, int] = {}
+    forced: dict[tuple[str, int], int] = {}
+    for inp in graph.input:
+        if inp.name in init_names:
+            continue
+        # integer ids reaching the indices of a Gather over a constant table
+        seen, todo = {inp.name}, [inp.name]
+        while todo:
+            t = todo.pop()
+            for n in consumers.get(t, ()):
+                if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and n.input[0] in consts:
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                    dims = consts[n.input[0]]
+                    if dims and -len(dims) <= axis < len(dims):
+                        id_bound[inp.name] = min(id_bound.get(inp.name, dims[axis]), int(dims[axis]))
+                elif n.op_type in ID_PASSTHROUGH and n.input[0] == t and n.output and n.output[0] not in seen:
+                    seen.add(n.output[0])
+                    todo.append(n.output[0])
+        # dims forced by elementwise ops against constants (right-aligned broadcasting)
+        rank = len(inp.type.tensor_type.shape.dim)
+        seen, todo = {inp.name}, [inp.name]
+        while todo:
+            t = todo.pop()
+            for n in consumers.get(t, ()):
+                if n.op_type not in SHAPE_KEEPING or not n.output:
+                    continue
+                if n.op_type in ELEMENTWISE_BINARY:
+                    for other in n.input:
+                        cdims = consts.get(other)
+                        if other == t or cdims is None or len(cdims) > rank:
+                            continue
+                        for k, size in enumerate(cdims):
+                            if size > 1:
+                                forced.setdefault((inp.name, rank - len(cdims) + k), int(size))
+                if n.output[0] not in seen:
+                    seen.add(n.output[0])
+                    todo.append(n.output[0])
+    return InputHints(id_bound, forced)
+
+
+def _is_state(name: str) -> bool:
+    lname = name.lower()
+    return lname in ("h", "c", "hn", "cn") or any(k in lname for k in _STATE_NAMES)
+
+
+def _is_image(shape: list[Any]) -> tuple[int, int] | None:
+    """Spatial axes of an NCHW/NHWC image input with dynamic height/width, else None."""
+    if len(shape) != 4:
+        return None
+    fixed = [isinstance(d, int) and d > 0 for d in shape]
+    if fixed[1] and 1 <= shape[1] <= 4 and not fixed[2] and not fixed[3]:
+        return (2, 3)
+    if fixed[3] and 1 <= shape[3] <= 4 and not fixed[1] and not fixed[2]:
+        return (1, 2)
+    return None
+
+
+def _feed_shapes(session: Any, dims: Mapping[str, int], hints: InputHints | None,
+                 attempt: int) -> dict[str, list[int]]:
+    """Shapes of the ``attempt``-th candidate (see the module docstring)."""
+    length = CANDIDATE_LENGTHS[min(attempt, len(CANDIDATE_LENGTHS) - 1)]
+    spatial = CANDIDATE_SPATIAL[min(attempt, len(CANDIDATE_SPATIAL) - 1)]
+    forced = hints.forced if hints else {}
+    named: dict[str, int] = dict(dims)
+    for inp in session.get_inputs():  # forced sizes name their symbolic dim for every input sharing it
+        for axis, d in enumerate(inp.shape):
+            if isinstance(d, str) and d and d not in dims and (inp.name, axis) in forced:
+                named.setdefault(d, forced[(inp.name, axis)])
+    shapes = {}
     for inp in session.get_inputs():
+        image = _is_image(list(inp.shape))
+        state = _is_state(inp.name)
         shape = []
         for axis, d in enumerate(inp.shape):
             if isinstance(d, int) and d > 0:
                 shape.append(d)
-            elif isinstance(d, str) and d in dims:
-                shape.append(int(dims[d]))
+                continue
+            if (inp.name, axis) in forced and not (isinstance(d, str) and d in dims):
+                value = forced[(inp.name, axis)]
+            elif isinstance(d, str) and d in named:
+                value = named[d]
+            elif state or (axis == 0 and len(inp.shape) >= 2):
+                value = DEFAULT_BATCH
+            elif image and axis in image:
+                value = spatial
             else:
-                shape.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DIM)
+                value = length
+            if isinstance(d, str) and d and d != "?":
+                named.setdefault(d, value)
+            shape.append(value)
+        shapes[inp.name] = shape
+    return shapes
+
+
+def random_feeds(session: Any, dims: Mapping[str, int] | None = None, seed: int = 0, *,
+                 hints: InputHints | None = None, attempt: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching a session's declared input types and shapes (one candidate).
+
+    Args:
+        session: An ONNX Runtime session.
+        dims: Values of named dynamic dims (win over every rule).
+        seed: Seed of the random values.
+        hints: What the graph says (:func:`input_hints`); without it ids lie in ``[0, 100)``.
+        attempt: Which candidate size to use (0 = the defaults; see the module docstring).
+
+    Raises:
+        CheckError: an input type random inputs do not support.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = _feed_shapes(session, dict(dims or {}), hints, attempt)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = shapes[inp.name]
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
             raise CheckError(f"input {inp.name!r} has type {inp.type}, which random inputs do not support; "
-                             "pass --inputs DATA.npz")
+                             "pass real inputs (--check-inputs DATA.npz, or --inputs DATA.npz for `check`)")
         lname = inp.name.lower()
         if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[inp.name] = (np.zeros(shape, dtype=dtype) if _is_state(inp.name)
+                               else rng.standard_normal(shape).astype(dtype))
         elif dtype is np.bool_:
             feeds[inp.name] = np.ones(shape, dtype=bool)
+        elif lname in _RATE_NAMES and int(np.prod(shape)) == 1:
+            feeds[inp.name] = np.full(shape, SAMPLE_RATE, dtype=dtype)
         elif "mask" in lname:
             feeds[inp.name] = np.ones(shape, dtype=dtype)
         elif "type" in lname:
             feeds[inp.name] = np.zeros(shape, dtype=dtype)
         else:
-            feeds[inp.name] = rng.integers(0, 100, size=shape).astype(dtype)
+            high = min(100, (hints.id_bound.get(inp.name, 100) if hints else 100), int(np.iinfo(dtype).max) + 1)
+            feeds[inp.name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
     return feeds
+
+
+def _quiet_run(session: Any, feeds: Mapping[str, np.ndarray]) -> list[Any]:
+    """``session.run`` without ONNX Runtime's own error log lines (the caller reports failures)."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4
+    return session.run(None, dict(feeds), ro)
+
+
+def synthesize_feeds(session: Any, model: Any = None, dims: Mapping[str, int] | None = None,
+                     seed: int = 0) -> tuple[dict[str, np.ndarray], list[Any]]:
+    """The first candidate inputs (see the module docstring) the session runs on, and its outputs.
+
+    Args:
+        session: The reference model's ONNX Runtime session.
+        model: The reference :class:`Model` / ``ModelProto`` for :func:`input_hints` (None: no hints).
+        dims: Values of named dynamic dims.
+        seed: Seed of the random values.
+
+    Raises:
+        FeedSynthesisError: no candidate runs; the message lists the shapes tried.
+    """
+    hints = input_hints(model) if model is not None else None
+    tried: list[dict[str, list[int]]] = []
+    error = ""
+    for attempt in range(len(CANDIDATE_LENGTHS)):
+        feeds = random_feeds(session, dims, seed, hints=hints, attempt=attempt)
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
+        if shapes in tried:
+            continue
+        tried.append(shapes)
+        try:
+            return feeds, _quiet_run(session, feeds)
+        except Exception as exc:
+            error = " ".join(str(exc).split())[:300]
+    listing = "; ".join(", ".join(f"{k} {v}" for k, v in t.items()) for t in tried)
+    raise FeedSynthesisError(
+        f"the reference model does not run on synthesized inputs (tried {listing}; last error: {error}); "
+        "give the dynamic dims with --dim NAME=VALUE, or real inputs with --check-inputs DATA.npz "
+        "(--inputs DATA.npz for `onnxprune check`)")
 
 
 def load_feeds(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -188,21 +434,34 @@ def _validate_feeds(session: Any, feeds: Mapping[str, np.ndarray], which: str) -
 
 
 def diff_outputs(name: str, a: np.ndarray, b: np.ndarray) -> OutputDiff:
-    """Compare one reference output ``a`` with a candidate ``b``."""
+    """Compare one reference output ``a`` with a candidate ``b``.
+
+    Positions where ``a`` and ``b`` are equal (the same Inf, or NaN in both) add no error; a
+    non-finite value on one side only makes the error Inf (or NaN), which :meth:`OutputDiff.problem`
+    reports whatever the tolerances.
+    """
     if a.shape != b.shape or a.dtype.kind not in "fiub" or b.dtype.kind not in "fiub":
         return OutputDiff(name, list(a.shape), list(b.shape), float("inf"), float("inf"), float("inf"), 0.0, None)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    d = np.abs(a64 - b64)
+    fa, fb = np.isfinite(a64), np.isfinite(b64)
+    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.where(same, 0.0, np.abs(a64 - b64))
+    d[~same & ~(fa & fb)] = np.inf  # a non-finite value on one side only
     max_abs = float(d.max()) if d.size else 0.0
     mean_abs = float(d.mean()) if d.size else 0.0
-    scale = float(np.abs(a64).max()) if a64.size else 0.0
+    finite_a = np.abs(a64[fa])
+    scale = float(finite_a.max()) if finite_a.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    cosine = float(a64.ravel() @ b64.ravel() / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+    both = fa & fb
+    ra, rb = a64[both], b64[both]
+    na, nb = np.linalg.norm(ra), np.linalg.norm(rb)
+    cosine = float(ra @ rb / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     top1 = None
     if a.dtype.kind == "f" and a.ndim >= 1 and a.shape[-1] > 1:
         top1 = float(np.mean(a.argmax(-1) == b.argmax(-1)))
-    return OutputDiff(name, list(a.shape), list(b.shape), max_abs, mean_abs, max_rel, cosine, top1)
+    return OutputDiff(name, list(a.shape), list(b.shape), max_abs, mean_abs, max_rel, cosine, top1,
+                      nonfinite_a=int((~fa).sum()), nonfinite_b=int((~fb).sum()))
 
 
 def mean_pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -286,7 +545,7 @@ def compare(
         raise CheckError(f"pool must be 'mean' or None, got {pool!r}")
     sa, sb = make_session(reference, threads), make_session(candidate, threads)
     if feeds is None:
-        feed = random_feeds(sa, dims, seed)
+        feed, _ = synthesize_feeds(sa, _graph_of(reference), dims, seed)
     elif isinstance(feeds, (str, os.PathLike)):
         feed = load_feeds(feeds)
     else:
@@ -314,6 +573,94 @@ def compare(
     return CheckResult(diffs, {k: list(v.shape) for k, v in fa.items()})
 
 
+@dataclass
+class RunSignature:
+    """What one run of the input model gave: the feeds, and per output its shape, dtype and finiteness."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, tuple[tuple[int, ...], np.dtype, bool]]
+
+
+def run_signature(model: Model, feeds: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+                  dims: Mapping[str, int] | None = None, seed: int = 0, session: Any = None) -> RunSignature:
+    """Run ``model`` once (on ``feeds``, or on :func:`synthesize_feeds`) and record its outputs' signature.
+
+    Raises:
+        CheckError: the model does not load, or does not run on the given feeds;
+            :class:`FeedSynthesisError` when it runs on no synthesized candidate.
+    """
+    s = session or make_session(model)
+    if feeds is None:
+        feed, outs = synthesize_feeds(s, model, dims, seed)
+    else:
+        feed = _validate_feeds(s, load_feeds(feeds) if isinstance(feeds, (str, os.PathLike)) else dict(feeds),
+                               "the input model")
+        try:
+            outs = _quiet_run(s, feed)
+        except Exception as exc:
+            raise CheckError(f"the input model does not run on the check inputs: {' '.join(str(exc).split())[:300]}"
+                             ) from None
+    names = [o.name for o in s.get_outputs()]
+    return RunSignature(feed, {n: _signature(np.asarray(o)) for n, o in zip(names, outs)})
+
+
+def _signature(a: np.ndarray) -> tuple[tuple[int, ...], np.dtype, bool]:
+    finite = bool(np.isfinite(a).all()) if a.dtype.kind in "fc" else True
+    return tuple(a.shape), a.dtype, finite
+
+
+def signature_problems(reference: RunSignature, candidate: Model) -> list[str]:
+    """Run ``candidate`` on the reference's feeds; list outputs that are missing, changed shape or
+    dtype (a float output may change float precision), or hold NaN/Inf where the reference had none.
+
+    Float feeds are cast to the candidate's declared input type (``fp16(keep_io_types=false)``).
+
+    Raises:
+        CheckError: the candidate does not load or does not run.
+    """
+    s = make_session(candidate)
+    feed = {}
+    for inp in s.get_inputs():
+        arr = reference.feeds.get(inp.name)
+        if arr is None:
+            return [f"input {inp.name!r} is new (the input model has {sorted(reference.feeds)})"]
+        want = _ORT_TYPES.get(inp.type)
+        feed[inp.name] = arr.astype(want) if want is not None and arr.dtype.kind == "f" and np.dtype(want).kind == "f" \
+            else arr
+    try:
+        outs = _quiet_run(s, feed)
+    except Exception as exc:
+        raise CheckError(f"ONNX Runtime cannot run the result on inputs the input model runs on "
+                         f"({', '.join(f'{k} {list(v.shape)}' for k, v in feed.items())}): "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    got = {o.name: _signature(np.asarray(v)) for o, v in zip(s.get_outputs(), outs)}
+    problems = []
+    for name, (shape, dtype, finite) in reference.outputs.items():
+        if name not in got:
+            problems.append(f"output {name!r} is missing")
+            continue
+        gshape, gdtype, gfinite = got[name]
+        if gshape != shape:
+            problems.append(f"output {name!r} changed shape: {list(shape)} -> {list(gshape)}")
+        if gdtype != dtype and not (gdtype.kind == "f" and dtype.kind == "f"):
+            problems.append(f"output {name!r} changed dtype: {dtype} -> {gdtype}")
+        if finite and not gfinite:
+            problems.append(f"output {name!r} has NaN/Inf values (the input model's has none)")
+    return problems
+
+
+def _graph_of(model: Model | str | os.PathLike[str]) -> Any:
+    """The ModelProto of a Model, or of a file (weights not loaded), for :func:`input_hints`."""
+    if isinstance(model, Model):
+        return model.proto
+    import onnx
+
+    try:
+        return onnx.load(str(model), load_external_data=False)
+    except Exception:  # hints are optional; the session already loaded the file
+        return None
+
+
 def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a model on ONNX Runtime CPU; return outputs by name."""
     s = make_session(model)
@@ -322,5 +669,5 @@ def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndar
 
 
 __all__ = ["CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session", "mean_pooled_cosine",
-           "neighbour_agreement", "sentence_embeddings",
-           "random_feeds", "run_model"]
+           "neighbour_agreement", "sentence_embeddings", "FeedSynthesisError", "InputHints", "input_hints",
+           "random_feeds", "run_model", "synthesize_feeds", "RunSignature", "run_signature", "signature_problems"]

@@ -1,8 +1,9 @@
 """Command line: ``onnxprune optimize|inspect|check|passes|demo``.
 
 Every user error becomes one line on stderr and exit code 2 (a traceback only with ``-v``);
-``check`` exits 1 when given tolerances are exceeded; an unexpected internal error prints one line and
-exits 3. ``optimize`` writes its output (and
+``check`` exits 1 when given tolerances are exceeded, and whatever the tolerances when an output
+changed shape or holds NaN/Inf the reference does not (``optimize --check`` then writes nothing);
+an unexpected internal error prints one line and exits 3. ``optimize`` writes its output (and
 report) atomically and only after every pass and the optional check succeeded, so a failed run
 leaves no output file behind, and it never writes over its input unless ``--inplace``; with
 ``--check --atol/--rtol`` a result outside the tolerance exits 1 and writes only the report.
@@ -126,6 +127,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         per_layer=bool(args.report and str(args.report).lower().endswith((".html", ".htm"))),
     )
     report = result.report
+    if report.check and report.check.problems():  # changed shapes, NaN/Inf: whatever the tolerances
+        _emit_report(args, report)
+        for problem in report.check.problems():
+            print(f"error: check failed: {problem}", file=sys.stderr)
+        print(f"error: {out} was not written", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     if report.check and (args.atol is not None or args.rtol is not None) and not report.check.within(args.atol,
                                                                                                    args.rtol):
         # a result outside the tolerance is not written (a build script must not pick it up)
@@ -237,6 +244,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.format())
+    for problem in result.problems():  # changed shapes, NaN/Inf: whatever the tolerances
+        print(f"error: check failed: {problem}", file=sys.stderr)
+    if result.problems():
+        return EXIT_CHECK_FAILED
     if (args.atol is not None or args.rtol is not None) and not result.within(args.atol, args.rtol):
         print(f"error: outputs differ beyond atol={args.atol} rtol={args.rtol}", file=sys.stderr)
         return EXIT_CHECK_FAILED
@@ -352,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store sparse weights as ONNX sparse_initializer (smaller file; ONNX Runtime "
                         "densifies them at load; TensorRT's parser ignores them - do not use for TensorRT)")
     o.add_argument("--sparse-threshold", type=float, default=0.5, help="min share of zeros for --sparse-storage")
-    o.add_argument("--no-verify", action="store_true", help="skip checker/shape inference between passes")
+    o.add_argument("--no-verify", action="store_true",
+                   help="skip checker/shape inference between passes and the final ONNX Runtime load/run check")
     o.add_argument("--emit-trtexec", action="store_true",
                    help="print the trtexec command that builds a sparse TensorRT engine from the output")
     o.set_defaults(func=cmd_optimize)

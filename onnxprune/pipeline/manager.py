@@ -3,19 +3,48 @@
 After every pass that reports ``modified`` the manager removes dead nodes and initializers, runs
 ``onnx.checker`` and strict shape inference (refreshing ``value_info``), and records the pass's
 statistics and wall time. It stops at the first failure and names the pass.
+
+**Final verification** (``verify=True``). Before the first pass the manager loads the input in
+ONNX Runtime (CPU). If it loads and its weights are under ``RUN_CHECK_BYTES`` (200 MB), it also
+runs it once on the check inputs (given, or :func:`onnxprune.check.synthesize_feeds`) and keeps
+each output's shape, dtype and finiteness (:class:`onnxprune.check.RunSignature`). Then:
+
+* after every modifying pass, for models under ``RUN_CHECK_BYTES``, ONNX Runtime must load the
+  result (a session without graph optimizations: cheap), so a pass that writes an unloadable
+  model is named at once; bigger models are load-checked once, after the last pass, and the
+  error names the modifying passes (this per-pass load check is the chosen trade-off: re-running
+  the pipeline to bisect would need a second copy of a big model);
+* after the last pass, the result must run on the same inputs and give the same output shapes
+  and dtypes (float precision may change), with no NaN/Inf where the input's outputs had none.
+
+An input that ONNX Runtime cannot load skips every ONNX Runtime check (the passes cannot be
+blamed); an input that runs on no synthesized inputs skips the run check (a warning says so),
+the load checks still apply. A failure raises :class:`PassError` (exit 2); nothing is written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
-from onnxprune.errors import OnnxPruneError, PassError, UnsupportedModelError
+from onnxprune.check import (
+    RunSignature,
+    make_session,
+    run_signature,
+    signature_problems,
+)
+from onnxprune.errors import (
+    CheckError,
+    OnnxPruneError,
+    PassError,
+    UnsupportedModelError,
+)
 from onnxprune.ir.graph import (
     duplicate_node_name,
     make_shell,
@@ -26,6 +55,9 @@ from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext
 
 log = logging.getLogger(__name__)
+
+#: Models with more weight bytes than this are load-checked only once and never run-checked.
+RUN_CHECK_BYTES = 200 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------- manager
@@ -113,8 +145,11 @@ class PassManager:
 
     Args:
         passes: Pass instances (see :func:`parse_pipeline`).
-        verify: Run the checker and shape inference after every modifying pass.
+        verify: Run the checker and shape inference after every modifying pass, and the ONNX
+            Runtime load and run checks (module docstring).
         progress: Optional callback ``(index, total, pass)`` called before each pass.
+        check_inputs: Inputs for the final run check (dict or ``.npz``); synthesized when None.
+        check_dims: Values of dynamic dims for synthesized inputs.
     """
 
     def __init__(
@@ -123,20 +158,26 @@ class PassManager:
         *,
         verify: bool = True,
         progress: Callable[[int, int, Pass], None] | None = None,
+        check_inputs: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        check_dims: Mapping[str, int] | None = None,
     ) -> None:
         self.passes = list(passes)
         self.verify = verify
         self.progress = progress
+        self.check_inputs = check_inputs
+        self.check_dims = check_dims
 
     def run(self, model: Model, ctx: PassContext | None = None) -> tuple[Model, list[PassRecord]]:
         """Run the pipeline on ``model`` (changed in place) and return it with per-pass records.
 
         Raises:
-            PassError: a pass failed; the message names it. Errors a user caused inside a pass
-                (:class:`OnnxPruneError`) pass through unchanged.
+            PassError: a pass failed, or its result failed verification; the message names it.
+                Errors a user caused inside a pass (:class:`OnnxPruneError`) pass through unchanged.
         """
         ctx = ctx or PassContext()
         records: list[PassRecord] = []
+        baseline = self._baseline(model, ctx) if self.verify and self.passes else None
+        modifying: list[str] = []
         for i, p in enumerate(self.passes):
             if self.progress:
                 self.progress(i, len(self.passes), p)
@@ -151,13 +192,81 @@ class PassManager:
                 raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
             model = result.model
             if result.modified:
+                modifying.append(p.name)
                 removed = remove_dead_code(model)
                 if removed:
                     result.stats.setdefault("dead_removed", removed)
                 if self.verify:
                     verify_model(model, f"pass {p.name}")
+                    if baseline is not None and baseline.per_pass_load:
+                        ort_load_check(model, f"pass {p.name}")
                 ctx.invalidate(p.preserves)
             seconds = time.perf_counter() - t0
             records.append(PassRecord(p.name, p.options_dict(), result.modified, seconds, dict(result.stats)))
             log.info("pass %s: modified=%s %.2fs %s", p.name, result.modified, seconds, result.stats)
+        if baseline is not None and modifying:
+            final_verification(model, baseline, modifying)
         return model, records
+
+    def _baseline(self, model: Model, ctx: PassContext) -> Baseline | None:
+        """What the input gives in ONNX Runtime; None when ONNX Runtime cannot load it."""
+        try:
+            session = make_session(model)
+        except CheckError as exc:
+            log.warning("ONNX Runtime cannot load the input model, so the results are not load- or run-checked: %s",
+                        exc)
+            return None
+        small = model.weight_bytes() < RUN_CHECK_BYTES
+        if not small:
+            log.info("final verification: weights over %d MB, so the result is load-checked only",
+                     RUN_CHECK_BYTES >> 20)
+            return Baseline(None, per_pass_load=False)
+        try:
+            signature = run_signature(model, self.check_inputs, self.check_dims, session=session)
+        except CheckError as exc:
+            ctx.warn(f"final run check skipped (only the load check applies): {exc}")
+            return Baseline(None, per_pass_load=True)
+        return Baseline(signature, per_pass_load=True)
+
+
+@dataclass
+class Baseline:
+    """The input model's run signature (None: run check skipped) and whether to load-check every pass."""
+
+    signature: RunSignature | None
+    per_pass_load: bool
+
+
+def ort_load_check(model: Model, where: str) -> None:
+    """ONNX Runtime (CPU, no graph optimizations) must load ``model``.
+
+    Raises:
+        PassError: it does not; the message names ``where``.
+    """
+    try:
+        make_session(model, optimize=False)
+    except CheckError as exc:
+        raise PassError(f"{where}: produced a model that {exc}") from None
+
+
+def final_verification(model: Model, baseline: Baseline, modifying: list[str]) -> None:
+    """The result loads and (with a signature) runs like the input (see the module docstring).
+
+    Raises:
+        PassError: naming the pass (or the modifying passes, when the load was not checked per pass).
+    """
+    where = (f"pass {modifying[-1]}" if baseline.per_pass_load or len(modifying) == 1
+             else f"one of the passes {', '.join(modifying)} (load checked only at the end for models over "
+                  f"{RUN_CHECK_BYTES >> 20} MB; run them one at a time to find which)")
+    if baseline.signature is None:
+        if not baseline.per_pass_load:
+            ort_load_check(model, where)
+        return
+    after = f"pass {modifying[-1]}" if len(modifying) == 1 else f"passes {', '.join(modifying)}"
+    try:
+        problems = signature_problems(baseline.signature, model)
+    except CheckError as exc:
+        raise PassError(f"final verification failed after {after}: {exc} (skip with --no-verify)") from None
+    if problems:
+        raise PassError(f"final verification failed after {after}: {'; '.join(problems[:5])}"
+                        + (" ..." if len(problems) > 5 else "") + " (skip with --no-verify)")

@@ -180,10 +180,12 @@ def _inspect_section(module: str, build: str, fmt: str, model: Any, json_mode: b
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what a model holds."""
     import onnxprune
+    from onnxprune.analysis.weights import hoist_constant_weights
     from onnxprune.summary import summarize
 
     model = onnxprune.load(args.model)
     summary = summarize(model, args.model, per_initializer=True)
+    hoist_constant_weights(model)  # in memory only: Constant-node weights are listed like initializers
     doc: dict[str, Any] = {"model": str(args.model), "opset": model.opset, "ir_version": model.proto.ir_version,
                            "producer": model.proto.producer_name, "summary": summary.to_dict()}
     texts: list[str] = []

@@ -11,7 +11,10 @@ sparse (or any FP16) tensor-core tactics, so the precision must be in the ONNX i
 * its name matches the regex ``node_block_list``;
 * it is outside the default ONNX domain, carries a subgraph (If/Loop/Scan), has no schema, or
   reads a tensor whose type shape inference cannot tell (e.g. a custom op's output);
-* it reads a constant that has to stay float32 (below).
+* it reads a constant that has to stay float32 (below);
+* its float result is (transitively) cast to an integer type: a float computation ending in
+  ``Cast(to=INT64)`` computes a count (a TTS duration, an output length, an index), and float16
+  rounding would change that integer and with it an output's *shape*.
 
 For a float16 node, each input whose type parameter (from the op schema, e.g. ``T``) admits
 ``tensor(float16)`` and whose tensor is float32 is fed in float16; outputs bound to such a
@@ -250,6 +253,40 @@ class _Namer:
         return name
 
 
+#: Element types a ``Cast`` turns a float into when it computes a count, a length or an index.
+_INTEGER_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+                            TensorProto.UINT64, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8,
+                            TensorProto.BOOL})
+
+
+def _integer_feeding(nodes: list[onnx.NodeProto], orig: dict[str, int]) -> dict[int, str]:
+    """Nodes whose float32 results are (transitively) cast to an integer type, with that Cast's label.
+
+    A float computation that ends in ``Cast(to=INT64)`` computes a count (a TTS duration, an output
+    length, an index): float16 rounding changes the integer and with it an output's shape. Such
+    nodes stay float32. The walk goes backwards from each float-to-integer Cast through the
+    producers of float32 inputs only, so a float chain that starts from an integer shape
+    (``Shape -> Cast(float) -> Mul -> Floor -> Cast(int64)``) keeps only its few float nodes.
+    """
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    out: dict[int, str] = {}
+    for i, n in enumerate(nodes):
+        if n.op_type != "Cast" or not n.input or orig.get(n.input[0]) != F32:
+            continue
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if to not in _INTEGER_TYPES:
+            continue
+        label = n.name or f"Cast#{i}"
+        stack = [n.input[0]]
+        while stack:
+            j = producer.get(stack.pop())
+            if j is None or j in out:
+                continue
+            out[j] = label
+            stack.extend(x for x in nodes[j].input if x and orig.get(x) == F32)
+    return out
+
+
 def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
     """Convert ``model`` in place; returns the statistics (see the module docstring)."""
     graph = model.graph
@@ -276,6 +313,7 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
     # ---- phase 1: which nodes run in float16, and which params they convert
     nodes = list(graph.node)
     schemas = [_schema(n, opset) for n in nodes]
+    int_feeding = _integer_feeding(nodes, orig)
     fp16_node: list[bool] = []
     keep_reason: list[str] = []
     conv_params: list[set[str]] = []
@@ -291,6 +329,8 @@ def convert_fp16(model: Model, opts: Fp16Options) -> dict[str, Any]:
             reason = "has a subgraph"
         elif schema is None:
             reason = "no schema"
+        elif len(fp16_node) in int_feeding:
+            reason = f"computes float values cast to integers by {int_feeding[len(fp16_node)]} (lengths, indices)"
         else:
             untyped = next((x for x in node.input if x and x not in orig), None)
             if untyped is not None:  # e.g. the output of a custom-domain op: stay safe in float32

@@ -264,12 +264,6 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         return Case("type mismatch (inference fails)", _write(d / "types.onnx", m.SerializeToString()),
                     expect_words=("inference", "types.onnx"))
 
-    def duplicate_node_name(d: Path) -> Case:
-        m = _tiny_model()
-        m.graph.node[0].name = m.graph.node[1].name
-        return Case("duplicate node name", _write(d / "dup_node.onnx", m.SerializeToString()),
-                    expect_words=("'add'", "unique"))
-
     def unknown_op(d: Path) -> Case:
         m = _tiny_model()
         m.graph.node[1].op_type = "FooBar"
@@ -318,7 +312,7 @@ def _builders() -> list[tuple[str, Callable[[Path], Case]]]:
         missing, directory, fifo, empty, random_bytes, truncated, tensor_proto, graph_proto, bad_utf8, cycle, undefined_input,
         duplicate_output, duplicate_init, init_is_input, ext_missing, ext_offset, ext_length, ext_escape,
         ext_absolute, ext_symlink, ext_constant_escape, ext_subgraph_missing, sparse_out_of_range, no_outputs,
-        undefined_dtype, type_mismatch, duplicate_node_name, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range, nan_option, sparsity_out_of_range,
+        undefined_dtype, type_mismatch, unknown_op, low_opset, no_graph_nodes, unknown_pass, unknown_option, out_of_range, nan_option, sparsity_out_of_range,
         bad_pipeline,
     )]
 

@@ -266,3 +266,39 @@ def test_custom_op_output_keeps_downstream_fp32() -> None:
     assert types["w1"] == F16 and types["w2"] == F32
     x = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
     np.testing.assert_allclose(run_model(res.model, x)["y"], run_model(from_proto(proto), x)["y"], rtol=1e-2, atol=1e-2)
+
+
+def test_fp16_keeps_float_math_that_computes_a_length() -> None:
+    """A TTS-style length ``Cast(Ceil(x * scale))`` stays float32: in float16 100.02 rounds to 100.0."""
+    import onnxruntime as ort
+    from onnxprune.passes.precision import Fp16Options, convert_fp16
+
+    from onnxprune.ir.model import Model
+
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["d"], name="dur"),
+        helper.make_node("Ceil", ["d"], ["dc"], name="ceil"),
+        helper.make_node("Cast", ["dc"], ["n"], name="to_int", to=TensorProto.INT64),
+        helper.make_node("Squeeze", ["n"], ["ns"], name="sq"),
+        helper.make_node("Range", ["zero", "ns", "one"], ["r"], name="range"),
+        helper.make_node("Cast", ["r"], ["rf"], name="to_f", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x2", "w"], ["h"], name="mm"),
+        helper.make_node("ReduceMean", ["h"], ["hm"], name="rm", keepdims=0),
+        helper.make_node("Mul", ["rf", "hm"], ["y"], name="out"),
+    ]
+    inits = [numpy_helper.from_array(np.array([1.0], np.float32), "scale"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")]
+    graph = helper.make_graph(nodes, "len", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+                                             helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["L"])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = {"x": np.array([100.02], np.float32), "x2": np.ones((1, 4), np.float32)}
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    model = Model(proto)
+    stats = convert_fp16(model, Fp16Options())
+    out = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert ref.shape == out.shape == (101,)
+    assert any("cast to integers" in r for r in stats["kept_reasons"])
+    assert model.graph.node[[n.name for n in model.graph.node].index("mm")].op_type == "MatMul"
+    assert stats["nodes_fp16"] >= 1  # the MatMul still runs in float16

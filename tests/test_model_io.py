@@ -243,3 +243,23 @@ def test_malformed_sparse_initializer(tmp_path: Path, indices: list, values: lis
     with pytest.raises(ModelLoadError) as info:
         load(p)
     assert words in str(info.value) and "'W'" in str(info.value)
+
+
+def test_duplicate_node_names_are_renamed_apart_not_refused(tmp_path, caplog) -> None:
+    """Node names carry no semantics; silero_vad_openvino_16k (IR 8) has 'F0::anon' x15 and ONNX Runtime runs it."""
+    import logging
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="anon"), helper.make_node("Neg", ["a"], ["b"], name="anon"),
+             helper.make_node("Abs", ["b"], ["y"], name="anon")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    p = tmp_path / "dup.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), p)
+    with caplog.at_level(logging.WARNING):
+        model = onnxprune.load(p)
+    assert [n.name for n in model.graph.node] == ["anon", "anon__2", "anon__3"]
+    assert "2 node(s) shared a name" in caplog.text
+    ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])  # unique now

@@ -35,6 +35,32 @@ def duplicate_node_name(graph: onnx.GraphProto) -> str | None:
     return None
 
 
+def dedupe_node_names(graph: onnx.GraphProto) -> int:
+    """Rename nodes whose non-empty name an earlier node of the same scope already uses.
+
+    Node names carry no semantics (tensors are wired by tensor names), so ``name`` becomes
+    ``name__2``, ``name__3``, ... (skipping names in use); subgraphs are their own scopes.
+
+    Returns:
+        Number of nodes renamed (in all scopes).
+    """
+    used = {n.name for n in graph.node if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.node:
+        if node.name and node.name in seen:
+            k = 2
+            while f"{node.name}__{k}" in used:
+                k += 1
+            node.name = f"{node.name}__{k}"
+            used.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+        for g in node_subgraphs(node):
+            renamed += dedupe_node_names(g)
+    return renamed
+
+
 def first_line(msg: str, limit: int = 300) -> str:
     return msg[:limit] + ("..." if len(msg) > limit else "")
 

@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, UnsupportedModelError
 from onnxprune.ir.graph import (
+    dedupe_node_names,
     duplicate_node_name,
     first_line,
     is_repeated,
@@ -432,6 +433,8 @@ def _decode_text(msg: object) -> None:
 def validate_graph(model: Model, where: str = "model", _sorted: bool = False) -> None:
     """Run ``onnx.checker`` on the graph structure, turning failures into one-line errors.
 
+    Nodes sharing a name (ONNX Runtime accepts them) are renamed apart, with a warning.
+
     Raises:
         ModelLoadError: the graph is malformed (cycle, undefined input, duplicate names...).
     """
@@ -446,9 +449,10 @@ def validate_graph(model: Model, where: str = "model", _sorted: bool = False) ->
             raise ModelLoadError(f"{where}: initializer {t.name!r} has an undefined data type ({t.data_type})")
         seen.add(t.name)
     dup = duplicate_node_name(model.graph)
-    if dup:
-        raise ModelLoadError(f"{where}: two nodes are named {dup!r}; node names must be unique (ONNX Runtime "
-                             "refuses such models)")
+    if dup:  # ONNX Runtime accepts these (silero_vad_openvino_16k.onnx); node names carry no semantics
+        renamed = dedupe_node_names(model.graph)
+        log.warning("%s: %d node(s) shared a name (first: %r); renamed them name__2, ... so passes can tell "
+                    "them apart (what the model computes is unchanged)", where, renamed, dup)
     produced: set[str] = set()
     for node in model.graph.node:
         for out in node.output:

@@ -8,7 +8,7 @@
 * every *quantized weight*: an integer initializer read as the quantized operand of
   ``DequantizeLinear`` (int8/uint8/int4/uint4/int16/uint16/int32), ``MatMulInteger`` /
   ``ConvInteger``, ``QLinearConv`` / ``QLinearMatMul``, or the com.microsoft
-  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``; a com.microsoft ``MatMulNBits`` weight
+  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat`` / ``DynamicQuantizeLSTM``; a com.microsoft ``MatMulNBits`` weight
   counts ``K * N`` elements (from its attributes), not its packed bytes.
 
 ``nonzero`` counts the parameters that are not exactly zero; a quantized value ``q`` with zero
@@ -85,6 +85,8 @@ QUANT_SLOTS: dict[tuple[str, str], tuple[tuple[int, int, int | None], ...]] = {
     ("", "QLinearMatMul"): ((0, 2, -2), (3, 5, -1)),
     ("com.microsoft", "DynamicQuantizeMatMul"): ((1, 3, -1),),
     ("com.microsoft", "MatMulIntegerToFloat"): ((0, 4, -2), (1, 5, -1)),
+    # W [D, I, 4H] / R [D, H, 4H] with zero points [D, 4H]
+    ("com.microsoft", "DynamicQuantizeLSTM"): ((1, 9, -1), (2, 11, -1)),
 }
 
 
@@ -125,7 +127,7 @@ def constant_tensors(model: Model) -> dict[str, onnx.TensorProto]:
 def quantized_weights(model: Model, consts: dict[str, onnx.TensorProto] | None = None) -> dict[str, QuantWeight]:
     """Constant integer tensors (initializers or Constant outputs) that quantized ops read as weights."""
     consts = constant_tensors(model) if consts is None else consts
-    inputs = model.graph_input_names()
+    inputs = model.graph_input_names() if model.proto.ir_version >= 4 else set()  # IR < 4 lists them all
     types = {t.name: t.data_type for t in model.graph.initializer if t.name not in inputs}
     types.update({k: t.data_type for k, t in consts.items()})
     out: dict[str, QuantWeight] = {}
@@ -213,6 +215,8 @@ def quant_nonzero(arr: np.ndarray, q: QuantWeight, zp: np.ndarray | None) -> int
     if q.block_size:
         zp = np.repeat(np.asarray(zp), q.block_size, axis=a)
         zp = np.take(zp, np.arange(arr.shape[a]), axis=a)
+    elif zp.ndim == arr.ndim - 1 and a == arr.ndim - 1:  # per (direction, output): [D, 4H] for [D, I, 4H]
+        zp = np.expand_dims(zp, -2)
     elif zp.ndim <= 1:
         shape = [1] * arr.ndim
         shape[a] = zp.size
@@ -264,7 +268,7 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
                 n_quant += size
             else:
                 size, nz = int(arr.size), count_nonzero(arr)
-                if t.name in inits and has_nonfinite(arr):  # -inf mask constants are not weights
+                if t.name in inits and arr.size > 1 and has_nonfinite(arr):  # a -inf scalar is a mask/identity value
                     nonfinite.append(t.name)
         params += size
         nnz += nz

@@ -98,6 +98,8 @@ class CleanupPass(Pass):
         if _is_noop(graph, new_graph, inputs, small_inits, keep_external, big):
             # nothing removed or folded (graph-surgeon may only have reordered): leave the model untouched
             n_init = len(graph.initializer)
+            ctx.warn("cleanup: nothing to fold or remove (no constant subgraph, dead node, unused initializer or "
+                     "constant-condition If); the model is left as it was")
             return PassResult(model, False, {"nodes_before": nodes_before, "nodes_after": nodes_before,
                                              "initializers_before": inits_before, "initializers_after": n_init})
         del graph.node[:]

@@ -241,6 +241,9 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         stats["candidates"] = found
         ctx.warn("heads: no attention block recognised: " + ("; ".join(
             f"{c['softmax']}: {c['reason']}" for c in found[:5]) if found else NO_SOFTMAX))
+    elif not groups:
+        ctx.warn("ffn: no FFN block recognised (a MatMul/Gemm -> activation -> MatMul/Gemm chain with constant "
+                 "weights and an elementwise activation between them); nothing changed")
     if not live or opts.ratio == 0:
         stats.update(params_before=params_before, params_after=params_before, params_removed=0,
                      units_removed=0)

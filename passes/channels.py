@@ -24,7 +24,14 @@ A group whose selected removal cannot be applied (a shape constant would drop to
 positions outside a tensor) is blocked with the reason (``blocked_at_apply`` in the stats, one
 warning each) and selection runs again without it; the rest of the model is still pruned. The
 analysis works on a copy: a run that removes nothing returns the input model unchanged
-(``modified=False``), and copies of shared initializers that stay identical are merged back.
+(``modified=False``), and copies of shared initializers (and cloned shape nodes) that stay
+identical are merged back.
+
+**Twin check** (``verify_twin``, default on): on models under 50 MB of weights the pruned model is
+run against its masked twin (the prepared model with the removed channels' ``"in"`` slices
+zeroed; exact groups, float weights) on one synthesized feed; outputs must agree within
+``1e-4 + 1e-3 * max|output|``, else the pass fails naming the groups (a wrong model is never
+returned). It is skipped with ``verify_twin=false`` or when ``ctx.options["verify"]`` is False.
 
 Preconditions: ``0 <= ratio < 1``; exact groups only unless ``allow_approximate``.
 """
@@ -44,6 +51,8 @@ from onnxprune.analysis.channels.prepare import prepare
 from onnxprune.analysis.removal import (
     PruneGroup,
     apply_removal,
+    check_twin,
+    masked_twin,
     plan_problems,
     positions,
     reshare,
@@ -75,6 +84,9 @@ class ChannelsOptions:
     allow_approximate: bool = field(default=False, metadata={
         "help": "also prune through LayerNorm/Softmax/Reduce over channels (outputs change beyond the "
                 "removed channels)"})
+    verify_twin: bool = field(default=True, metadata={
+        "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
+                "of weights; a disagreement fails the pass)"})
 
     def validate(self) -> None:
         """Check the regexes."""
@@ -197,6 +209,7 @@ class ChannelsPass(Pass):
             raise PipelineError(f"channels: option ratio must be in [0, 1), got {opts.ratio}")
         params_before = count_parameters(model)
         original = {t.name for t in model.graph.initializer}
+        outputs = {o for n in model.graph.node for o in n.output}
         work = model.copy()
         prepare(work)
         groups = build_groups(work, opts.allow_approximate, prepare_model=False)
@@ -223,8 +236,12 @@ class ChannelsPass(Pass):
         if not plan:
             stats.update(channels_removed=0, params_after=params_before)
             return unchanged
+        twin = masked_twin(work, plan) if opts.verify_twin and ctx.options.get("verify", True) is not False \
+            else None
         removal = apply_removal(work, plan)
-        reshare(work, original)
+        reshare(work, original, outputs)
+        if twin is not None:
+            check_twin("channels", twin, work, [g.name for g, _ in plan], stats)
         stats.update(channels_removed=removal["channels_removed"], groups_pruned=len(plan),
                      shape_edits=removal["shape_edits"], params_after=count_parameters(work))
         log.info("channels: removed %d channels in %d groups", removal["channels_removed"], len(plan))

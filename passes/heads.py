@@ -34,7 +34,10 @@ calibration data is unchanged.
 (:func:`~onnxprune.analysis.removal.plan_problems`) is blocked with the reason
 (``blocked_at_apply``) and the others are pruned; a run that removes nothing returns the input
 model unchanged (``modified=False``); copies of shared constants that stay identical are merged
-back (:func:`~onnxprune.analysis.removal.reshare`). When ``heads`` recognises no block at all,
+back (:func:`~onnxprune.analysis.removal.reshare`). On models under 50 MB of weights the result is
+then run against its masked twin on one synthesized feed (``verify_twin``, as in ``channels``;
+skipped with ``verify_twin=false`` or ``ctx.options["verify"] = False``); a disagreement fails
+the pass naming the blocks. When ``heads`` recognises no block at all,
 every Softmax attention candidate it looked at is listed with the reason
 (``candidates`` in the stats, and a warning; :mod:`~onnxprune.analysis.heads.diagnose`).
 
@@ -61,6 +64,8 @@ from onnxprune.analysis.removal import (
     ParamSlice,
     PruneGroup,
     apply_removal,
+    check_twin,
+    masked_twin,
     plan_problems,
     positions,
     reshare,
@@ -89,6 +94,9 @@ class HeadsOptions:
                                                   "choices": ("layer", "global")})
     min_heads: int = field(default=1, metadata={"help": "heads (KV heads for GQA) every block keeps", "min": 1})
     compensate: bool = field(default=False, metadata={"help": "refit the output projection bias (needs calibration)"})
+    verify_twin: bool = field(default=True, metadata={
+        "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
+                "of weights; a disagreement fails the pass)"})
 
 
 @dataclass
@@ -102,6 +110,9 @@ class FfnOptions:
                                                    "choices": ("l2", "activation", "weighted")})
     round_to: int = field(default=1, metadata={"help": "kept width is a multiple of this", "min": 1})
     compensate: bool = field(default=False, metadata={"help": "refit the down projection bias (needs calibration)"})
+    verify_twin: bool = field(default=True, metadata={
+        "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
+                "of weights; a disagreement fails the pass)"})
 
 
 # ---------------------------------------------------------------------- importance
@@ -226,6 +237,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     label = "heads" if mode == "heads" else "ffn"
     params_before = count_parameters(model)
     original = {t.name for t in model.graph.initializer}
+    outputs = {o for n in model.graph.node for o in n.output}
     work = model.copy()
     prepared = prepare_model(work)
     groups, exits = find_groups(work, mode, static_shapes(work))
@@ -281,8 +293,12 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     if opts.compensate:
         stats["biases_compensated"] = sum(_compensate(work, exits[g.name], c, g.width, means, live)
                                           for g, c in removals)
+    want_twin = opts.verify_twin and ctx.options.get("verify", True) is not False
+    twin = masked_twin(work, removals) if want_twin else None  # after compensation: it is part of both
     result = apply_removal(work, removals)
-    reshare(work, original)
+    reshare(work, original, outputs)
+    if twin is not None:
+        check_twin(label, twin, work, [g.name for g, _ in removals], stats)
     stats.update(
         params_before=params_before,
         params_after=count_parameters(work),

@@ -26,6 +26,18 @@ together); after a removal :func:`reshare` points every reader of byte-identical
 tensor -- the original name when it is among them -- so only tensors that really differ stay
 copied and a pruned model never holds more parameters than the removal left.
 
+**Shape edits must be private.** An edit ``new = old - per_channel * n`` is right for the one
+consumer whose channels shrink; any other reader of the constant would see the shrunk value too
+(exporters build Reshape targets as ``Concat`` of small shared int pieces -- the dynamo exporter
+feeds one ``[head_dim]`` constant to every Q/K/V reshape of every layer -- so two groups, or a group
+and an unrelated reader, would edit one tensor and the model comes out wrong with no error).
+Therefore :func:`privatize_shape_sources` (run by both preparations) gives every shape input
+its own copy of the whole chain it is built from: each shared node of :data:`SHAPE_THROUGH` on the
+way is cloned and each shared int initializer copied, for that reader. :func:`plan_problems` then
+refuses a group whose initializer edit still reaches more than one reader
+(:func:`edit_sharing_problem`: a graph input, a read inside a subgraph, an intermediate that could
+not be cloned), and :func:`reshare` merges cloned nodes that end up identical back into one.
+
 The *masked twin* of a removal zeroes only the ``"in"`` slices: every reader that reduces over
 the channel sees zeros there, so (for exact groups) the pruned graph and the masked twin compute
 the same outputs. Precondition for exactness: everything between the producer and the readers is
@@ -35,8 +47,9 @@ per-channel (the dependency analysis guarantees this unless a group is ``approxi
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
-from collections.abc import Iterable
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +59,7 @@ import onnx
 from onnxprune.errors import PassError
 from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
+from onnxprune.summary import FLOAT_TYPES
 
 Role = Literal["out", "in", "param"]
 
@@ -240,6 +254,168 @@ def apply_removal(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
             "params_removed": int(params_removed), "channels_removed": n_channels}
 
 
+# ---------------------------------------------------------------------- private shape edits
+#: Ops that carry elements of an int shape vector to their output unchanged, with the input slots
+#: that do (the analyses trace an edited element back to its constant through these).
+SHAPE_THROUGH: dict[str, tuple[int, ...] | None] = {
+    "Concat": None, "Unsqueeze": (0,), "Squeeze": (0,), "Cast": (0,), "Identity": (0,), "Reshape": (0,),
+    "Slice": (0,), "Where": (1, 2)}
+
+#: Int initializers up to this many elements are copied per reader by :func:`privatize_shape_sources`.
+SHAPE_PIECE_MAX_ELEMENTS = 1 << 12
+
+
+def _through(node: onnx.NodeProto, slot: int) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in SHAPE_THROUGH:
+        return False
+    slots = SHAPE_THROUGH[node.op_type]
+    return slots is None or slot in slots
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    k = 1
+    while f"{base}__s{k}" in taken:
+        k += 1
+    taken.add(f"{base}__s{k}")
+    return f"{base}__s{k}"
+
+
+def privatize_shape_sources(model: Model, slots: Mapping[str, Iterable[int]]) -> int:
+    """Give every shape input its own copy of the int chain it is built from.
+
+    Args:
+        model: The model, changed in place (topological order kept).
+        slots: Per op type, the input slots that hold shape vectors a group may edit (Reshape
+            target, Split sizes, Slice bounds, ...).
+
+    For each such input, walking back through the ops of :data:`SHAPE_THROUGH` (the slots that
+    carry elements), every tensor read by more than one consumer -- counting graph outputs and
+    reads inside subgraphs -- is made private to this path: a node is cloned (just before the node
+    that reads it; the clone's outputs get fresh names), an int initializer of at most
+    :data:`SHAPE_PIECE_MAX_ELEMENTS` elements is copied. The last reader keeps the original.
+    Graph inputs are never copied (:func:`edit_sharing_problem` then blocks a group that edits
+    them). Returns the number of nodes cloned plus initializers copied.
+    """
+    g = model.graph
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    readers: Counter[str] = Counter(x for n in nodes for x in n.input if x)
+    for n in nodes:
+        readers.update(node_outer_reads(n))
+    readers.update(o.name for o in g.output)
+    inits = {t.name: t for t in g.initializer}
+    ginputs = model.graph_input_names()
+    taken = set(inits) | set(producer) | {n.name for n in nodes} | ginputs
+    pending: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    changes = 0
+
+    def own(name: str, anchor: int, depth: int) -> str:
+        """A name for ``name`` that only the caller reads (clones go before node ``anchor``)."""
+        nonlocal changes
+        if depth > 32 or not name:
+            return name
+        t = inits.get(name)
+        if t is not None:
+            if readers[name] < 2 or name in ginputs or t.data_type in FLOAT_TYPES or \
+                    int(np.prod(t.dims, dtype=np.int64)) > SHAPE_PIECE_MAX_ELEMENTS:
+                return name
+            new = _fresh(name, taken)
+            model.add_initializer(new, np.asarray(model.get_array(name)))
+            inits[new] = model.initializer(new)  # type: ignore[assignment]
+            readers[name] -= 1
+            readers[new] = 1
+            changes += 1
+            return new
+        pi = producer.get(name)
+        if pi is None:
+            return name
+        src = nodes[pi]
+        if not any(_through(src, k) for k in range(len(src.input))):
+            return name
+        if readers[name] < 2:  # private already: make what it reads private too
+            for k, x in enumerate(src.input):
+                if x and _through(src, k):
+                    src.input[k] = own(x, pi, depth + 1)
+            return name
+        clone = onnx.NodeProto()
+        clone.CopyFrom(src)
+        clone.name = _fresh(src.name or src.op_type, taken)
+        readers[name] -= 1
+        renamed = name
+        for k, o in enumerate(src.output):
+            if o:
+                clone.output[k] = _fresh(o, taken)
+                if o == name:
+                    renamed = clone.output[k]
+        readers[renamed] = 1
+        for k, x in enumerate(clone.input):
+            if x:
+                readers[x] += 1
+                if _through(clone, k):
+                    clone.input[k] = own(x, anchor, depth + 1)
+        pending[anchor].append(clone)  # after the clones it reads
+        changes += 1
+        return renamed
+
+    for i, n in enumerate(nodes):
+        for k in slots.get(n.op_type, ()):
+            if k < len(n.input) and n.input[k] and n.domain in ("", "ai.onnx"):
+                n.input[k] = own(n.input[k], i, 0)
+    if pending:
+        order: list[onnx.NodeProto] = []
+        for i, n in enumerate(nodes):
+            order.extend(pending.get(i, ()))
+            order.append(n)
+        copies = [onnx.NodeProto() for _ in order]
+        for dst, src in zip(copies, order):
+            dst.CopyFrom(src)
+        del g.node[:]
+        g.node.extend(copies)
+    return changes
+
+
+def _readers(model: Model) -> tuple[dict[str, list[tuple[onnx.NodeProto, int]]], Counter[str]]:
+    """Main-graph readers per tensor, and extra reads (graph outputs, subgraphs) per tensor."""
+    by: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    extra: Counter[str] = Counter(o.name for o in model.graph.output)
+    for n in model.graph.node:
+        for k, x in enumerate(n.input):
+            if x:
+                by[x].append((n, k))
+        extra.update(node_outer_reads(n))
+    return by, extra
+
+
+def edit_sharing_problem(model: Model, target: str,
+                         reads: tuple[dict[str, list[tuple[onnx.NodeProto, int]]], Counter[str]] | None = None) -> str | None:
+    """Why an edit of initializer ``target`` would reach more than one consumer (None: it would not).
+
+    Follows ``target`` forward through the ops of :data:`SHAPE_THROUGH`; the chain must be linear
+    (every tensor on it read exactly once, graph outputs and subgraph reads counted), and
+    ``target`` must not be a graph input (a caller could feed another value).
+    """
+    by, extra = reads if reads is not None else _readers(model)
+    if target in model.graph_input_names():
+        return f"shape constant {target!r} is a graph input"
+    todo, seen = [target], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        users = by.get(t, [])
+        if len(users) + extra[t] > 1:
+            who = ", ".join(f"{n.op_type} {n.name!r}" for n, _ in users[:3]) + (" ..." if len(users) > 3 else "")
+            where = "" if t == target else f" through {t!r}"
+            more = " and a graph output or subgraph" if extra[t] else ""
+            return (f"shape constant {target!r} is shared{where} (read by {who}{more}); "
+                    "editing it would change the other readers too")
+        for n, k in users:
+            if _through(n, k):
+                todo.extend(o for o in n.output if o)
+    return None
+
+
 def _edit_problems(model: Model, edits: dict[tuple[str, str, int | str], int],
                    nodes: dict[str, onnx.NodeProto]) -> str | None:
     """Why accumulated shape edits cannot be applied (None: they can)."""
@@ -285,7 +461,8 @@ def _slice_problems(model: Model, group: PruneGroup, ch: np.ndarray, shapes: dic
 def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]]) -> dict[str, str]:
     """Groups of a removal plan that cannot be applied, with the reason (empty: all can).
 
-    Each group is checked alone (channel indices, slice positions, its shape edits), then the
+    Each group is checked alone (channel indices, slice positions, its shape edits, and that
+    every shape constant it edits is private to one reader: :func:`edit_sharing_problem`), then the
     groups that pass are accumulated in order and a group whose edits, added to those of the
     groups before it, would drive a shared shape constant to zero or below is refused too. The
     model is not changed; :func:`apply_removal` of the remaining groups then succeeds.
@@ -294,6 +471,8 @@ def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
     nodes = {n.name: n for n in model.graph.node if n.name}
     total: dict[tuple[str, str, int | str], int] = defaultdict(int)
     bad: dict[str, str] = {}
+    reads = _readers(model)
+    sharing: dict[str, str | None] = {}
     for group, channels in removals:
         try:
             ch = _check_channels(group, channels)
@@ -306,6 +485,11 @@ def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
         for e in group.shape_edits:
             mine[(e.kind, e.target, e.index)] += e.per_channel * int(ch.size)
         reason = _slice_problems(model, group, ch, shapes) or _edit_problems(model, mine, nodes)
+        for kind, target, _ in mine:
+            if reason is None and kind == "initializer" and model.initializer(target) is not None:
+                if target not in sharing:
+                    sharing[target] = edit_sharing_problem(model, target, reads)
+                reason = sharing[target]
         if reason is None:
             joint = {k: total.get(k, 0) + v for k, v in mine.items()}
             reason = _edit_problems(model, joint, nodes)
@@ -319,13 +503,17 @@ def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
     return bad
 
 
-def reshare(model: Model, original: Iterable[str]) -> int:
+def reshare(model: Model, original: Iterable[str], original_outputs: Iterable[str] | None = None) -> int:
     """Merge byte-identical initializers that an analysis copied back into one tensor.
 
     Args:
         model: The model after a removal.
         original: Initializer names of the model before the analysis copied anything; two of
             these are never merged with each other (the model kept them apart itself).
+        original_outputs: Node output names of the model before the analysis; when given, nodes
+            cloned since (:func:`privatize_shape_sources`; none of their outputs is original) that
+            compute the same op on the same inputs with the same attributes as an earlier node are
+            merged into it, in node order, so clones whose pieces ended up equal disappear.
 
     Every main-graph reader of a copy (a name not in ``original``) that has the same dtype, shape
     and bytes as another initializer is pointed at one of them -- an original name when there is
@@ -354,17 +542,44 @@ def reshare(model: Model, original: Iterable[str]) -> int:
             for n in same:
                 if n != keep and n not in orig and n not in fixed:
                     target[n] = keep
-    if not target:
-        return 0
-    for n in g.node:
-        for i, x in enumerate(n.input):
-            if x in target:
-                n.input[i] = target[x]
-    for i in reversed([i for i, t in enumerate(g.initializer) if t.name in target]):
-        del g.initializer[i]
-    for n in target:
-        model.external.pop(n, None)
-    return len(target)
+    if target:
+        for n in g.node:
+            for i, x in enumerate(n.input):
+                if x in target:
+                    n.input[i] = target[x]
+        for i in reversed([i for i, t in enumerate(g.initializer) if t.name in target]):
+            del g.initializer[i]
+        for n in target:
+            model.external.pop(n, None)
+    merged = _merge_clones(model, set(original_outputs), fixed) if original_outputs is not None else 0
+    return len(target) + merged
+
+
+def _merge_clones(model: Model, original_outputs: set[str], fixed: set[str]) -> int:
+    """Merge cloned shape nodes into an identical earlier node (see :func:`reshare`)."""
+    g = model.graph
+    seen: dict[tuple[Any, ...], onnx.NodeProto] = {}
+    rename: dict[str, str] = {}
+    drop: list[int] = []
+    for i, n in enumerate(g.node):
+        for k, x in enumerate(n.input):
+            if x in rename:
+                n.input[k] = rename[x]
+        if n.domain not in ("", "ai.onnx") or n.op_type not in SHAPE_THROUGH:
+            continue
+        key = (n.op_type, tuple(n.input), len(n.output),
+               tuple(a.SerializeToString(deterministic=True) for a in sorted(n.attribute, key=lambda a: a.name)))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = n
+            continue
+        if any(o in original_outputs or o in fixed for o in n.output):
+            continue
+        rename.update({o: f for o, f in zip(n.output, first.output) if o})
+        drop.append(i)
+    for i in reversed(drop):
+        del g.node[i]
+    return len(drop)
 
 
 def mask_group(model: Model, group: PruneGroup, channels: np.ndarray) -> None:
@@ -384,3 +599,90 @@ def mask_group(model: Model, group: PruneGroup, channels: np.ndarray) -> None:
         idx[s.axis] = positions(s, ch)
         arr[tuple(idx)] = 0
         model.set_array(s.initializer, arr)
+
+
+# ---------------------------------------------------------------------- the in-pass twin check
+#: Models with more weight bytes than this are not checked against their masked twin in a pass.
+TWIN_CHECK_MAX_BYTES = 50 * 2**20
+
+
+def masked_twin(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]]) -> Model | None:
+    """A copy of ``model`` (before :func:`apply_removal`) with every removal masked, or None.
+
+    None when the twin cannot be an oracle: the model holds more than :data:`TWIN_CHECK_MAX_BYTES`
+    of weights, a group is approximate, or an ``"in"`` slice lies in a non-float (quantised)
+    initializer -- zeroing a quantised value does not zero what it dequantises to.
+    """
+    removals = list(removals)
+    if model.weight_bytes() > TWIN_CHECK_MAX_BYTES or any(g.approximate for g, _ in removals):
+        return None
+    for g, _ in removals:
+        for s in g.slices:
+            t = model.initializer(s.initializer) if s.role == "in" else None
+            if t is not None and t.data_type not in FLOAT_TYPES:
+                return None
+    twin = model.copy()
+    for g, ch in removals:
+        mask_group(twin, g, ch)
+    return twin
+
+
+def twin_disagreement(twin: Model, pruned: Model, rtol: float = 1e-3, atol: float = 1e-4) -> tuple[bool | None, str]:
+    """Run the masked twin and the pruned model on one synthesized feed and compare.
+
+    Float outputs must agree within ``atol + rtol * max|twin output|`` (ten times looser for
+    fp16/bf16 outputs) and every output must keep its shape. Returns ``(True, "")`` when they
+    agree, ``(False, why)`` when they do not (or the pruned model fails where the twin runs), and
+    ``(None, why)`` when the twin itself cannot be run (no verdict).
+    """
+    from onnxprune.check import make_session, run_model, synthesize_feeds
+
+    try:
+        session = make_session(twin)
+        feeds, outs = synthesize_feeds(session, twin)
+    except Exception as exc:  # no verdict: the manager's final verification still runs
+        return None, f"the masked twin does not run ({' '.join(str(exc).split())[:200]})"
+    names = [o.name for o in session.get_outputs()]
+    try:
+        got = run_model(pruned, feeds)
+    except Exception as exc:
+        return False, f"the pruned model does not run where its masked twin does ({' '.join(str(exc).split())[:200]})"
+    for name, a in zip(names, outs):
+        a = np.asarray(a)
+        b = np.asarray(got.get(name))
+        if b.shape != a.shape:
+            return False, f"output {name!r} has shape {list(b.shape)}, the masked twin {list(a.shape)}"
+        if a.dtype.kind != "f" or not a.size:
+            continue
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        fin = np.isfinite(a64)
+        if not np.array_equal(fin, np.isfinite(b64)):
+            return False, f"output {name!r} is non-finite where the masked twin is not (or the reverse)"
+        if not fin.any():
+            continue
+        scale = float(np.abs(a64[fin]).max())
+        err = float(np.abs(a64[fin] - b64[fin]).max())
+        loose = 10.0 if a.dtype.itemsize < 4 else 1.0
+        if err > loose * (atol + rtol * scale):
+            return False, f"output {name!r} differs from the masked twin by {err:.3g} (outputs up to {scale:.3g})"
+    return True, ""
+
+
+def check_twin(label: str, twin: Model, pruned: Model, groups: list[str], stats: dict[str, Any]) -> None:
+    """Compare ``pruned`` with its masked ``twin`` on one random feed; raise if they disagree.
+
+    Records ``twin_check`` (``"ok"``, or ``"skipped: why"``) and its seconds (``twin_check_s``) in ``stats``.
+
+    Raises:
+        PassError: the pruned model disagrees with the masked twin beyond float tolerance (a
+            removal edited something it should not have); the message names the groups.
+    """
+    t0 = time.perf_counter()
+    ok, why = twin_disagreement(twin, pruned)
+    stats["twin_check_s"] = round(time.perf_counter() - t0, 3)
+    if ok is False:
+        shown = ", ".join(groups[:8]) + (f" (+{len(groups) - 8} more)" if len(groups) > 8 else "")
+        raise PassError(f"{label}: the pruned model disagrees with its masked twin: {why}; groups pruned: "
+                        f"{shown}. Nothing was written; please report this model (skip the check with "
+                        f"{label}(verify_twin=false))")
+    stats["twin_check"] = "ok" if ok else f"skipped: {why}"

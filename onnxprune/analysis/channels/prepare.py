@@ -2,9 +2,12 @@
 
 :func:`prepare` names unnamed nodes, turns Constant nodes into initializers, folds small
 constant subgraphs (:func:`fold_constants`), makes equal Splits explicit and gives each
-shape-constant consumer and each per-channel constant (bias, scale) reader its own copy (so one
-Reshape's target can shrink without touching another's); shared weights stay shared and tie
-their readers' channels. :func:`infer_shapes` runs ONNX shape inference on a weightless shell.
+per-channel constant (bias, scale) reader its own copy; every shape input (Reshape target, Split
+sizes, Slice bounds, Resize sizes, Expand shape) gets its own copy of the whole int chain it is
+built from -- Concat / Unsqueeze / Cast ... nodes cloned, int pieces copied
+(:func:`~onnxprune.analysis.removal.privatize_shape_sources`) -- so one Reshape's target can
+shrink without touching another's, even when an exporter builds every target from one shared
+``[head_dim]`` piece. Shared weights stay shared and tie their readers' channels. :func:`infer_shapes` runs ONNX shape inference on a weightless shell.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune.analysis.removal import privatize_shape_sources
 from onnxprune.ir.constants import hoist_constants
 from onnxprune.ir.graph import attr, make_shell
 from onnxprune.ir.model import Model
@@ -77,7 +81,8 @@ def prepare(model: Model) -> bool:
 
     Names unnamed nodes, turns ``Constant`` nodes into initializers, folds small constant
     subgraphs, gives equal Splits explicit sizes, gives each shape-constant input (Reshape target,
-    Split sizes, Slice bounds, Resize sizes, Expand shape) its own initializer, and duplicates
+    Split sizes, Slice bounds, Resize sizes, Expand shape) its own copy of the int chain it is built
+    from (:func:`~onnxprune.analysis.removal.privatize_shape_sources`), and duplicates
     per-channel float constants (at most one axis longer than 1, up to
     :data:`UNSHARE_MAX_ELEMENTS` elements: biases, scales, BN statistics) that several nodes read,
     so exporter de-duplication of equal tensors does not tie unrelated channels. Shared weights
@@ -136,17 +141,8 @@ def prepare(model: Model) -> bool:
             uses[x] -= 1
             n.input[i] = new
             changed = True
-    for n in g.node:
-        for i in _SHAPE_INPUTS.get(n.op_type, ()):
-            if i < len(n.input) and n.input[i] in inits and uses[n.input[i]] > 1 and \
-                    n.input[i] not in model.graph_input_names():
-                old = n.input[i]
-                new = fresh(old)
-                model.add_initializer(new, np.asarray(model.get_array(old)))
-                inits.add(new)
-                uses[old] -= 1
-                n.input[i] = new
-                changed = True
+    # every shape input gets its own chain of int pieces (Concat of shared [head_dim] constants...)
+    changed |= privatize_shape_sources(model, _SHAPE_INPUTS) > 0
     return changed
 
 

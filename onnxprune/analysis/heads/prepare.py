@@ -6,8 +6,11 @@ shape vector (``Concat``-built Reshape/Expand/Tile/Split/Slice inputs) has its o
 small int subgraph, and every initializer of at most :data:`PRIVATIZE_MAX_ELEMS` elements has
 one reader per copy, except float weights (two or more axes longer than 1), which stay shared
 (blocks sharing a weight are blocked). Copies that stay identical after a removal are merged back
-by :func:`onnxprune.analysis.removal.reshare`. Shape edits made by a group therefore never touch a constant used
-elsewhere. Graph inputs and graph outputs are never renamed or privatised.
+by :func:`onnxprune.analysis.removal.reshare`. Finally
+:func:`onnxprune.analysis.removal.privatize_shape_sources` clones intermediate shape nodes still
+shared between two chains (``Unsqueeze`` of one piece read by two Concats). Shape edits made by a
+group therefore never touch a constant used elsewhere; where one still would (a graph input, a
+subgraph read), :func:`~onnxprune.analysis.removal.plan_problems` blocks the group. Graph inputs and graph outputs are never renamed or privatised.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
+from onnxprune.analysis.removal import privatize_shape_sources
 from onnxprune.ir.constants import constant_value
 from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES
@@ -75,6 +79,7 @@ def prepare_model(model: Model) -> int:
         graph.node.extend(kept)
     changes += privatize_shape_inputs(model)
     changes += privatize(model)
+    changes += privatize_shape_sources(model, SHAPE_SLOTS)  # shared intermediates the above leave
     return changes
 
 

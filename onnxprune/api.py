@@ -101,7 +101,7 @@ def optimize(
     work = model if inplace else model.copy()
     ctx = PassContext(
         calibration=_calibration(calibration, model, calibration_batch),
-        options=options,
+        options={**(options or {}), **({} if verify else {"verify": False})},  # --no-verify also skips twin checks
         recipe_overrides=recipe_overrides,
     )
     reference: Model | str | os.PathLike[str] | None = None

@@ -170,3 +170,15 @@ def test_cli_check_fails_loudly_whatever_the_tolerances(tmp_path: Path, capsys: 
     assert main(["check", str(src), str(_write(tmp_path, narrow, "n.onnx")), "-q"]) == 1
     assert "changed shape" in capsys.readouterr().err
     assert main(["check", str(src), str(src), "-q"]) == 0
+
+
+def test_no_verify_also_skips_the_in_pass_twin_check() -> None:
+    """``verify=False`` (``--no-verify``) reaches the structured passes' masked-twin check."""
+    import onnxprune
+    from models import build_cnn
+
+    model = from_proto(build_cnn())
+    on = onnxprune.optimize(model, "channels(ratio=0.3)").report.passes[0].stats
+    off = onnxprune.optimize(model, "channels(ratio=0.3)", verify=False).report.passes[0].stats
+    assert on.get("twin_check") == "ok"
+    assert "twin_check" not in off

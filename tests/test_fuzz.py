@@ -465,7 +465,9 @@ def test_masked_twin_oracle_is_sensitive(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(removal, "mask_group", lambda *a, **k: None)
     with pytest.raises(AssertionError, match="masked twin"):
-        check_masked_twin(build_mlp(seed=3), "channels", {"ratio": 0.5}, pytest.MonkeyPatch())
+        check_masked_twin(build_mlp(seed=3), "channels", {"ratio": 0.5, "verify_twin": False}, pytest.MonkeyPatch())
+    # with the pass's own twin check on (the default), the same mismatch makes the pass refuse
+    assert check_masked_twin(build_mlp(seed=3), "channels", {"ratio": 0.5}, pytest.MonkeyPatch()) == "refused"
 
 
 def test_regression_no_files_left_in_cwd(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

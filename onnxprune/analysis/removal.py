@@ -57,7 +57,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import PassError
-from onnxprune.ir.graph import node_outer_reads
+from onnxprune.ir.graph import node_outer_reads, replace_nodes
 from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES
 
@@ -366,11 +366,7 @@ def privatize_shape_sources(model: Model, slots: Mapping[str, Iterable[int]]) ->
         for i, n in enumerate(nodes):
             order.extend(pending.get(i, ()))
             order.append(n)
-        copies = [onnx.NodeProto() for _ in order]
-        for dst, src in zip(copies, order):
-            dst.CopyFrom(src)
-        del g.node[:]
-        g.node.extend(copies)
+        replace_nodes(g, order)
     return changes
 
 

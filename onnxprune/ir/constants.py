@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.ir.graph import replace_nodes
 from onnxprune.ir.model import Model
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -88,11 +89,5 @@ def hoist_constants(model: Model, outputs: Collection[str] | None = None) -> lis
                 continue
         keep.append(node)
     if hoisted:
-        copies = []
-        for n in keep:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
-        del graph.node[:]
-        graph.node.extend(copies)
+        replace_nodes(graph, keep)
     return hoisted

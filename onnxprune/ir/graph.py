@@ -35,6 +35,18 @@ def duplicate_node_name(graph: onnx.GraphProto) -> str | None:
     return None
 
 
+def replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``nodes`` (some of them held by ``graph``) the node list of ``graph``.
+
+    The nodes are copied first: clearing ``graph.node`` would invalidate the ones it holds.
+    """
+    kept = [onnx.NodeProto() for _ in nodes]
+    for dst, src in zip(kept, nodes):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def dedupe_node_names(graph: onnx.GraphProto) -> int:
     """Rename nodes whose non-empty name an earlier node of the same scope already uses.
 

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.ir.graph import node_subgraphs
+from onnxprune.ir.graph import node_subgraphs, replace_nodes
 
 
 def _defined(graph: onnx.GraphProto) -> list[str]:
@@ -72,15 +72,6 @@ def _rename_node_reads(nodes: Iterable[onnx.NodeProto], mapping: Mapping[str, st
                 n.input[i] = mapping[x]
         for g in node_subgraphs(n):
             rename_reads(g, mapping)
-
-
-def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    """Make ``nodes`` (some of them held by ``graph``) the node list of ``graph``."""
-    kept = [onnx.NodeProto() for _ in nodes]
-    for dst, src in zip(kept, nodes):
-        dst.CopyFrom(src)
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 def _constant_value(graph: onnx.GraphProto, protected: Collection[str]) -> dict[str, np.ndarray]:
@@ -139,7 +130,7 @@ class _Inliner:
                 self.graph(g, consts, ())
             out.append(node)
         if changed:
-            _replace_nodes(graph, out)
+            replace_nodes(graph, out)
 
     def branch(self, node: onnx.NodeProto, branch: onnx.GraphProto,
                node_names: Counter[str]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -219,7 +210,7 @@ def share_identity_initializers(graph: onnx.GraphProto, initializers: Collection
             keep.append(n)
     if not mapping:
         return 0
-    _replace_nodes(graph, keep)
+    replace_nodes(graph, keep)
     _rename_node_reads(graph.node, mapping)
     return len(mapping)
 

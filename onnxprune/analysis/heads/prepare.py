@@ -22,6 +22,7 @@ import onnx
 
 from onnxprune.analysis.removal import privatize_shape_sources
 from onnxprune.ir.constants import constant_value
+from onnxprune.ir.graph import replace_nodes
 from onnxprune.ir.model import Model
 from onnxprune.summary import FLOAT_TYPES
 
@@ -72,11 +73,7 @@ def prepare_model(model: Model) -> int:
             continue
         keep.append(node)
     if len(keep) != len(graph.node):
-        kept = [onnx.NodeProto() for _ in keep]
-        for dst, src in zip(kept, keep):
-            dst.CopyFrom(src)
-        del graph.node[:]
-        graph.node.extend(kept)
+        replace_nodes(graph, keep)
     changes += privatize_shape_inputs(model)
     changes += privatize(model)
     changes += privatize_shape_sources(model, SHAPE_SLOTS)  # shared intermediates the above leave
@@ -158,11 +155,7 @@ def privatize_shape_inputs(model: Model) -> int:
             if id(n) in pending:
                 order.extend(pending[id(n)])
             order.append(n)
-        copies = [onnx.NodeProto() for _ in order]
-        for dst, src in zip(copies, order):
-            dst.CopyFrom(src)
-        del graph.node[:]
-        graph.node.extend(copies)
+        replace_nodes(graph, order)
     return changes
 
 

@@ -126,12 +126,16 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def make_session(model: Model | str | os.PathLike[str], threads: int | None = None, *,
+def make_session(model: Model | str | os.PathLike[str] | Any, threads: int | None = None, *,
                  optimize: bool = True) -> Any:
     """An ONNX Runtime CPU session for a model object or path.
 
+    Every session has the same options: sequential execution (one inter-op thread), full graph
+    optimisation (``ORT_ENABLE_ALL``) unless ``optimize`` is False, ``threads`` intra-op threads.
+    :mod:`onnxprune.bench` times sessions built here, so check and bench see the same runtime.
+
     Args:
-        model: A :class:`Model` or a path.
+        model: A :class:`Model`, an ``onnx.ModelProto`` (self-contained: no external data) or a path.
         threads: Intra-op threads (ONNX Runtime's default when None).
         optimize: False builds the session without graph optimizations (a cheap load check).
 
@@ -142,10 +146,14 @@ def make_session(model: Model | str | os.PathLike[str], threads: int | None = No
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         so.intra_op_num_threads = threads
+    if not isinstance(model, (Model, str, os.PathLike)) and hasattr(model, "graph"):
+        model = Model(model)  # an onnx.ModelProto
     try:
         if isinstance(model, Model):
             if not model.external and model.proto.ByteSize() < 1_900_000_000:

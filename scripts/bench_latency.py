@@ -1,130 +1,40 @@
-"""Time two ONNX models on ONNX Runtime CPU and compare latency with FLOPs.
+"""Time two ONNX models on ONNX Runtime CPU and compare latency with FLOPs (a wrapper of ``onnxprune.bench``).
 
 Usage::
 
     python scripts/bench_latency.py A.onnx B.onnx [--threads 2] [--runs 30] [--warmup 5]
                                     [--dim batch=1 --dim h=224 ...] [--inputs data.npz] [--json]
 
-Both models get sessions with the same options (intra-op threads, sequential execution, all graph
-optimisations) and the same inputs. After ``--warmup`` runs of each, the runs are interleaved
-(A, B, A, B, ...) so drift in machine load hits both alike; the median of each is reported with
-the interquartile range, plus ``speedup = median(A) / median(B)`` beside the FLOPs ratio.
-
-FLOPs count multiply-adds as 2 and cover Conv (``2*N*C_out*prod(out_spatial)*C_in/group*
-prod(kernel)``), ConvTranspose, Gemm (``2*M*N*K``) and MatMul (``2*batch*M*N*K``), with shapes from
-ONNX shape inference after fixing the inputs' dynamic dims.
+The timing (same session options, warm-up, interleaved A/B runs, median and IQR) and the FLOPs
+count live in :mod:`onnxprune.bench`; inputs are ``--inputs`` or synthesised by
+:func:`onnxprune.check.synthesize_feeds`. ``onnxprune bench`` is the same measurement from the CLI;
+this script adds the FLOPs ratio and keeps the dict that ``bench_bert_structured.py`` reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from math import prod
 from typing import Any
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
-
-def _fixed_inputs(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for inp in m.graph.input:
-        for i, d in enumerate(inp.type.tensor_type.shape.dim):
-            if not d.HasField("dim_value"):
-                d.dim_value = dims.get(d.dim_param, 1 if i == 0 else 224)
-    return m
-
-
-def flops(path: str, dims: dict[str, int]) -> int:
-    """Multiply-add FLOPs (x2) of Conv/ConvTranspose/Gemm/MatMul for the given input dims."""
-    model = onnx.load(path, load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(_fixed_inputs(model, dims))
-    g = inferred.graph
-    shapes: dict[str, list[int]] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    for t in g.initializer:
-        shapes[t.name] = list(t.dims)
-    total = 0
-    for n in g.node:
-        ins = [shapes.get(x) for x in n.input]
-        out = shapes.get(n.output[0]) if n.output else None
-        if not out or any(v == 0 for v in out):
-            continue
-        if n.op_type in ("Conv", "ConvTranspose") and ins[1]:
-            w = ins[1]
-            group = next((a.i for a in n.attribute if a.name == "group"), 1)
-            if n.op_type == "Conv":
-                total += 2 * prod(out) * w[1] * prod(w[2:])
-            else:
-                x = ins[0] or []  # every input element meets C_out/group * prod(kernel) weights
-                total += 2 * prod(x) * w[1] * prod(w[2:]) if x else 0
-        elif n.op_type == "Gemm" and ins[0] and ins[1]:
-            trans_a = next((a.i for a in n.attribute if a.name == "transA"), 0)
-            k = ins[0][0] if trans_a else ins[0][1]
-            total += 2 * prod(out) * k
-        elif n.op_type == "MatMul" and ins[0]:
-            total += 2 * prod(out) * ins[0][-1]
-    return int(total)
-
-
-def _session(path: str, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _feeds(sess: ort.InferenceSession, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i in sess.get_inputs():
-        shape = [d if isinstance(d, int) else dims.get(str(d), 1 if k == 0 else 224) for k, d in enumerate(i.shape)]
-        if "float" in i.type:
-            feeds[i.name] = rng.standard_normal(shape).astype(np.float16 if "16" in i.type else np.float32)
-        else:
-            feeds[i.name] = np.ones(shape, dtype=np.int64)
-    return feeds
+from onnxprune.bench import flops, measure, speedup
+from onnxprune.check import load_feeds, make_session, synthesize_feeds
 
 
 def bench(a: str, b: str, threads: int = 2, runs: int = 30, warmup: int = 5,
           dims: dict[str, int] | None = None, inputs: str | None = None) -> dict[str, Any]:
     """Interleaved median latency of two models; returns a JSON-ready dict."""
     dims = dims or {}
-    sa, sb = _session(a, threads), _session(b, threads)
-    if inputs:
-        with np.load(inputs) as data:
-            feeds = {k: data[k] for k in data.files}
-    else:
-        feeds = _feeds(sa, dims)
-    for _ in range(warmup):
-        sa.run(None, feeds)
-        sb.run(None, feeds)
-    ta: list[float] = []
-    tb: list[float] = []
-    for _ in range(runs):
-        for sess, acc in ((sa, ta), (sb, tb)):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            acc.append(time.perf_counter() - t0)
+    hints = onnx.load(a, load_external_data=False)
+    feeds = load_feeds(inputs) if inputs else synthesize_feeds(make_session(a, threads), hints, dims)[0]
+    ta, tb = measure([a, b], feeds, threads=threads, warmup=warmup, runs=runs)
     fa, fb = flops(a, dims), flops(b, dims)
-
-    def stats(t: list[float]) -> dict[str, float]:
-        q = statistics.quantiles(t, n=4)
-        return {"median_ms": 1e3 * statistics.median(t), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
-
-    ma, mb = statistics.median(ta), statistics.median(tb)
     return {"a": a, "b": b, "threads": threads, "runs": runs, "warmup": warmup,
             "inputs": {k: list(v.shape) for k, v in feeds.items()},
-            "latency_a": stats(ta), "latency_b": stats(tb), "speedup": ma / mb,
+            "latency_a": ta.to_dict(), "latency_b": tb.to_dict(), "speedup": speedup(ta, tb),
             "gflops_a": fa / 1e9, "gflops_b": fb / 1e9, "flops_ratio": fa / fb if fb else float("nan")}
 
 

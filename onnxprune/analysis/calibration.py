@@ -146,6 +146,24 @@ class CalibrationData:
         """Total samples (sum of the first dimension of the first input over batches)."""
         return int(sum(next(iter(f.values())).shape[0] if f else 0 for f in self.feeds))
 
+    def head(self, samples: int) -> CalibrationData:
+        """The first ``samples`` samples, in the same batches (the last one cut short if needed).
+
+        Raises:
+            CalibrationError: ``samples`` < 1 or more than the data holds.
+        """
+        total = self.num_samples
+        if not 1 <= samples <= total:
+            raise CalibrationError(f"{self.source}: cannot use the first {samples} sample(s); it holds {total}")
+        out, left = [], samples
+        for f in self.feeds:
+            if left <= 0:
+                break
+            n = next(iter(f.values())).shape[0] if f else 0
+            out.append(f if n <= left else {k: v[:left] for k, v in f.items()})
+            left -= n
+        return CalibrationData(out, self.source)
+
     @classmethod
     def from_any(cls, src: Any, model: Model, batch_size: int | None = None) -> CalibrationData:
         """Build from an ``.npz`` path, an iterable of feed dicts, an object with ``batches()``, or a ``CalibrationData``.
@@ -228,6 +246,7 @@ class TensorStats:
         tokens: Number of rows (tokens, or B·H·W positions) accumulated.
         sumsq: ``[C]`` float64 sums of squares.
         hessian: ``[C, C]`` float64 ``XᵀX`` (only when requested).
+        total: ``[C]`` float64 sums ``Σ_t x[t]`` (``total / tokens`` is the channel mean).
     """
 
     name: str
@@ -235,6 +254,7 @@ class TensorStats:
     tokens: int = 0
     sumsq: np.ndarray | None = None
     hessian: np.ndarray | None = None
+    total: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -246,6 +266,7 @@ class TensorStats:
         c = rows.shape[1]
         if self.sumsq is None:
             self.sumsq = np.zeros(c, dtype=np.float64)
+            self.total = np.zeros(c, dtype=np.float64)
             if hessian:
                 self.hessian = np.zeros((c, c), dtype=np.float64)
         elif c != self.sumsq.shape[0]:
@@ -254,9 +275,62 @@ class TensorStats:
         for r0 in range(0, rows.shape[0], _ROW_CHUNK):
             x = rows[r0:r0 + _ROW_CHUNK].astype(np.float64)
             self.sumsq += np.einsum("tc,tc->c", x, x)
+            self.total += x.sum(axis=0)
             if self.hessian is not None:
                 self.hessian += x.T @ x
         self.tokens += int(rows.shape[0])
+
+
+@dataclass
+class CrossStats:
+    """Accumulated statistics of one activation in the pruned model and its counterpart in the dense model.
+
+    With ``X_p`` ``[T, K]`` the rows of the tensor in the pruned model and ``X_d`` ``[T, Kd]`` the
+    rows of the same tokens in the dense model (padding excluded in both), all float64:
+
+    Attributes:
+        name: The tensor in the pruned model.
+        dense_name: The tensor in the dense model.
+        channel_axis: Axis of the channels.
+        tokens: ``T``.
+        G: ``X_pᵀX_p`` ``[K, K]``.
+        C: ``X_pᵀX_d`` ``[K, Kd]``.
+        D: ``X_dᵀX_d`` ``[Kd, Kd]``.
+        sum_p: ``Σ_t X_p[t]`` ``[K]``.
+        sum_d: ``Σ_t X_d[t]`` ``[Kd]``.
+    """
+
+    name: str
+    dense_name: str
+    channel_axis: int
+    tokens: int = 0
+    G: np.ndarray | None = None
+    C: np.ndarray | None = None
+    D: np.ndarray | None = None
+    sum_p: np.ndarray | None = None
+    sum_d: np.ndarray | None = None
+
+    def add(self, rows_p: np.ndarray, rows_d: np.ndarray) -> None:
+        """Accumulate the ``[T, K]`` pruned and ``[T, Kd]`` dense rows of the same tokens."""
+        if rows_p.shape[0] != rows_d.shape[0]:
+            raise CalibrationError(f"tensor {self.name!r}: {rows_p.shape[0]} tokens in the pruned model but "
+                                   f"{rows_d.shape[0]} in the dense one ({self.dense_name!r})")
+        k, kd = rows_p.shape[1], rows_d.shape[1]
+        if self.G is None:
+            self.G, self.C, self.D = (np.zeros(s, dtype=np.float64) for s in ((k, k), (k, kd), (kd, kd)))
+            self.sum_p, self.sum_d = np.zeros(k, dtype=np.float64), np.zeros(kd, dtype=np.float64)
+        elif self.C is not None and self.C.shape != (k, kd):
+            raise CalibrationError(f"tensor {self.name!r} changed its channel count between batches")
+        assert self.C is not None and self.D is not None and self.sum_p is not None and self.sum_d is not None
+        for r0 in range(0, rows_p.shape[0], _ROW_CHUNK):
+            xp = rows_p[r0:r0 + _ROW_CHUNK].astype(np.float64)
+            xd = rows_d[r0:r0 + _ROW_CHUNK].astype(np.float64)
+            self.G += xp.T @ xp
+            self.C += xp.T @ xd
+            self.D += xd.T @ xd
+            self.sum_p += xp.sum(axis=0)
+            self.sum_d += xd.sum(axis=0)
+        self.tokens += int(rows_p.shape[0])
 
 
 def find_mask_input(model: Model, option: str | None = "auto") -> str | None:
@@ -310,7 +384,8 @@ def plan_chunks(channels: Mapping[str, int], kind: str, chunk_bytes: int) -> lis
 
     A tensor whose own accumulator exceeds the budget gets a group of its own.
     """
-    per = {n: (c * c + c) * 8 if kind == "hessian" else c * 8 for n, c in channels.items()}
+    per = {n: (c * c + 2 * c) * 8 if kind == "hessian" else 3 * (c * c + c) * 8 if kind == "cross" else 2 * c * 8
+           for n, c in channels.items()}
     groups: list[list[str]] = []
     cur: list[str] = []
     used = 0

@@ -1,0 +1,689 @@
+"""The budgeted search behind the bare ``onnxprune optimize model.onnx``: plan, search, verify.
+
+Given a model, optional calibration data, an accuracy **budget** and a **target**, :func:`auto`
+returns the fastest model it finds that keeps the budget, the report of everything it tried, and
+the ``--passes`` spec that reproduces the winner byte for byte.
+
+**Data.** With calibration data the last quarter of the samples (at least one) is *held out*:
+the budget is measured on those, the passes see only the first ``N`` (``prune_samples``; the
+reproducing command passes ``--calib-limit N``). Batches are kept whole where there are several
+(so ``--calib-limit`` rebuilds the same batches). Without data, inputs are synthesised from the
+graph (:func:`onnxprune.check.synthesize_feeds`), only data-free criteria are used, and the report
+says in its first line that the budget was measured on random inputs, which is weaker.
+
+**Budget.** Per graph output, over the held-out samples:
+
+* ``cos``: mean over samples of the cosine between the input model's and the candidate's output
+  (each sample's slice flattened; float64);
+* ``top1``: share of rows whose argmax over the last axis agrees, for logit-like outputs only
+  (:func:`logit_like`): a float output of rank 2 with more than one class, so not ``[B, S, H]``
+  hidden states, boxes or embeddings;
+* ``atol`` / ``rtol``: max ``|a - b|`` and max ``|a - b| / max|a|``.
+
+A candidate keeps the budget when every output meets every given bound. Defaults ``cos=0.99`` and
+``top1=0.99``; ``--budget cos=0.98`` changes one bound and keeps the others, ``top1=none`` drops one.
+
+**Search (target ort-cpu).** ``cleanup`` first (exact). Then, for each kind of structure the
+model has -- FFN neurons (``ffn``), attention heads (``heads``), channel groups (``channels``) --
+bisection on the ratio (``BISECT_STEPS`` probes between 0 and the kind's maximum) for the largest
+ratio that keeps the budget, with the best criterion available (calibration-aware criteria and
+re-fitting of the consumer when calibration data is given; norms otherwise). The kinds' best ratios
+are then combined; while the combination breaks the budget every ratio is scaled down
+(``BACKOFF``). Every candidate that keeps the budget is timed against the cleaned input on ONNX
+Runtime CPU in one interleaved run (:mod:`onnxprune.bench`); the fastest wins if it is at least
+``MIN_SPEEDUP`` times faster, else the cleaned model is the answer and the report says nothing
+helped. ``time_limit`` stops the search with the best model found so far.
+
+**Target tensorrt.** The same structural search (judged by the budget and by FLOPs, since
+TensorRT cannot run here), then 2:4 (``nm``) only on the weights that TensorRT could run sparse
+and whose measured kernel gain at ``tokens`` reaches :data:`onnxprune.tensorrt.benefit.MIN_GAIN`
+(:mod:`onnxprune.tensorrt.benefit`), kept only if the budget still holds, then ``fp16`` (also
+budget-checked); the ``tensorrt`` pass is not part of the spec: the CLI prints the ``trtexec``
+command for the written model (TensorRT cannot run on this machine's CI).
+
+Preconditions: the model passes the checker and ONNX Runtime CPU runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxprune.analysis.calibration import CalibrationData
+from onnxprune.check import make_session, synthesize_feeds
+from onnxprune.errors import OnnxPruneError
+from onnxprune.ir.model import Model
+from onnxprune.pipeline.options import option_specs
+from onnxprune.pipeline.registry import get_pass
+from onnxprune.summary import count_parameters
+
+#: Probes per kind in the ratio bisection (resolution: max ratio / 2**BISECT_STEPS).
+BISECT_STEPS = 4
+#: Largest ratio tried per kind.
+MAX_RATIO = {"ffn": 0.875, "heads": 0.75, "channels": 0.75}
+#: Order in which kinds are searched (largest typical latency share first).
+KINDS = ("ffn", "heads", "channels")
+#: Factor applied to every ratio of a combination that breaks the budget.
+BACKOFF = 0.75
+#: A candidate must be this much faster than the cleaned input to be chosen (timing noise).
+MIN_SPEEDUP = 1.03
+#: Share of calibration samples held out to measure the budget.
+HOLDOUT = 0.25
+#: Synthesised batches when no calibration data is given (pruning, held out).
+SYNTH_BATCHES = (4, 8)
+#: Kept widths are multiples of this (``round_to``) where a pass offers it: odd widths run slower
+#: on ONNX Runtime's CPU kernels and on tensor cores.
+ROUND_TO = 8
+TARGETS = ("ort-cpu", "tensorrt")
+
+
+class BudgetError(OnnxPruneError):
+    """A budget text that cannot be parsed."""
+
+
+@dataclass
+class Budget:
+    """What the output model must keep, per output, on held-out samples (module docstring)."""
+
+    cos: float | None = 0.99
+    top1: float | None = 0.99
+    atol: float | None = None
+    rtol: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | Budget | None) -> Budget:
+        """``"cos=0.98,top1=0.995"``; unnamed bounds keep their defaults, ``top1=none`` drops one.
+
+        Raises:
+            BudgetError: unknown key, bad number, or a bound outside its range.
+        """
+        if isinstance(text, Budget):
+            return text
+        b = cls()
+        if text is None or not str(text).strip():
+            return b
+        for part in str(text).split(","):
+            if "=" not in part:
+                raise BudgetError(f"budget {text!r}: expected key=value, got {part.strip()!r} "
+                                  "(keys: cos, top1, atol, rtol)")
+            key, value = (s.strip() for s in part.split("=", 1))
+            if key not in ("cos", "top1", "atol", "rtol"):
+                raise BudgetError(f"budget {text!r}: unknown key {key!r} (keys: cos, top1, atol, rtol)")
+            if value.lower() in ("none", "off"):
+                setattr(b, key, None)
+                continue
+            try:
+                v = float(value)
+            except ValueError:
+                raise BudgetError(f"budget {text!r}: {key}={value!r} is not a number") from None
+            if key in ("cos", "top1") and not 0.0 < v <= 1.0:
+                raise BudgetError(f"budget {text!r}: {key} must lie in (0, 1], got {v}")
+            if key in ("atol", "rtol") and not (v >= 0.0 and math.isfinite(v)):
+                raise BudgetError(f"budget {text!r}: {key} must be a finite number >= 0, got {v}")
+            setattr(b, key, v)
+        if all(getattr(b, k) is None for k in ("cos", "top1", "atol", "rtol")):
+            raise BudgetError(f"budget {text!r} sets no bound")
+        return b
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={getattr(self, k):g}" for k in ("cos", "top1", "atol", "rtol")
+                        if getattr(self, k) is not None)
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class SearchData:
+    """Samples the passes see, samples the budget is measured on, and how they were made."""
+
+    calibration: CalibrationData | None
+    heldout: list[dict[str, np.ndarray]]
+    synthetic: bool
+    prune_samples: int | None
+    note: str
+
+
+def _samples(feed: Mapping[str, np.ndarray]) -> int:
+    arr = next(iter(feed.values()))
+    return int(arr.shape[0]) if arr.ndim else 1
+
+
+def split_calibration(calib: CalibrationData) -> tuple[CalibrationData, list[dict[str, np.ndarray]], int]:
+    """First samples for pruning, the last :data:`HOLDOUT` share for the budget.
+
+    Returns:
+        ``(prune, heldout, prune_samples)``.
+
+    Raises:
+        OnnxPruneError: fewer than two samples (nothing to hold out).
+    """
+    feeds = calib.feeds
+    total = sum(_samples(f) for f in feeds)
+    if total < 2:
+        raise OnnxPruneError(f"{calib.source}: {total} calibration sample(s); the search needs at least 2 "
+                             "(some to prune with, some held out to measure the budget)")
+    if len(feeds) >= 2:
+        hold = max(1, round(len(feeds) * HOLDOUT))
+        prune, held = feeds[:-hold], feeds[-hold:]
+        n = sum(_samples(f) for f in prune)
+        return CalibrationData(prune, calib.source), held, n
+    only = feeds[0]
+    n = total - max(1, round(total * HOLDOUT))
+    prune = {k: v[:n] for k, v in only.items()}
+    held = {k: v[n:] for k, v in only.items()}
+    return CalibrationData([prune], calib.source), [held], n
+
+
+def search_data(model: Model, calibration: Any = None, calibration_batch: int | None = None,
+                dims: Mapping[str, int] | None = None, seed: int = 0) -> SearchData:
+    """Split real calibration data, or synthesise inputs from the graph (module docstring)."""
+    if calibration is not None:
+        calib = calibration if isinstance(calibration, CalibrationData) else \
+            CalibrationData.from_any(calibration, model, batch_size=calibration_batch)
+        prune, held, n = split_calibration(calib)
+        total = n + sum(_samples(f) for f in held)
+        return SearchData(prune, held, False, n,
+                          f"budget measured on {total - n} held-out sample(s) of {calib.source}; "
+                          f"passes calibrated on the first {n}")
+    session = make_session(model)
+    feeds = []
+    for i in range(sum(SYNTH_BATCHES)):
+        feed, _ = synthesize_feeds(session, model, dims, seed + i)
+        feeds.append(feed)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds[0].items())
+    return SearchData(None, feeds[SYNTH_BATCHES[0]:], True, None,
+                      f"RANDOM INPUTS: no --calib given, so the budget was measured on {SYNTH_BATCHES[1]} "
+                      f"synthesised batch(es) ({shapes}) -- weaker than a budget on real data")
+
+
+# ---------------------------------------------------------------------- scoring
+def logit_like(a: np.ndarray) -> bool:
+    """A float ``[rows, classes]`` output with more than one class (argmax agreement means something)."""
+    return a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1
+
+
+@dataclass
+class Score:
+    """Budget measures per output (worst over held-out batches) and whether they keep the budget."""
+
+    per_output: dict[str, dict[str, float]]
+    keeps: bool
+    failures: list[str]
+
+    @property
+    def min_cos(self) -> float | None:
+        """Lowest output cosine."""
+        vals = [d["cos"] for d in self.per_output.values() if "cos" in d]
+        return min(vals) if vals else None
+
+    @property
+    def min_top1(self) -> float | None:
+        """Lowest top-1 agreement of the logit-like outputs."""
+        vals = [d["top1"] for d in self.per_output.values() if "top1" in d]
+        return min(vals) if vals else None
+
+
+def _sample_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64 = a.astype(np.float64).reshape(a.shape[0] if a.ndim else 1, -1)
+    b64 = b.astype(np.float64).reshape(a64.shape)
+    num = (a64 * b64).sum(axis=1)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    both_zero = (np.linalg.norm(a64, axis=1) == 0) & (np.linalg.norm(b64, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(both_zero, 1.0, 0.0))
+    return cos
+
+
+class Scorer:
+    """Runs candidates on the held-out samples and compares them with the input model's outputs."""
+
+    def __init__(self, reference: Model, heldout: list[dict[str, np.ndarray]], budget: Budget) -> None:
+        self.budget = budget
+        self.heldout = heldout
+        session = make_session(reference)
+        self.names = [o.name for o in session.get_outputs()]
+        self.reference = [dict(zip(self.names, session.run(None, f))) for f in heldout]
+
+    def score(self, model: Model) -> Score:
+        """Measure ``model`` against the budget (an ONNX Runtime failure keeps no budget)."""
+        try:
+            session = make_session(model)
+            got = [dict(zip([o.name for o in session.get_outputs()], session.run(None, f))) for f in self.heldout]
+        except Exception as exc:  # a candidate that ONNX Runtime refuses is simply not kept
+            msg = " ".join(str(exc).split())[:300]
+            return Score({}, False, [f"ONNX Runtime: {msg}"])
+        per: dict[str, dict[str, float]] = {}
+        failures: list[str] = []
+        for name in self.names:
+            cosines, agree, rows, max_abs, max_rel = [], 0, 0, 0.0, 0.0
+            for ref, out in zip(self.reference, got):
+                a, b = np.asarray(ref[name]), np.asarray(out.get(name))
+                if b is None or a.shape != b.shape:
+                    failures.append(f"{name}: shape {list(a.shape)} -> {None if b is None else list(b.shape)}")
+                    break
+                if a.dtype.kind not in "fc":
+                    if not np.array_equal(a, b):
+                        cosines.append(np.array([0.0]))
+                    continue
+                if not np.isfinite(b[np.isfinite(a)]).all():
+                    failures.append(f"{name}: NaN/Inf where the input model is finite")
+                    break
+                cosines.append(_sample_cosines(a, b))
+                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                if diff.size:
+                    max_abs = max(max_abs, float(np.nanmax(diff)))
+                    scale = float(np.nanmax(np.abs(a))) or 1.0
+                    max_rel = max(max_rel, max_abs / scale)
+                if logit_like(a):
+                    agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+                    rows += int(a.shape[0])
+            d: dict[str, float] = {"max_abs": max_abs, "max_rel": max_rel}
+            if cosines:
+                d["cos"] = float(np.concatenate(cosines).mean())
+            if rows:
+                d["top1"] = agree / rows
+            per[name] = d
+            bud = self.budget
+            if bud.cos is not None and "cos" in d and d["cos"] < bud.cos:
+                failures.append(f"{name}: cos {d['cos']:.4f} < {bud.cos:g}")
+            if bud.top1 is not None and "top1" in d and d["top1"] < bud.top1:
+                failures.append(f"{name}: top1 {d['top1']:.4f} < {bud.top1:g}")
+            if bud.atol is not None and max_abs > bud.atol:
+                failures.append(f"{name}: max abs {max_abs:.3g} > {bud.atol:g}")
+            if bud.rtol is not None and max_rel > bud.rtol:
+                failures.append(f"{name}: max rel {max_rel:.3g} > {bud.rtol:g}")
+        return Score(per, not failures, failures)
+
+
+# ---------------------------------------------------------------------- candidates and specs
+@dataclass
+class Candidate:
+    """One model the search built and measured."""
+
+    label: str
+    spec: str
+    keeps: bool
+    min_cos: float | None = None
+    min_top1: float | None = None
+    failures: list[str] = field(default_factory=list)
+    parameters: int | None = None
+    modified: bool = True
+    seconds: float = 0.0
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    speedup: float | None = None
+    note: str = ""
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    s = str(v)
+    return f"'{s}'" if re.search(r"[,()=\s'\"]", s) else s
+
+
+def format_spec(items: Iterable[tuple[str, Mapping[str, Any]]]) -> str:
+    """``[("ffn", {"ratio": 0.25})]`` -> ``"ffn(ratio=0.25)"`` (the ``--passes`` syntax)."""
+    out = []
+    for name, opts in items:
+        args = ",".join(f"{k}={_fmt_value(v)}" for k, v in opts.items())
+        out.append(f"{name}({args})" if args else name)
+    return ",".join(out)
+
+
+def kind_options(kind: str, calibrated: bool) -> dict[str, Any]:
+    """The best criterion and compensation a structural pass offers, given whether data is real.
+
+    With calibration data: re-fit of the consumer (``reconstruct``) where the pass has it, else bias
+    compensation (``compensate``), and the calibration-aware ``weighted`` criterion where offered.
+    Without: the pass's data-free defaults. Kept widths are rounded to :data:`ROUND_TO` where
+    the pass offers ``round_to``.
+    """
+    specs = {s.name: s for s in option_specs(get_pass(kind).Options)}
+    opts: dict[str, Any] = {"round_to": ROUND_TO} if "round_to" in specs else {}
+    if not calibrated:
+        return opts
+    crit = specs.get("criterion")
+    if crit is not None and crit.choices:
+        for best in ("weighted", "activation"):
+            if best in crit.choices:
+                opts["criterion"] = best
+                break
+    if "reconstruct" in specs:
+        opts["reconstruct"] = True
+    elif "compensate" in specs:
+        opts["compensate"] = True
+    return opts
+
+
+# ---------------------------------------------------------------------- the search
+@dataclass
+class AutoReport:
+    """Everything :func:`auto` tried and why the winner won."""
+
+    target: str
+    budget: str
+    data_note: str
+    synthetic: bool
+    candidates: list[Candidate]
+    winner: Candidate
+    reason: str
+    reproduce: str
+    prune_samples: int | None
+    seconds: float
+    input_parameters: int
+    input_latency_ms: float | None = None
+    stopped_early: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["winner"] = asdict(self.winner)
+        return d
+
+    def format(self) -> str:
+        """Terminal report: the data line first, then one row per candidate, then the verdict."""
+        lines = [self.data_note, f"target {self.target}, budget {self.budget} per output"
+                 + (" (search stopped at the time limit)" if self.stopped_early else ""), ""]
+        head = f"{'candidate':<22} {'keeps':>5} {'min cos':>8} {'top1':>6} {'params':>12} {'ms':>9} {'speedup':>7}"
+        lines += [head, "-" * len(head)]
+        for c in self.candidates:
+            keeps = ("yes" if c.keeps else "no") if c.modified or c.label == "cleanup" else "n/a"
+            lines.append(
+                f"{c.label[:22]:<22} {keeps:>5} "
+                f"{(f'{c.min_cos:.4f}' if c.min_cos is not None else '-'):>8} "
+                f"{(f'{c.min_top1:.3f}' if c.min_top1 is not None else '-'):>6} "
+                f"{(f'{c.parameters:,}' if c.parameters is not None else '-'):>12} "
+                f"{(f'{c.latency_ms:.2f}' if c.latency_ms is not None else '-'):>9} "
+                f"{(f'{c.speedup:.2f}x' if c.speedup is not None else '-'):>7}"
+                + (f"  {c.note}" if c.note else ""))
+        lines += ["", f"chosen: {self.winner.label} -- {self.reason}", f"reproduce: {self.reproduce}"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class AutoResult:
+    """The chosen model, the search report, and the spec that reproduces the model."""
+
+    model: Model
+    report: AutoReport
+    spec: str
+    pipeline_report: Any = None  # the onnxprune.report.Report of the final (reproducing) run
+
+
+class _Search:
+    """State of one search: the data, the scorer, the clock and the candidates so far."""
+
+    def __init__(self, model: Model, data: SearchData, budget: Budget, deadline: float | None,
+                 log: Callable[[str], None]) -> None:
+        self.model = model
+        self.data = data
+        self.scorer = Scorer(model, data.heldout, budget)
+        self.deadline = deadline
+        self.log = log
+        self.candidates: list[Candidate] = []
+        self.models: dict[str, Model] = {}
+        self.stopped = False
+
+    def out_of_time(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.stopped = True
+        return self.stopped
+
+    def build(self, base: Model, items: list[tuple[str, dict[str, Any]]], label: str) -> Candidate:
+        """Run ``items`` on ``base`` (no per-pass verification: the scorer runs the result) and score it."""
+        from onnxprune.api import optimize  # function-local: api imports the pipeline
+
+        spec = format_spec(items)
+        t0 = time.perf_counter()
+        try:
+            res = optimize(base, spec, calibration=self.data.calibration, verify=False)
+        except OnnxPruneError as exc:
+            cand = Candidate(label, spec, False, failures=[str(exc)], modified=False,
+                             seconds=time.perf_counter() - t0)
+            self.candidates.append(cand)
+            self.log(f"  {label}: failed ({exc})")
+            return cand
+        modified = any(r.modified for r in res.report.passes)
+        score = self.scorer.score(res.model)
+        cand = Candidate(label, spec, score.keeps, score.min_cos, score.min_top1, score.failures,
+                         count_parameters(res.model), modified, time.perf_counter() - t0)
+        self.candidates.append(cand)
+        self.models[spec] = res.model
+        cos = f"{cand.min_cos:.4f}" if cand.min_cos is not None else "-"
+        self.log(f"  {label}: {'keeps' if cand.keeps else 'breaks'} the budget (min cos {cos}, "
+                 f"{cand.parameters:,} params, {cand.seconds:.1f} s)")
+        return cand
+
+    def bisect(self, base: Model, kind: str, calibrated: bool) -> tuple[float, Candidate | None]:
+        """Largest ratio of ``kind`` that keeps the budget (0.0 and None when none does)."""
+        opts = kind_options(kind, calibrated)
+        lo, hi = 0.0, MAX_RATIO[kind]
+        best: Candidate | None = None
+        ratio = hi / 2
+        for step in range(BISECT_STEPS):
+            if self.out_of_time():
+                break
+            cand = self.build(base, [(kind, {"ratio": round(ratio, 4), **opts})], f"{kind} {ratio:.3f}")
+            if not cand.modified:
+                cand.note = "nothing of this kind removed"
+                if step == 0:
+                    return 0.0, None
+                lo = ratio  # too small a ratio to remove a unit: safe, look higher
+            elif cand.keeps:
+                lo, best = ratio, cand
+            else:
+                hi = ratio
+            ratio = (lo + hi) / 2
+        return lo, best
+
+
+def _bench(models: list[Model], feeds: Mapping[str, np.ndarray], threads: int | None,
+           max_seconds: float) -> list[Any]:
+    from onnxprune.bench import measure
+
+    return measure(models, feeds, threads=threads, warmup=3, runs=15, max_seconds=max_seconds)
+
+
+def _tensorrt_weights(model: Model, tokens: int) -> tuple[list[str], list[str]]:
+    """Weights TensorRT could run 2:4 whose measured gain at ``tokens`` pays; and notes on the rest."""
+    from onnxprune.analysis.weights import find_weights
+    from onnxprune.tensorrt.benefit import MIN_GAIN, sparse_gain
+    from onnxprune.tensorrt.eligibility import weight_sparse_reasons
+
+    chosen, notes = [], []
+    for info in find_weights(model):
+        if info.k_axis is None or info.n_axis is None or weight_sparse_reasons(info):
+            continue
+        k, n = int(info.k), int(info.shape[info.n_axis])
+        g = sparse_gain(k, n, tokens)
+        if g >= MIN_GAIN:
+            chosen.append(info.name)
+        else:
+            notes.append(f"{info.name} ({k}x{n}): measured 2:4 gain {g:.2f}x at {tokens} tokens, left dense")
+    return chosen, notes
+
+
+def auto(
+    model: Model,
+    *,
+    calibration: Any = None,
+    calibration_batch: int | None = None,
+    budget: str | Budget | None = None,
+    target: str = "ort-cpu",
+    time_limit: float | None = None,
+    threads: int | None = None,
+    tokens: int = 512,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> AutoResult:
+    """Search for the fastest model that keeps ``budget`` (module docstring).
+
+    Args:
+        model: The input model (left unchanged).
+        calibration: ``.npz`` path, feed dicts or ``CalibrationData``; None synthesises inputs.
+        calibration_batch: Samples per batch when slicing an ``.npz``.
+        budget: ``"cos=0.99,top1=0.99"`` (the default) or a :class:`Budget`.
+        target: ``"ort-cpu"`` (measured latency decides) or ``"tensorrt"``.
+        time_limit: Seconds after which the search stops with the best model so far.
+        threads: ONNX Runtime intra-op threads for the latency measurement.
+        tokens: ``tensorrt``: rows per GEMM (batch x sequence) for the 2:4 benefit table.
+        dims: Values of dynamic dims for synthesised inputs.
+        seed: Seed of synthesised inputs.
+        log: Called with one progress line at a time (None: silent).
+
+    Returns:
+        The chosen model, the report, and the reproducing spec.
+
+    Raises:
+        OnnxPruneError: bad budget, target or data; the input does not run.
+    """
+    from onnxprune.api import optimize
+
+    if target not in TARGETS:
+        raise OnnxPruneError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if time_limit is not None and not time_limit > 0:
+        raise OnnxPruneError(f"time limit must be > 0 seconds, got {time_limit}")
+    bud = Budget.parse(budget)
+    say = log or (lambda _msg: None)
+    t_start = time.monotonic()
+    deadline = t_start + time_limit if time_limit else None
+    data = search_data(model, calibration, calibration_batch, dims, seed)
+    say(data.note)
+    search = _Search(model, data, bud, deadline, say)
+    calibrated = not data.synthetic
+
+    say("cleanup")
+    clean = search.build(model, [("cleanup", {})], "cleanup")
+    if not clean.keeps:
+        raise OnnxPruneError("the cleaned model does not keep the budget on the held-out inputs: "
+                             + "; ".join(clean.failures[:3]))
+    base = search.models[clean.spec]
+    best_ratio: dict[str, float] = {}
+    for kind in KINDS:
+        if search.out_of_time():
+            break
+        say(f"searching {kind} ratio")
+        ratio, cand = search.bisect(base, kind, calibrated)
+        if cand is not None:
+            best_ratio[kind] = ratio
+    combo: Candidate | None = None
+    if len(best_ratio) >= 2:
+        scale = 1.0
+        while scale > 0.2 and not search.out_of_time():
+            items = [(k, {"ratio": round(r * scale, 4), **kind_options(k, calibrated)}) for k, r in best_ratio.items()]
+            label = "+".join(f"{k} {r * scale:.3f}" for k, r in best_ratio.items())
+            say(f"combining {label}")
+            cand = search.build(base, items, label)
+            if cand.keeps:
+                combo = cand
+                break
+            scale *= BACKOFF
+    structural = [c for c in search.candidates if c.keeps and c.modified and c is not clean]
+
+    if target == "tensorrt":
+        return _finish_tensorrt(search, model, clean, structural, bud, tokens, t_start, optimize)
+
+    warnings: list[str] = []
+    input_ms = None
+    winner, reason = clean, "no candidate that keeps the budget is measurably faster than the cleaned input"
+    if structural:
+        pick = sorted(structural, key=lambda c: c.parameters or 0)[:6]  # the smallest few
+        say(f"timing {len(pick)} candidate(s) against the cleaned input on ONNX Runtime CPU")
+        timings = _bench([base] + [search.models[c.spec] for c in pick], data.heldout[0], threads,
+                         max_seconds=max(10.0, 4.0 * len(pick)))
+        clean.latency_ms, clean.latency_iqr_ms, clean.speedup = timings[0].median_ms, \
+            timings[0].q3_ms - timings[0].q1_ms, 1.0
+        input_ms = clean.latency_ms
+        for c, t in zip(pick, timings[1:]):
+            c.latency_ms, c.latency_iqr_ms = t.median_ms, t.q3_ms - t.q1_ms
+            c.speedup = timings[0].median_ms / t.median_ms if t.median_ms > 0 else None
+        fastest = max(pick, key=lambda c: c.speedup or 0.0)
+        if (fastest.speedup or 0.0) >= MIN_SPEEDUP:
+            winner = fastest
+            reason = (f"fastest candidate that keeps the budget: {fastest.speedup:.2f}x the cleaned input "
+                      f"({fastest.latency_ms:.2f} vs {clean.latency_ms:.2f} ms median)")
+        else:
+            reason = (f"nothing helped: the fastest candidate that keeps the budget ran {fastest.speedup:.2f}x "
+                      f"(under {MIN_SPEEDUP}x), so the cleaned model is returned")
+    elif not search.stopped:
+        reason = "nothing helped: no structural candidate kept the budget; the cleaned model is returned"
+    if combo is None and len(best_ratio) >= 2:
+        warnings.append("no combination of the kinds' best ratios kept the budget")
+    final_items_spec = winner.spec if winner is clean else f"cleanup,{winner.spec}"
+    return _final(search, model, final_items_spec, winner, reason, bud, "ort-cpu", t_start, input_ms,
+                  warnings, optimize)
+
+
+def _final(search: _Search, model: Model, spec: str, winner: Candidate, reason: str, bud: Budget, target: str,
+           t_start: float, input_ms: float | None, warnings: list[str], optimize: Any) -> AutoResult:
+    """Rebuild the winner from the input with full verification, re-score it, and report."""
+    data = search.data
+    res = optimize(model, spec, calibration=data.calibration, verify=True)
+    score = search.scorer.score(res.model)
+    if not score.keeps:  # the reproducible rebuild must keep the budget too, or it is not returned
+        raise OnnxPruneError(f"internal: the rebuilt winner {spec!r} breaks the budget: {'; '.join(score.failures)}")
+    # the cleanup no-op note is noise here (the search always starts with cleanup); the JSON keeps it
+    warnings = list(warnings) + [w for w in res.report.warnings if not w.startswith("cleanup: ")]
+    repro = f"onnxprune optimize MODEL.onnx --passes \"{spec}\""
+    if data.calibration is not None:
+        repro += f" --calib DATA --calib-limit {data.prune_samples}"
+        if len(data.calibration.feeds) > 1:
+            repro += f" --calib-batch {_samples(data.calibration.feeds[0])}"
+    report = AutoReport(target, str(bud), data.note, data.synthetic, search.candidates, winner, reason, repro,
+                        data.prune_samples, time.monotonic() - t_start, count_parameters(model), input_ms,
+                        search.stopped, warnings)
+    return AutoResult(res.model, report, spec, res.report)
+
+
+def _finish_tensorrt(search: _Search, model: Model, clean: Candidate, structural: list[Candidate], bud: Budget,
+                     tokens: int, t_start: float, optimize: Any) -> AutoResult:
+    """tensorrt target: the smallest structural candidate, then 2:4 where it pays, then fp16, then the engine."""
+    items = clean.spec
+    chosen = min(structural, key=lambda c: c.parameters or 0) if structural else clean
+    if chosen is not clean:
+        items = f"cleanup,{chosen.spec}"
+    base = search.models[chosen.spec]
+    warnings: list[str] = []
+    weights, notes = _tensorrt_weights(base, tokens)
+    if notes:
+        warnings.append(f"{len(notes)} weight(s) left dense: the measured 2:4 gain at {tokens} tokens is too small "
+                        f"(e.g. {notes[0]})")
+    reason = f"largest structural reduction that keeps the budget ({chosen.label})"
+    if weights and not search.out_of_time():
+        include = "^(" + "|".join(re.escape(w) for w in weights) + ")$"
+        crits = ["magnitude"] + (["sparsegpt"] if search.data.calibration is not None else [])
+        for crit in crits:
+            nm_items = [("nm", {"n": 2, "m": 4, "criterion": crit, "include": include})]
+            cand = search.build(base, nm_items, f"2:4 {crit} ({len(weights)} w)")
+            if cand.keeps:
+                items += "," + cand.spec
+                base = search.models[cand.spec]
+                reason += f", then 2:4 on {len(weights)} weight(s) whose measured gain pays"
+                break
+        else:
+            warnings.append("2:4 on the weights where it pays breaks the budget; left dense")
+    fp = search.build(base, [("fp16", {})], "fp16")
+    if fp.keeps:
+        items += ",fp16"
+        reason += ", then fp16"
+    else:
+        warnings.append("fp16 breaks the budget: " + "; ".join(fp.failures[:2]))
+    winner = Candidate("tensorrt", items, True, chosen.min_cos, chosen.min_top1, parameters=chosen.parameters)
+    return _final(search, model, items, winner, reason, bud, "tensorrt", t_start, None, warnings, optimize)
+
+
+def print_log(line: str) -> None:
+    """Default progress printer: one line on stderr."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,8 +1,12 @@
 """Pass ``tensorrt``: build a TensorRT engine with sparse weights allowed and report what ran sparse.
 
-The pass does not change the model (``modified=False``). It writes the current model to a
-temporary ONNX file and builds a serialized engine through the ``tensorrt`` Python API
-(TensorRT 10 and 11):
+The pass does not change the model (``modified=False``) unless ``gemm_form=true``: then it
+first rewrites every constant-weight MatMul into the 2-D ``Gemm(transB=1)`` form between
+Reshapes (:mod:`onnxprune.tensorrt.gemm_form`; equal outputs to float rounding, dynamic axes
+kept), and that model is what is built and saved. Whether the Gemm form helps TensorRT pick 2:4
+tactics is version-dependent and not measured here; the README says what the sources say.
+It writes the current model to a temporary ONNX file and builds a serialized engine through the
+``tensorrt`` Python API (TensorRT 10 and 11):
 
 1. ``Builder`` with a capturing ``ILogger``; ``create_network`` with ``STRONGLY_TYPED`` where the
    flag exists (TensorRT 10.x; TensorRT 11 networks are always strongly typed, so the ONNX types
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
 from onnxprune.tensorrt.eligibility import inspect_tensorrt
 from onnxprune.tensorrt.engine import build_engine, import_tensorrt, missing_message
+from onnxprune.tensorrt.gemm_form import apply_gemm_form
 from onnxprune.tensorrt.trtexec import (
     BuildSettings,
     derive_profile,
@@ -68,6 +74,8 @@ class TensorRTOptions:
     timing_cache: str = field(default="", metadata={"help": "timing cache file (read if present, then written)"})
     emit_trtexec: bool = field(default=False, metadata={
         "help": "record the equivalent trtexec command; without TensorRT warn instead of failing"})
+    gemm_form: bool = field(default=False, metadata={
+        "help": "rewrite constant-weight MatMuls as Reshape > Gemm(transB=1) > Reshape first (changes the model)"})
 
     def validate(self) -> None:
         """Check the shapes syntax early."""
@@ -110,7 +118,7 @@ class TensorRTPass(Pass):
     name = "tensorrt"
     description = "build a TensorRT engine with sparse weights allowed; report eligible and sparse layers"
     Options = TensorRTOptions
-    preserves = ("weights",)
+    preserves = ()  # only gemm_form modifies the model, and it moves weights and nodes
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         """Build the engine; the model is left unchanged."""
@@ -118,6 +126,12 @@ class TensorRTPass(Pass):
         settings = build_settings(opts, model, ctx)
         command = trtexec_command(settings)
         stats: dict[str, Any] = {"trtexec": command}
+        modified = False
+        if opts.gemm_form:
+            gf = apply_gemm_form(model)
+            gf["skipped"] = dict(Counter(gf["skipped"].values()))  # reason -> count
+            stats["gemm_form"] = gf
+            modified = gf["rewritten"] > 0
         try:
             data = inspect_tensorrt(model)
             summary = data["summary"]
@@ -135,7 +149,7 @@ class TensorRTPass(Pass):
             if opts.emit_trtexec:
                 ctx.warn(f"tensorrt: no engine built (tensorrt not importable: {exc}); command: {command}")
                 stats["built"] = False
-                return PassResult(model, False, stats)
+                return PassResult(model, modified, stats)
             raise PassError(missing_message(f"the tensorrt Python package is not importable ({exc})", command)) from None
         try:
             with tempfile.TemporaryDirectory(prefix="onnxprune-trt-") as tmp:
@@ -146,10 +160,10 @@ class TensorRTPass(Pass):
             if opts.emit_trtexec:
                 ctx.warn(f"{exc}; command: {command}")
                 stats["built"] = False
-                return PassResult(model, False, stats)
+                return PassResult(model, modified, stats)
             raise PassError(missing_message(str(exc).removeprefix("tensorrt: "), command)) from None
         stats["built"] = True
-        return PassResult(model, False, stats)
+        return PassResult(model, modified, stats)
 
 
 def trtexec_for(model: Model, onnx_path: str | os.PathLike[str], passes: Any = ()) -> str:

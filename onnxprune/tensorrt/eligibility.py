@@ -3,7 +3,10 @@
 For every Conv / ConvTranspose / MatMul / Gemm node the report gives its constant weight (found by
 :mod:`onnxprune.analysis.weights`), the weight's shape and dtype, the compute dtype (the node's
 inferred output type), ``K`` (reduction length) and ``N``, whether the weight is 2:4 along K, and
-whether TensorRT could pick a sparse kernel for it. TensorRT's rules (see docs/FACTS):
+whether TensorRT could pick a sparse kernel for it. ``form`` is the op TensorRT's ONNX parser
+sees (``MatMul``, ``Gemm``, ``Conv``, ``ConvTranspose``); ``summary["forms"]`` counts them and
+``summary["gemm_form_candidates"]`` the constant-weight MatMuls that ``tensorrt(gemm_form=true)``
+would rewrite as ``Gemm`` (:mod:`onnxprune.tensorrt.gemm_form`). TensorRT's rules (see docs/FACTS):
 
 * a constant weight (a MatMul of two activations, e.g. attention scores, never runs sparse);
 * Convolution weights ``[N, C, kh, kw]`` 2:4 along C with ``C % 4 == 0`` and ``group == 1``
@@ -30,6 +33,7 @@ Preconditions: the model passed the checker. Weight values are read only for the
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,8 +51,9 @@ from onnxprune.analysis.weights import (
 from onnxprune.criteria.masks import is_nm
 from onnxprune.errors import PipelineError, Reason
 from onnxprune.fmt import shorten
-from onnxprune.ir.graph import attr, make_shell
+from onnxprune.ir.graph import attr
 from onnxprune.ir.model import Model
+from onnxprune.tensorrt.gemm_form import infer_shapes_types, plan_gemm_form
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +77,6 @@ def _dtype_name(elem_type: int) -> str:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
     except (KeyError, TypeError, ValueError):
         return onnx.TensorProto.DataType.Name(elem_type).lower()
-
-
-def _infer(model: Model) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
-    """Shapes (ints, dim names or None) and element types of the main graph's tensors."""
-    shell = make_shell(model.proto)
-    del shell.graph.value_info[:]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(shell, strict_mode=False, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort here
-        log.debug("shape inference failed: %s", exc)
-        inferred = shell
-    shapes: dict[str, list[int | str | None]] = {}
-    types: dict[str, int] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            continue
-        if tt.elem_type:
-            types[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                               for d in tt.shape.dim]
-    for t in model.graph.initializer:
-        shapes[t.name] = [int(d) for d in t.dims]
-        types[t.name] = t.data_type
-    return shapes, types
 
 
 def _resolve(shape: list[int | str | None] | None, dims: Mapping[str, int]) -> tuple[int | None, list[str]]:
@@ -148,7 +126,9 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         ``nm_24``, ``eligible`` (bool), ``reasons`` (why not), ``notes`` and ``flops``.
     """
     dims = dict(dims or {})
-    shapes, types = _infer(model)
+    shapes, types = infer_shapes_types(model)
+    gemm_plan = plan_gemm_form(model, shapes, types)
+    to_gemm = {c.node for c in gemm_plan.candidates}
     by_node: dict[str, list[WeightInfo]] = {}
     for info in find_weights(model):
         for lbl in info.nodes:
@@ -183,7 +163,8 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         reasons: list[str] = []
         codes: list[str] = []
         notes: list[str] = []
-        entry: dict[str, Any] = {"node": lbl, "op_type": node.op_type, "weight": None, "weight_shape": None,
+        entry: dict[str, Any] = {"node": lbl, "op_type": node.op_type, "form": node.op_type, "weight": None,
+                                 "weight_shape": None,
                                  "weight_dtype": None, "compute_dtype": compute, "K": None, "N": None,
                                  "group": int(attr(node, "group", 1)), "nm_24": None}
         k_len: int | None = None
@@ -223,6 +204,8 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
             if info.name not in nm_cache:
                 nm_cache[info.name] = _is_24(model, info) if info.k_axis is not None else None
             entry["nm_24"] = nm_cache[info.name]
+            if lbl in to_gemm:
+                notes.append("tensorrt(gemm_form=true) rewrites it as Gemm(transB=1)")
             entry["small"] = is_small(info)
             if entry["small"]:
                 notes.append("small: K*N < 4096*4096, sparse kernels rarely beat dense here")
@@ -262,6 +245,8 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         "eligible_flops": elig,
         "eligible_flops_share": (elig / total) if total else 0.0,
         "structural_flops_share": (struct / total) if total else 0.0,
+        "forms": dict(sorted(Counter(e["form"] for e in layers).items())),
+        "gemm_form_candidates": len(gemm_plan.candidates),
     }
     return {"layers": layers, "summary": summary, "notes": notes}
 
@@ -273,9 +258,14 @@ def format_tensorrt(data: dict[str, Any]) -> str:
     lines = [f"TensorRT sparse tensor cores: {s['eligible']} of {s['layers']} GEMM-like layers eligible "
              f"({s['eligible_flops_share']:.1%} of FLOPs; {s['structurally_eligible']} would be with 2:4 weights, "
              f"{s['structural_flops_share']:.1%} of FLOPs; {s['small_eligible']} eligible but small)"]
+    forms = s.get("forms") or {}
+    if forms:
+        lines.append("layer forms (what TensorRT's ONNX parser sees): " + ", ".join(f"{v} {k}" for k, v in forms.items())
+                     + (f"; tensorrt(gemm_form=true) would rewrite {s['gemm_form_candidates']} constant-weight MatMul(s) "
+                        "as Gemm" if s.get("gemm_form_candidates") else ""))
     if not data["layers"]:
-        return lines[0]
-    head = f"{'node':<46} {'op':<8} {'weight shape':<16} {'dtype':<9} {'K':>6} {'N':>6} {'2:4':<4} {'sparse':<7} why / notes"
+        return "\n".join(lines)
+    head = f"{'node':<46} {'form':<8} {'weight shape':<16} {'dtype':<9} {'K':>6} {'N':>6} {'2:4':<4} {'sparse':<7} why / notes"
     lines += [head, "-" * len(head)]
     for e in data["layers"]:
         nm = "-" if e["nm_24"] is None else ("yes" if e["nm_24"] else "no")
@@ -283,7 +273,7 @@ def format_tensorrt(data: dict[str, Any]) -> str:
         n = "-" if e["N"] is None else str(e["N"])
         why = "; ".join(e["reasons"] + e["notes"])
         dtype = (e["compute_dtype"] or "?")[:9]
-        lines.append(f"{shorten(e['node'], 46):<46} {e['op_type']:<8} {str(e['weight_shape'] or '-'):<16} "
+        lines.append(f"{shorten(e['node'], 46):<46} {e.get('form', e['op_type']):<8} {str(e['weight_shape'] or '-'):<16} "
                      f"{dtype:<9} {k:>6} {n:>6} {nm:<4} {'YES' if e['eligible'] else 'no':<7} {why}".rstrip())
     for note in data.get("notes", []):
         lines.append(f"note: {note}")

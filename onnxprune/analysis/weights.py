@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.fmt import shorten
+from onnxprune.fmt import Footnotes, shorten
 from onnxprune.ir.constants import hoist_constants, is_constant_node
 from onnxprune.ir.graph import attr, graph_outer_reads, node_subgraphs
 from onnxprune.ir.model import Model
@@ -525,6 +525,38 @@ def subgraph_skip_reason(label: str) -> str:
     return f"read inside an {SUBGRAPH_OPS_TEXT} body (node {label}); subgraphs are not pruned"
 
 
+def weight_nodes(model: Model) -> dict[str, str]:
+    """The node a user knows each initializer by: initializer name -> consuming node's name.
+
+    Exported graphs name weights after nothing (``onnx::MatMul_922``) but name the nodes after
+    the module (``/encoder/layer.3/intermediate/dense/MatMul``). A Conv/MatMul/Gemm weight maps
+    to its (first) weight op, also through Transpose/Cast/DequantizeLinear chains
+    (:func:`find_weights`); any other initializer to the first node that reads it directly.
+    Nodes without a name are ``op_type#index``. Initializers nobody reads are absent.
+    """
+    out = {w.name: w.nodes[0] for w in find_weights(model) if w.nodes}
+    inits = model.initializer_map()
+    for idx, node in enumerate(model.graph.node):
+        for x in node.input:
+            if x in inits and x not in out:
+                out[x] = node_label(node, idx)
+    return out
+
+
+def weight_label(name: str, node: str | None) -> str:
+    """A weight as a user reads it: ``node (initializer)``, or the initializer alone when its name
+    already starts with the node's name (``layer0.q.weight`` of node ``layer0.q``) or has no node."""
+    if not node or node == name or name.startswith(node):
+        return name
+    return f"{node} ({name})"
+
+
+def weight_labels(model: Model, names: Any) -> dict[str, str]:
+    """:func:`weight_label` for each of ``names`` (an iterable of initializer names), in order."""
+    nodes = weight_nodes(model)
+    return {n: weight_label(n, nodes.get(n)) for n in names}
+
+
 def weight_map(model: Model) -> dict[str, WeightInfo]:
     """:func:`find_weights` as a dict keyed by initializer name."""
     return {w.name: w for w in find_weights(model)}
@@ -579,10 +611,13 @@ def inspect_weights(model: Model) -> list[dict[str, Any]]:
 
 
 def format_weights(data: list[dict[str, Any]]) -> str:
-    """Text table of :func:`inspect_weights`."""
+    """Text table of :func:`inspect_weights`: the consuming node first, then the initializer; long
+    notes (a skip reason, an axis conflict) are footnoted once below the table."""
     if not data:
         return "prunable weights: none (no Conv/ConvTranspose/MatMul/Gemm with a constant weight)"
-    head = f"{'weight':<44} {'op':<13} {'shape':<18} {'dtype':<8} {'K ax':>4} {'N ax':>4} {'sparsity':>8}  note"
+    notes_fn = Footnotes()
+    head = (f"{'node':<52} {'initializer':<28} {'op':<13} {'shape':<18} {'dtype':<8} {'K ax':>4} {'N ax':>4} "
+            f"{'sparsity':>8}  note")
     lines = [f"prunable weights: {len(data)}", head, "-" * len(head)]
     for r in data:
         notes = []
@@ -590,15 +625,19 @@ def format_weights(data: list[dict[str, Any]]) -> str:
             notes.append("via " + ">".join(r["via"]))
         if r["group"] > 1:
             notes.append(f"group={r['group']}")
+        if len(r["nodes"]) > 1:
+            notes.append(f"{len(r['nodes'])} consumers")
         if r["conflict"]:
-            notes.append("CONFLICT: " + r["conflict"])
+            notes.append("CONFLICT: " + notes_fn.ref(r["conflict"]))
         if r["skip_reason"]:
-            notes.append("skip: " + r["skip_reason"])
+            notes.append("skip: " + notes_fn.ref(r["skip_reason"]))
         k = "-" if r["k_axis"] is None else str(r["k_axis"])
         n = "-" if r["n_axis"] is None else str(r["n_axis"])
-        lines.append(f"{shorten(r['name'], 44):<44} {r['op_type']:<13} {str(r['shape']):<18} {r['dtype']:<8} "
-                     f"{k:>4} {n:>4} {r['sparsity']:>8.2%}  {'; '.join(notes)}".rstrip())
-    return "\n".join(lines)
+        node = r["nodes"][0] if r["nodes"] else "-"
+        lines.append(f"{shorten(node, 52):<52} {shorten(r['name'], 28):<28} {r['op_type']:<13} "
+                     f"{str(r['shape']):<18} {r['dtype']:<8} {k:>4} {n:>4} {r['sparsity']:>8.2%}  "
+                     f"{'; '.join(notes)}".rstrip())
+    return "\n".join(lines + notes_fn.lines())
 
 
 def match_names(pattern: str | None, info: WeightInfo) -> bool:

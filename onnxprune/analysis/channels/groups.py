@@ -33,6 +33,7 @@ the model computes.
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -40,6 +41,7 @@ from onnxprune.analysis.channels.prepare import infer_shapes, prepare
 from onnxprune.analysis.channels.state import Analysis, Restart
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, ShapeEdit
 from onnxprune.analysis.rules import lookup
+from onnxprune.fmt import Footnotes, shorten
 from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
 
@@ -178,16 +180,35 @@ def inspect_groups(model: Model, allow_approximate: bool = False) -> dict[str, A
     return {"groups": rows, "total": len(rows), "prunable": sum(r["prunable"] for r in rows)}
 
 
+def _common_prefix(names: list[str]) -> str:
+    """The longest prefix up to a ``/`` that every name shares (``""`` for fewer than two names)."""
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    return prefix[:prefix.rfind("/") + 1]
+
+
 def format_groups(data: dict[str, Any]) -> str:
-    """A terminal table of :func:`inspect_groups` output."""
-    head = f"{'group':<32} {'width':>6}  {'members':<44} status"
-    lines = [f"channel groups: {data['total']} ({data['prunable']} prunable)", head, "-" * (len(head) + 20)]
-    for r in data["groups"]:
-        name = r["group"].removesuffix("_output_0")
-        name = name if len(name) <= 32 else name[:10] + "..." + name[-19:]
+    """A terminal table of :func:`inspect_groups` output.
+
+    Group names are never cut in the middle (where ``layer.3`` sits): the prefix all groups share
+    is printed once above the table and dropped from the rows, and what is left is shortened
+    from the left only; blocked reasons are footnoted once below the table.
+    """
+    names = [r["group"].removesuffix("_output_0").replace("_output_0[", "[") for r in data["groups"]]
+    prefix = _common_prefix(names)
+    width = min(max([len(n) - len(prefix) for n in names] + [5]), 64)
+    notes = Footnotes()
+    head = f"{'group':<{width}} {'width':>6}  {'members':<44} status"
+    lines = [f"channel groups: {data['total']} ({data['prunable']} prunable)"]
+    if prefix:
+        lines.append(f"(group names below start with {prefix})")
+    lines += [head, "-" * (len(head) + 20)]
+    for r, full in zip(data["groups"], names):
+        name = shorten(full[len(prefix):], width)
         mem = ", ".join(m.rsplit("/", 1)[-1] for m in r["members"][1:]) or r["group"]
         mem = mem if len(mem) <= 44 else mem[:41] + "..."
         status = "prunable" + (" (approximate)" if r["approximate"] else "") if r["prunable"] else \
-            f"blocked: {r['reason']}"
-        lines.append(f"{name:<32} {r['width']:>6}  {mem:<44} {status}")
-    return "\n".join(lines)
+            f"blocked: {notes.ref(r['reason'] or '?')}"
+        lines.append(f"{name:<{width}} {r['width']:>6}  {mem:<44} {status}")
+    return "\n".join(lines + notes.lines())

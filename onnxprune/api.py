@@ -8,6 +8,7 @@ ONNX Runtime CPU. The CLI calls exactly this function.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,13 @@ from typing import Any
 import numpy as np
 
 from onnxprune.analysis.calibration import CalibrationData
-from onnxprune.analysis.weights import is_weight_tensor, subgraph_initializers
+from onnxprune.analysis.weights import (
+    find_weights,
+    is_weight_tensor,
+    node_label,
+    subgraph_initializers,
+    weight_nodes,
+)
 from onnxprune.check import compare
 from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
@@ -52,6 +59,20 @@ def subgraph_weights(model: Model) -> list[str]:
     return sorted(names)
 
 
+def annotate_rows(rows: list[dict[str, Any]], model: Model) -> None:
+    """Add to each per-initializer row (``summarize(..., per_initializer=True)``), in place, what a
+    reader needs to recognise it: ``node`` (the consuming node's name, :func:`weight_nodes`),
+    ``order`` (that node's index in graph order, None if no node reads it) and ``weight`` (True for
+    a Conv / ConvTranspose / MatMul / Gemm weight, the layers passes prune)."""
+    nodes = weight_nodes(model)
+    index = {node_label(n, i): i for i, n in enumerate(model.graph.node)}
+    weights = {w.name for w in find_weights(model)}
+    for r in rows:
+        r["node"] = nodes.get(r["name"])
+        r["order"] = index.get(r["node"]) if r["node"] else None
+        r["weight"] = r["name"] in weights
+
+
 def optimize(
     model: Model,
     pipeline: str | Iterable[Pass] | Iterable[Mapping[str, Any]],
@@ -85,8 +106,8 @@ def optimize(
         verify: Run strict shape inference on the input first (refusing an inconsistent model up
             front), and the checker and shape inference after every modifying pass.
         input_path: Path to report as the input (defaults to ``model.path``).
-        per_layer: Put per-initializer rows (shape, size, non-zeros) into the before/after
-            summaries (for the HTML report's per-layer chart).
+        per_layer: Put per-initializer rows (shape, size, non-zeros, consuming node, graph order)
+            into the before/after summaries (JSON reports, the HTML report's per-layer chart).
 
     Returns:
         The optimised model and its report.
@@ -94,10 +115,13 @@ def optimize(
     Raises:
         OnnxPruneError: bad pipeline, bad calibration data, a pass that failed, a failed check.
     """
+    t_start = time.perf_counter()
     passes = parse_pipeline(pipeline)
     if verify:
         preflight(model, str(input_path or model.path or "the input model"))
     before = summarize(model, input_path or model.path, per_initializer=per_layer)
+    if per_layer:
+        annotate_rows(before.per_initializer, model)
     work = model if inplace else model.copy()
     ctx = PassContext(
         calibration=_calibration(calibration, model, calibration_batch),
@@ -114,6 +138,8 @@ def optimize(
             reference = model.copy()
     out, records = PassManager(passes, verify=verify, check_inputs=check_inputs, check_dims=check_dims).run(work, ctx)
     after = summarize(out, per_initializer=per_layer)
+    if per_layer:
+        annotate_rows(after.per_initializer, out)
     report = Report(before=before, after=after, passes=records,
                     input_path=str(input_path or model.path) if (input_path or model.path) else None)
     if before.nonfinite_weights:
@@ -130,4 +156,5 @@ def optimize(
                 f"handled): {', '.join(inner[:8])}{' ...' if len(inner) > 8 else ''}")
     if reference is not None:
         report.check = compare(reference, out, feeds=check_inputs, dims=check_dims)
+    report.wall_seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)

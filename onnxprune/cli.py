@@ -124,10 +124,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         model, passes, calibration=args.calib, calibration_batch=args.calib_batch, check=args.check,
         check_inputs=args.check_inputs, check_dims=dims, recipe_overrides=overrides, inplace=True,
         verify=not args.no_verify, input_path=inp, options={"output_path": str(out)},
-        per_layer=bool(args.report and str(args.report).lower().endswith((".html", ".htm"))),
+        per_layer=bool(args.report or args.json),  # JSON and HTML reports carry the per-weight rows
     )
     report = result.report
     if report.check and report.check.problems():  # changed shapes, NaN/Inf: whatever the tolerances
+        report.failures += [f"check failed: {problem}" for problem in report.check.problems()]
+        report.failures.append(f"{out} was not written")
         _emit_report(args, report)
         for problem in report.check.problems():
             print(f"error: check failed: {problem}", file=sys.stderr)
@@ -136,6 +138,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if report.check and (args.atol is not None or args.rtol is not None) and not report.check.within(args.atol,
                                                                                                    args.rtol):
         # a result outside the tolerance is not written (a build script must not pick it up)
+        report.failures.append(f"check exceeded tolerance (atol={args.atol}, rtol={args.rtol}): max abs "
+                               f"{max((o.max_abs for o in report.check.outputs), default=0.0):.3g}, max rel "
+                               f"{max((o.max_rel for o in report.check.outputs), default=0.0):.3g}; "
+                               f"{out} was not written")
         _emit_report(args, report)
         print(f"error: check exceeded tolerance (atol={args.atol}, rtol={args.rtol}); {out} was not written",
               file=sys.stderr)
@@ -155,13 +161,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _emit_report(args: argparse.Namespace, report: Any) -> None:
-    """Write ``--report`` and print the report (JSON with ``--json``, tables unless ``--quiet``)."""
+    """Write ``--report``, print the report (JSON with ``--json``, tables unless ``--quiet``) and the
+    report's path (on stderr with ``--json`` or when the run failed)."""
     if args.report:
         _write_report(Path(args.report), report)
     if args.json:
         print(report.to_json())
     elif not args.quiet:
         print(report.format())
+    if args.report and not args.quiet:  # stdout stays pure JSON with --json
+        print(f"wrote report {args.report}", file=sys.stderr if args.json or report.failures else sys.stdout)
 
 
 def _inspect_section(module: str, build: str, fmt: str, model: Any, json_mode: bool, *a: Any) -> Any:

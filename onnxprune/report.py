@@ -1,7 +1,7 @@
 """The optimisation report: what each pass did, what it cost and bought.
 
 A :class:`Report` holds the model summaries before and after, one record per pass (name,
-options, stats, seconds, modified), and the check result when one ran. It prints as terminal
+options, stats, seconds, modified), the check result when one ran, and why the run failed when it did. It prints as terminal
 tables and serialises to JSON (``--report report.json`` / ``--json``).
 """
 
@@ -28,6 +28,12 @@ class Report:
     output_path: str | None = None
     check: CheckResult | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Why the run failed (a check problem, a tolerance or gate exceeded); the output was then not
+    #: written. Empty for a successful run.
+    failures: list[str] = field(default_factory=list)
+    #: Wall time of the whole run (summaries, passes, verification between them, the check), or
+    #: None when unknown; :attr:`total_seconds` is the passes' share of it.
+    wall_seconds: float | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -43,8 +49,11 @@ class Report:
             "after": self.after.to_dict(),
             "passes": [asdict(p) for p in self.passes],
             "total_seconds": round(self.total_seconds, 4),
+            "wall_seconds": None if self.wall_seconds is None else round(self.wall_seconds, 4),
             "check": self.check.to_dict() if self.check else None,
             "warnings": list(self.warnings),
+            "failed": bool(self.failures),
+            "failures": list(self.failures),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -76,6 +85,8 @@ class Report:
             lines += ["", "check against the input model (ONNX Runtime CPU):", self.check.format()]
         for wmsg in self.warnings:
             lines.append(f"warning: {wmsg}")
+        for fmsg in self.failures:
+            lines.append(f"failed: {fmsg}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

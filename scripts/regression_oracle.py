@@ -69,7 +69,7 @@ PIPELINES: list[tuple[str, bool]] = [
 
 INSPECT: list[list[str]] = [["--json"], ["--json", "--groups"], ["--json", "--tensorrt"], ["--json", "--nm", "2:4"]]
 
-_VOLATILE = {"seconds", "total_seconds", "path", "time", "elapsed", "engine"}
+_VOLATILE = {"seconds", "total_seconds", "wall_seconds", "path", "time", "elapsed", "engine"}
 
 
 def _scrub(value: Any) -> Any:

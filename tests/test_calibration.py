@@ -246,3 +246,65 @@ def test_sequential_runner_equals_parallel_when_nothing_changes() -> None:
             assert st["tokens"] == par[name]["tokens"] == 3 * 11
             n += 1
     assert n == len(par) == 12
+
+
+# ---------------------------------------------------------------------- reconstruction statistics
+def _rows_of(feeds, fn) -> np.ndarray:
+    """float64 rows of ``fn(feed)`` ``[B, S, C]`` over the unmasked tokens of every batch."""
+    return np.concatenate([fn(f)[f["attention_mask"].astype(bool)].astype(np.float64) for f in feeds])
+
+
+def test_cross_stats_equal_numpy_with_fewer_pruned_channels() -> None:
+    """G/C/D/sums of 'h' between a dense MLP and one with hidden units removed and W1 masked."""
+    from onnxprune.analysis.calibration import cross_stats
+
+    dense = from_proto(_mlp())
+    pruned = dense.copy()
+    W1 = numpy_helper.to_array(dense.initializer("W1"))
+    keep = np.array([0, 2, 3, 5, 6, 9])
+    W1p = W1[:, keep] * (np.arange(12)[:, None] % 3 != 0)
+    pruned.set_array("W1", W1p)
+    pruned.set_array("W2", numpy_helper.to_array(dense.initializer("W2"))[keep])
+    feeds = _feeds(3)
+    stats = cross_stats(dense, pruned, feeds, ["h", ("x", "x", -1)], chunk_bytes=1)  # one chunk per tensor
+    Hd = _rows_of(feeds, lambda f: np.maximum(f["x"] @ W1, 0))
+    Hp = _rows_of(feeds, lambda f: np.maximum(f["x"] @ W1p, 0))
+    st = stats["h"]
+    assert st.tokens == Hd.shape[0] == 3 * 9 and st.C.shape == (6, 10)
+    np.testing.assert_allclose(st.G, Hp.T @ Hp, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st.C, Hp.T @ Hd, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st.D, Hd.T @ Hd, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st.sum_p, Hp.sum(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st.sum_d, Hd.sum(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(stats["x"].C, stats["x"].G)  # the input is the same in both models
+    with pytest.raises(CalibrationError, match="not produced by the pruned model"):
+        cross_stats(dense, pruned, feeds, [("h", "nope")])
+
+
+def test_sequential_cross_stages_see_the_pruned_prefix() -> None:
+    """kind=cross, sequential: W2's G is on the pruned h, C against the dense h; W1's stage is exact."""
+    model = from_proto(_mlp())
+    dense = model.copy()
+    feeds = _feeds(4)
+    calib = CalibrationData.from_any(feeds, model)
+    targets = calib_targets(model, find_weights(model))
+    stages = calibration_stages(model, targets, calib, kind="cross", mode="sequential", dense=dense)
+    W1 = numpy_helper.to_array(model.initializer("W1"))
+    (s1, st1) = next(stages)
+    assert [t.weight for t in s1] == ["W1"]
+    X = _rows_of(feeds, lambda f: f["x"])
+    np.testing.assert_allclose(st1["W1"]["H"], X.T @ X, rtol=1e-10)
+    np.testing.assert_allclose(st1["W1"]["C"], X.T @ X, rtol=1e-10)
+    W1p = np.where(np.abs(W1) > 0.5, W1, 0).astype(np.float32)
+    model.set_array("W1", W1p)  # the caller prunes the stage before asking for the next
+    (s2, st2) = next(stages)
+    assert [t.weight for t in s2] == ["W2"]
+    Hd = _rows_of(feeds, lambda f: np.maximum(f["x"] @ W1, 0))
+    Hp = _rows_of(feeds, lambda f: np.maximum(f["x"] @ W1p, 0))
+    np.testing.assert_allclose(st2["W2"]["H"], Hp.T @ Hp, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st2["W2"]["C"], Hp.T @ Hd, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st2["W2"]["D"], Hd.T @ Hd, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(st2["W2"]["sumsq"], (Hp ** 2).sum(0), rtol=1e-5, atol=1e-4)
+    assert next(stages, None) is None
+    with pytest.raises(CalibrationError, match="dense model"):
+        next(calibration_stages(model, targets, calib, kind="cross", mode="sequential"))

@@ -13,7 +13,7 @@ afterwards), streams every batch through ONNX Runtime CPU and accumulates in flo
 * ``sumsq[k] = Σ_t x[t, k]²`` (Wanda's squared column norms), and
 * ``hessian = Σ_t x[t]ᵀ x[t]`` ``[K, K]`` (SparseGPT's ``H = 2XᵀX`` up to the factor 2),
 
-plus the number of tokens ``t``. The token axis is everything except the channel axis: for
+plus the channel sums ``Σ_t x[t, k]`` (means, for bias terms) and the number of tokens ``t``. The token axis is everything except the channel axis: for
 MatMul/Gemm inputs ``[..., K]`` the channel axis is the last; for Conv inputs ``[B, C, H, W]`` it
 is axis 1 and the tokens are the ``B·H·W`` positions (im2col-free: see :func:`calib_targets`).
 Where the model has an attention-mask input ``[B, S]`` (found by name, or named by the caller)
@@ -23,6 +23,20 @@ Memory is O(Σ K²) for Hessians (or O(Σ K) for sums of squares) plus one batch
 independent of the number of batches (sequential mode additionally caches the tensors that cross
 the current stage boundary for every batch; see :class:`SegmentRunner`). When all requested Hessians exceed ``chunk_bytes`` the
 tensors are split into chunks and the data is streamed once per chunk.
+
+**One loop.** :func:`stream` is the one streaming loop over the calibration batches: it runs
+each batch through one prefix session per requested ``(model, tensors)``;
+:func:`collect_input_stats`, :func:`channel_stats` and :func:`cross_stats` are accumulators on
+top of it, and :class:`SegmentRunner` is its sequential (stage-by-stage) form.
+
+**Reconstruction statistics.** :func:`cross_stats` streams the same batches through the dense
+and the pruned model and accumulates, per tensor, ``G = X_pᵀX_p``, ``C = X_pᵀX_d`` and
+``D = X_dᵀX_d`` (float64; ``X_p``/``X_d`` the tensor's rows in the pruned/dense model, padding
+excluded in both; the pruned tensor may have fewer channels), the inputs of
+:func:`onnxprune.criteria.reconstruct.refit`. :func:`calibration_stages` with ``kind="cross"``
+gives the same per stage in sequential mode (two :class:`SegmentRunner` in step; their caches
+hold the frontier tensors of both models for every batch). Accumulators cost
+``(K² + K·Kd + Kd²)·8`` bytes per tensor, never more with more batches.
 
 **Channel means.** :func:`channel_stats` streams the same data for the structured passes: per
 probed ``(tensor, axis)``, the mean of ``|x|`` and of ``x`` at every position of ``axis`` over all
@@ -62,9 +76,9 @@ from onnxprune.progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibTarget", "CalibrationData", "SegmentRunner", "TensorStats", "as_calibration", "calib_targets",
-           "calibration_stages", "collect", "collect_input_stats", "find_mask_input", "plan_chunks", "target_stages",
-           "weight_stats"]
+__all__ = ["CalibTarget", "CalibrationData", "CrossStats", "SegmentRunner", "TensorStats", "as_calibration",
+           "calib_targets", "calibration_stages", "channel_stats", "collect", "collect_input_stats", "cross_stats",
+           "find_mask_input", "plan_chunks", "stream", "target_stages", "weight_stats"]
 
 DEFAULT_BATCH = 8
 #: Default memory budget for the accumulated statistics of one streaming pass.
@@ -506,23 +520,119 @@ def collect_input_stats(
     if len(groups) > 1:
         log.info("calibration: %d tensors in %d chunks (budget %d MB)", len(axes), len(groups), chunk_bytes >> 20)
     stats: dict[str, TensorStats] = {}
-    types = _value_types(model, axes)
     for gi, group in enumerate(groups):
-        session = _prefix_session(model, group, types)
         acc = {n: TensorStats(n, axes[n]) for n in group}
         desc = "calibration" + (f" {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
-        for bi, feed in enumerate(progress(calib.batches(), total=len(calib), desc=desc, unit="batch")):
-            try:
-                outs = session.run(group, feed)
-            except Exception as exc:
-                raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
-                                       f"{' '.join(str(exc).split())[:300]}") from None
+        for (outs,), feed in stream(calib, [(model, group)], desc=desc):
             mask = None if mask_name is None else np.asarray(feed[mask_name])
-            for name, x in zip(group, outs):
-                acc[name].add(_rows(np.asarray(x), axes[name], mask), kind == "hessian")
-        del session
+            for name in group:
+                acc[name].add(_rows(np.asarray(outs[name]), axes[name], mask), kind == "hessian")
         stats.update(acc)
     return stats
+
+
+def stream(calib: CalibrationData, runs: Sequence[tuple[Model, Sequence[str]]], *, who: str | None = None,
+           desc: str = "calibration") -> Iterator[tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+    """THE streaming loop: every calibration batch through one prefix session per ``(model, tensors)``.
+
+    For each ``(model, tensors)`` in ``runs`` an ONNX Runtime session computes just ``tensors``
+    (:func:`_prefix_session`; the model is restored afterwards). Every batch is run through all
+    sessions in turn and yielded as ``([{tensor: value} per run], feed)``, so statistics that
+    compare two models (dense and pruned) see the same tokens. Memory: one batch of the requested
+    activations per run; the caller accumulates.
+
+    Raises:
+        CalibrationError: a session cannot be built, or ONNX Runtime fails on a batch.
+    """
+    sessions = []
+    for model, names in runs:
+        names = list(names)
+        session = _prefix_session(model, names, _value_types(model, names))
+        sessions.append((session, [i.name for i in session.get_inputs()], names))
+    prefix = f"{who}: " if who else ""
+    for bi, feed in enumerate(progress(calib.batches(), total=len(calib), desc=desc, unit="batch")):
+        outs = []
+        for session, in_names, names in sessions:
+            try:
+                vals = session.run(names, {n: feed[n] for n in in_names if n in feed})
+            except Exception as exc:
+                raise CalibrationError(f"{prefix}ONNX Runtime failed on calibration batch {bi}: "
+                                       f"{' '.join(str(exc).split())[:300]}") from None
+            outs.append(dict(zip(names, vals)))
+        yield outs, feed
+
+
+def _pair_specs(pairs: Iterable[str | tuple[str, str] | tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """``(dense tensor, pruned tensor, axis)`` from a name, a ``(dense, pruned)`` pair or a triple."""
+    out = []
+    for p in pairs:
+        if isinstance(p, str):
+            out.append((p, p, -1))
+        elif len(p) == 2:
+            out.append((p[0], p[1], -1))  # type: ignore[misc]
+        else:
+            out.append((p[0], p[1], int(p[2])))  # type: ignore[misc]
+    return list(dict.fromkeys(out))
+
+
+def cross_stats(
+    dense: Model,
+    pruned: Model,
+    calibration: Any,
+    pairs: Iterable[str | tuple[str, str] | tuple[str, str, int]],
+    *,
+    token_mask_input: str | None = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    who: str = "calibration",
+) -> dict[str, CrossStats]:
+    """``G = X_pᵀX_p``, ``C = X_pᵀX_d``, ``D = X_dᵀX_d`` per tensor, from the dense and the pruned model.
+
+    The statistics of :func:`onnxprune.criteria.reconstruct.refit`. Both models get the same
+    batches (:func:`stream`); padding tokens (attention mask zero, see :func:`_rows`) are left out
+    of both. The pruned tensor may have fewer channels than the dense one (after a structural
+    removal) but must have the same tokens. Memory: ``(K² + K·Kd + Kd²)`` float64 per pair; pairs
+    whose accumulators exceed ``chunk_bytes`` together are split into chunks, one pass each.
+
+    Args:
+        dense: The reference model (unchanged).
+        pruned: The model pruned so far (same graph inputs).
+        calibration: Anything :meth:`CalibrationData.from_any` takes.
+        pairs: Tensor names present in both models (channel axis -1), ``(dense name, pruned name)``,
+            or ``(dense name, pruned name, channel axis)`` (1 for Conv inputs).
+        token_mask_input: Attention-mask input name, ``auto`` or None.
+        chunk_bytes: Budget for the accumulators of one pass.
+        who: Pass name for error messages.
+
+    Returns:
+        Pruned tensor name -> :class:`CrossStats`.
+
+    Raises:
+        CalibrationError: no data, data that does not fit the models, unknown tensors, token counts
+            that differ between the models, or ONNX Runtime failing.
+    """
+    needs_calibration(who, "reconstruction", calibration)
+    calib = CalibrationData.from_any(calibration, pruned)
+    specs = _pair_specs(pairs)
+    for m, pos, what in ((dense, 0, "dense"), (pruned, 1, "pruned")):
+        produced = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
+        unknown = [sp[pos] for sp in specs if sp[pos] not in produced]
+        if unknown:
+            raise CalibrationError(f"{who}: tensor(s) {unknown[:5]} are not produced by the {what} model")
+    mask_name = find_mask_input(pruned, token_mask_input)
+    counts = _channel_counts(pruned, {sp[1]: sp[2] for sp in specs})
+    groups = plan_chunks({sp[1]: counts.get(sp[1]) or 1024 for sp in specs}, "cross", chunk_bytes)
+    by_pruned = {sp[1]: sp for sp in specs}
+    out: dict[str, CrossStats] = {}
+    for group in groups:
+        sp = [by_pruned[n] for n in group]
+        acc = {p: CrossStats(p, d, axis) for d, p, axis in sp}
+        runs = [(dense, list(dict.fromkeys(d for d, _, _ in sp))), (pruned, list(group))]
+        for (outs_d, outs_p), feed in stream(calib, runs, who=who, desc="calibration (dense + pruned)"):
+            mask = None if mask_name is None else np.asarray(feed[mask_name])
+            for d, p, axis in sp:
+                acc[p].add(_rows(np.asarray(outs_p[p]), axis, mask), _rows(np.asarray(outs_d[d]), axis, mask))
+        out.update(acc)
+    return out
 
 
 # ---------------------------------------------------------------------- sequential runner
@@ -583,8 +693,13 @@ class SegmentRunner:
                           {k: v for k, v in self.model.external.items() if k in used})
         return make_session(sub_model)
 
-    def run(self, wanted: Mapping[str, int], kind: Literal["sumsq", "hessian"]) -> dict[str, TensorStats]:
-        """Statistics of ``wanted`` (name -> channel axis) on the model as it is now."""
+    def batches(self, wanted: Mapping[str, int] | Iterable[str]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Run the segment ``wanted`` needs; yield ``({tensor: value}, attention mask or None)`` per batch.
+
+        The per-batch cache is updated before each yield, so a consumer that stops early (``zip``
+        over two runners) leaves the runner consistent for the next stage.
+        """
+        wanted = list(wanted)
         cached = set(self.cache[0]) if self.cache else set()
         need: set[int] = set()
         stack = [w for w in wanted if w not in cached]
@@ -607,11 +722,10 @@ class SegmentRunner:
         self.executed |= need
         future = self._future_reads()
         outputs = sorted((set(wanted) & seg_out) | (seg_out & future))
-        acc = {n: TensorStats(n, axis) for n, axis in wanted.items()}
         session = self._session(seg, feeds, outputs) if seg else None
         if seg:
             self.segments += 1
-        for bi, cache in enumerate(progress(self.cache, total=len(self.cache), desc="calibration", unit="batch")):
+        for bi, cache in enumerate(self.cache):
             got: dict[str, np.ndarray] = {}
             if session is not None:
                 try:
@@ -620,12 +734,35 @@ class SegmentRunner:
                     raise CalibrationError(f"ONNX Runtime failed on calibration batch {bi}: "
                                            f"{' '.join(str(exc).split())[:300]}") from None
                 got = dict(zip(outputs, vals))
-            for name, axis in wanted.items():
-                x = got[name] if name in got else cache[name]
-                acc[name].add(_rows(np.asarray(x), axis, self.masks[bi]), kind == "hessian")
+            values = {name: np.asarray(got[name] if name in got else cache[name]) for name in wanted}
             cache.update({k: v for k, v in got.items() if k in future})
             for k in [k for k in cache if k not in future]:
                 del cache[k]
+            yield values, self.masks[bi]
+
+    def run(self, wanted: Mapping[str, int], kind: Literal["sumsq", "hessian"]) -> dict[str, TensorStats]:
+        """Statistics of ``wanted`` (name -> channel axis) on the model as it is now."""
+        acc = {n: TensorStats(n, axis) for n, axis in wanted.items()}
+        for values, mask in progress(self.batches(wanted), total=len(self.cache), desc="calibration", unit="batch"):
+            for name, axis in wanted.items():
+                acc[name].add(_rows(values[name], axis, mask), kind == "hessian")
+        return acc
+
+    def run_cross(self, dense: SegmentRunner, wanted: Mapping[str, int]) -> dict[str, CrossStats]:
+        """:class:`CrossStats` of ``wanted``: this runner's model (pruned so far) against ``dense``'s.
+
+        ``dense`` runs over the same batches and stages (its model is never changed), so its
+        cache holds the dense model's frontier tensors: two caches, and two segment sessions per
+        stage.
+        """
+        if len(dense.cache) != len(self.cache):
+            raise CalibrationError("sequential calibration: the dense and pruned runners hold different data")
+        acc = {n: CrossStats(n, n, axis) for n, axis in wanted.items()}
+        pairs = zip(dense.batches(wanted), self.batches(wanted))
+        for (vd, _), (vp, mask) in progress(pairs, total=len(self.cache), desc="calibration (dense + pruned)",
+                                            unit="batch"):
+            for name, axis in wanted.items():
+                acc[name].add(_rows(vp[name], axis, mask), _rows(vd[name], axis, mask))
         return acc
 
 
@@ -751,15 +888,26 @@ def target_stages(model: Model, targets: Sequence[CalibTarget]) -> list[list[Cal
     return [stages[k] for k in sorted(stages)]
 
 
-def weight_stats(targets: Sequence[CalibTarget], stats: Mapping[str, TensorStats]) -> dict[str, dict[str, Any]]:
+def weight_stats(targets: Sequence[CalibTarget],
+                 stats: Mapping[str, TensorStats] | Mapping[str, CrossStats]) -> dict[str, dict[str, Any]]:
     """Per-weight statistics ``{"sumsq": [K], "H": [K, K] or None, "tokens": int}``.
 
+    From :class:`CrossStats` (reconstruction) the entries are ``H = G`` (the pruned model's
+    ``XᵀX``, what SparseGPT wants in sequential mode), ``sumsq = diag G``, plus ``"C"`` and ``"D"``.
     A weight read by several consumers gets the sums over all of them (its layer-wise loss is the
     sum of the consumers' losses).
     """
     out: dict[str, dict[str, Any]] = {}
     for t in targets:
         if t.skip_reason:
+            continue
+        if any(isinstance(stats[a], CrossStats) for a, _ in t.inputs):
+            cparts = [stats[a] for a, _ in t.inputs]
+            if any(p.G is None for p in cparts) or len({p.G.shape for p in cparts}) != 1:  # type: ignore[union-attr]
+                continue
+            G, C, D = (np.sum([getattr(p, k) for p in cparts], axis=0) for k in ("G", "C", "D"))
+            out[t.weight] = {"sumsq": np.diag(G).copy(), "H": G, "C": C, "D": D,
+                             "tokens": sum(p.tokens for p in cparts)}
             continue
         parts = [stats[a] for a, _ in t.inputs]
         if any(p.sumsq is None for p in parts) or len({p.channels for p in parts}) != 1:
@@ -776,11 +924,12 @@ def calibration_stages(
     targets: Sequence[CalibTarget],
     calib: CalibrationData,
     *,
-    kind: Literal["sumsq", "hessian"],
+    kind: Literal["sumsq", "hessian", "cross"],
     mode: Literal["parallel", "sequential"] = "parallel",
     token_mask_input: str | None = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     stage_group: int = 1,
+    dense: Model | None = None,
 ) -> Iterator[tuple[list[CalibTarget], dict[str, dict[str, Any]]]]:
     """Yield ``(targets of a stage, their per-weight statistics)`` for pruning.
 
@@ -792,9 +941,16 @@ def calibration_stages(
     many consecutive depth stages into one pass (4 on a BERT layer = one pass per layer, the
     granularity of the SparseGPT reference code; 1 = every depth stage on its own). Targets with
     a ``skip_reason`` are not yielded.
+
+    ``kind="cross"`` (reconstruction): sequential statistics also carry ``C = X_pᵀX_d`` and
+    ``D = X_dᵀX_d`` against ``dense`` (the unpruned model, required; a second
+    :class:`SegmentRunner` walks it in step, :meth:`SegmentRunner.run_cross`); in parallel mode
+    the pruned layer sees the dense inputs, so only ``H`` is collected and ``C = D = None``.
     """
     if mode not in ("parallel", "sequential"):
         raise CalibrationError(f"unknown calibration mode {mode!r}; expected parallel or sequential")
+    if kind == "cross" and mode == "sequential" and dense is None:
+        raise CalibrationError("sequential reconstruction statistics need the dense model")
     usable = [t for t in targets if not t.skip_reason]
     if not usable:
         return
@@ -807,16 +963,21 @@ def calibration_stages(
         stages = [[t for st in depth_stages[i:i + stage_group] for t in st]
                   for i in range(0, len(depth_stages), stage_group)]
     runner = SegmentRunner(model, calib, token_mask_input) if mode == "sequential" else None
+    dense_runner = SegmentRunner(dense, calib, token_mask_input) if runner and kind == "cross" and dense else None
+    plain: Literal["sumsq", "hessian"] = "sumsq" if kind == "sumsq" else "hessian"
     for si, stage in enumerate(stages):
         acts: dict[str, int] = {}
         for t in stage:
             for a, axis in t.inputs:
                 acts.setdefault(a, axis)
         log.info("calibration stage %d/%d: %d weights, %d activations", si + 1, len(stages), len(stage), len(acts))
-        if runner is not None:
-            stats = runner.run(acts, kind)
+        stats: Mapping[str, TensorStats] | Mapping[str, CrossStats]
+        if runner is not None and dense_runner is not None:
+            stats = runner.run_cross(dense_runner, acts)
+        elif runner is not None:
+            stats = runner.run(acts, plain)
         else:
-            stats = collect_input_stats(model, calib, acts, kind=kind, token_mask_input=token_mask_input,
+            stats = collect_input_stats(model, calib, acts, kind=plain, token_mask_input=token_mask_input,
                                         chunk_bytes=chunk_bytes)
         yield stage, weight_stats(stage, stats)
 
@@ -899,17 +1060,10 @@ def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, in
     probes = list(dict.fromkeys(probes))
     names = list(dict.fromkeys(t for t, _ in probes))
     mask_name = find_mask_input(model, mask_input)
-    session = _prefix_session(model, names, _value_types(model, names))
-    in_names = [i.name for i in session.get_inputs()]
     sums_abs: dict[tuple[str, int], np.ndarray] = {}
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = dict.fromkeys(probes, 0)
-    for bi, feed in enumerate(calib.batches()):
-        try:
-            outs = dict(zip(names, session.run(names, {n: feed[n] for n in in_names})))
-        except Exception as exc:
-            raise CalibrationError(f"{who}: ONNX Runtime failed on calibration batch {bi}: "
-                                   f"{' '.join(str(exc).split())[:300]}") from None
+    for (outs,), feed in stream(calib, [(model, names)], who=who):
         mask = np.asarray(feed[mask_name]) if mask_name and mask_name in feed else None
         for tensor, axis in probes:
             x = np.asarray(outs[tensor])

@@ -14,7 +14,10 @@ says in its first line that the budget was measured on random inputs, which is w
 **Budget.** Per graph output, over the held-out samples:
 
 * ``cos``: mean over samples of the cosine between the input model's and the candidate's output
-  (each sample's slice flattened; float64);
+  (each sample's slice flattened; float64); where the model has an attention-mask input
+  (:func:`onnxprune.analysis.calibration.find_mask_input`) and an output starts with its
+  ``[B, S]`` shape, padding positions are left out (they carry no meaning, and pruning changes
+  them freely);
 * ``top1``: share of rows whose argmax over the last axis agrees, for logit-like outputs only
   (:func:`logit_like`): a float output of rank 2 with more than one class, so not ``[B, S, H]``
   hidden states, boxes or embeddings;
@@ -22,10 +25,13 @@ says in its first line that the budget was measured on random inputs, which is w
 
 A candidate keeps the budget when every output meets every given bound. Defaults ``cos=0.99`` and
 ``top1=0.99``; ``--budget cos=0.98`` changes one bound and keeps the others, ``top1=none`` drops one.
+``pool=mean`` measures ``cos`` of ``[B, S, H]`` outputs on their mean over real tokens (a sentence
+embedding, what embedding models are compared by) instead of token by token.
 
 **Search (target ort-cpu).** ``cleanup`` first (exact). Then, for each kind of structure the
 model has -- FFN neurons (``ffn``), attention heads (``heads``), channel groups (``channels``) --
-bisection on the ratio (``BISECT_STEPS`` probes between 0 and the kind's maximum) for the largest
+bisection on the ratio (``BISECT_STEPS`` probes between 0 and the kind's maximum, the first at a
+quarter of it) for the largest
 ratio that keeps the budget, with the best criterion available (calibration-aware criteria and
 re-fitting of the consumer when calibration data is given; norms otherwise). The kinds' best ratios
 are then combined; while the combination breaks the budget every ratio is scaled down
@@ -96,6 +102,7 @@ class Budget:
     top1: float | None = 0.99
     atol: float | None = None
     rtol: float | None = None
+    pool: str | None = None
 
     @classmethod
     def parse(cls, text: str | Budget | None) -> Budget:
@@ -114,8 +121,13 @@ class Budget:
                 raise BudgetError(f"budget {text!r}: expected key=value, got {part.strip()!r} "
                                   "(keys: cos, top1, atol, rtol)")
             key, value = (s.strip() for s in part.split("=", 1))
+            if key == "pool":
+                if value.lower() not in ("mean", "none"):
+                    raise BudgetError(f"budget {text!r}: pool must be 'mean' or 'none', got {value!r}")
+                b.pool = None if value.lower() == "none" else "mean"
+                continue
             if key not in ("cos", "top1", "atol", "rtol"):
-                raise BudgetError(f"budget {text!r}: unknown key {key!r} (keys: cos, top1, atol, rtol)")
+                raise BudgetError(f"budget {text!r}: unknown key {key!r} (keys: cos, top1, atol, rtol, pool)")
             if value.lower() in ("none", "off"):
                 setattr(b, key, None)
                 continue
@@ -133,8 +145,9 @@ class Budget:
         return b
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={getattr(self, k):g}" for k in ("cos", "top1", "atol", "rtol")
+        text = ",".join(f"{k}={getattr(self, k):g}" for k in ("cos", "top1", "atol", "rtol")
                         if getattr(self, k) is not None)
+        return text + (f",pool={self.pool}" if self.pool else "")
 
 
 # ---------------------------------------------------------------------- data
@@ -244,8 +257,14 @@ class Scorer:
     """Runs candidates on the held-out samples and compares them with the input model's outputs."""
 
     def __init__(self, reference: Model, heldout: list[dict[str, np.ndarray]], budget: Budget) -> None:
+        from onnxprune.analysis.calibration import find_mask_input
+
         self.budget = budget
         self.heldout = heldout
+        mask = find_mask_input(reference)
+        #: per held-out batch, the [B, S] attention mask whose zeros are padding (None: no mask input)
+        self.masks = [np.asarray(f[mask]) if mask in f and np.asarray(f[mask]).ndim == 2 else None
+                      for f in heldout] if mask else [None] * len(heldout)
         session = make_session(reference)
         self.names = [o.name for o in session.get_outputs()]
         self.reference = [dict(zip(self.names, session.run(None, f))) for f in heldout]
@@ -258,11 +277,15 @@ class Scorer:
         except Exception as exc:  # a candidate that ONNX Runtime refuses is simply not kept
             msg = " ".join(str(exc).split())[:300]
             return Score({}, False, [f"ONNX Runtime: {msg}"])
+        return self.compare(got)
+
+    def compare(self, got: list[dict[str, np.ndarray]]) -> Score:
+        """Score a candidate's outputs (one dict per held-out batch) against the reference's."""
         per: dict[str, dict[str, float]] = {}
         failures: list[str] = []
         for name in self.names:
             cosines, agree, rows, max_abs, max_rel = [], 0, 0, 0.0, 0.0
-            for ref, out in zip(self.reference, got):
+            for ref, out, pad in zip(self.reference, got, self.masks):
                 a, b = np.asarray(ref[name]), np.asarray(out.get(name))
                 if b is None or a.shape != b.shape:
                     failures.append(f"{name}: shape {list(a.shape)} -> {None if b is None else list(b.shape)}")
@@ -274,13 +297,22 @@ class Scorer:
                 if not np.isfinite(b[np.isfinite(a)]).all():
                     failures.append(f"{name}: NaN/Inf where the input model is finite")
                     break
+                logits = logit_like(a)  # judged on the output itself, before any pooling
+                if pad is not None and a.ndim >= 3 and a.shape[:2] == pad.shape:
+                    keep = (pad != 0)[(...,) + (None,) * (a.ndim - 2)]  # padding positions do not count
+                    a, b = np.where(keep, a, 0), np.where(keep, b, 0)
+                    if self.budget.pool == "mean" and a.ndim == 3:
+                        w = np.maximum(keep.sum(1), 1)
+                        a, b = a.astype(np.float64).sum(1) / w, b.astype(np.float64).sum(1) / w
+                elif self.budget.pool == "mean" and a.ndim == 3:
+                    a, b = a.astype(np.float64).mean(1), b.astype(np.float64).mean(1)
                 cosines.append(_sample_cosines(a, b))
                 diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
                 if diff.size:
                     max_abs = max(max_abs, float(np.nanmax(diff)))
                     scale = float(np.nanmax(np.abs(a))) or 1.0
                     max_rel = max(max_rel, max_abs / scale)
-                if logit_like(a):
+                if logits:
                     agree += int((a.argmax(-1) == b.argmax(-1)).sum())
                     rows += int(a.shape[0])
             d: dict[str, float] = {"max_abs": max_abs, "max_rel": max_rel}
@@ -470,7 +502,7 @@ class _Search:
         opts = kind_options(kind, calibrated)
         lo, hi = 0.0, MAX_RATIO[kind]
         best: Candidate | None = None
-        ratio = hi / 2
+        ratio = hi / 4  # budgets are usually tight: a low first probe wastes fewer builds
         for step in range(BISECT_STEPS):
             if self.out_of_time():
                 break

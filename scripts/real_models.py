@@ -57,6 +57,8 @@ MANIFEST = HERE / "real_models_corpus.toml"
 DEFAULT_PASSES = ["cleanup", "masks(sparsity=0.5)", "nm(n=2,m=4)", "channels(ratio=0.3)",
                   "heads(ratio=0.25)", "ffn(ratio=0.25)", "fp16"]
 STRUCTURED = ("channels", "heads", "ffn")
+#: ``--passes auto`` runs the bare ``onnxprune optimize`` (the budgeted search) with this time limit (s).
+AUTO_TIME_LIMIT = 90
 CLEANUP_RTOL = 1e-5
 FP16_COS = 0.999
 FP16_RTOL = 1e-2
@@ -223,8 +225,9 @@ def run_case(entry: dict, model: Path, ref: Any, spec: str, work: Path, timeout:
     row: dict[str, Any] = {"model": entry["id"], "passes": spec}
     t0 = time.perf_counter()
     try:
+        how = ["--time-limit", str(AUTO_TIME_LIMIT)] if spec == "auto" else ["--passes", spec]
         proc = subprocess.run([sys.executable, "-m", "onnxprune", "optimize", str(model), "-o", str(out),
-                               "--passes", spec, "-q", "--json"], capture_output=True, text=True, timeout=timeout)
+                               *how, "-q", "--json"], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         row.update(status="crashed", detail=f"timed out after {timeout:.0f} s", seconds=round(timeout, 1))
         return row
@@ -240,6 +243,10 @@ def run_case(entry: dict, model: Path, ref: Any, spec: str, work: Path, timeout:
         report = json.loads(proc.stdout)
     except ValueError:
         report = {}
+    if spec == "auto":  # the bare command: its JSON is the search report, the final run under "pipeline"
+        row["auto_spec"] = report.get("winner", {}).get("spec")
+        row["auto_reason"] = report.get("reason")
+        report = report.get("pipeline") or {}
     passes = report.get("passes", [])
     row["modified"] = any(p.get("modified") for p in passes)
     row["warnings"] = report.get("warnings", [])

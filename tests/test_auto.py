@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,13 @@ import onnxprune
 from models import random_inputs
 from models.mlp import build_mlp
 from models.transformer import build_transformer_block
-from onnxprune import auto as auto_mod
 from onnxprune.analysis.calibration import CalibrationData
 from onnxprune.auto import Budget, BudgetError, auto, split_calibration
 from onnxprune.bench import Timing
 from onnxprune.cli import main
 from onnxprune.ir.model import Model
+
+auto_mod = importlib.import_module("onnxprune.auto")  # onnxprune.auto is the function
 
 
 def _save(proto: onnx.ModelProto, path: Path) -> Path:
@@ -49,7 +51,8 @@ def test_budget_parse() -> None:
     assert (b.cos, b.top1) == (0.98, 0.99)  # the unnamed bound keeps its default
     assert Budget.parse("top1=none").top1 is None
     assert Budget.parse("atol=0.01").atol == 0.01
-    for bad in ("cos=1.5", "cos=abc", "speed=2", "cos", "cos=none,top1=none"):
+    assert Budget.parse("cos=0.95,pool=mean").pool == "mean"
+    for bad in ("cos=1.5", "cos=abc", "speed=2", "cos", "cos=none,top1=none", "pool=max"):
         with pytest.raises(BudgetError):
             Budget.parse(bad)
 
@@ -160,3 +163,34 @@ def test_bad_budget_and_target_are_usage_errors(tmp_path: Path) -> None:
     assert main(["optimize", str(src), "--budget", "cos=2"]) != 0
     assert main(["optimize", str(src), "--calib-limit", "3", "--passes", "cleanup"]) != 0
     assert not (tmp_path / "m.pruned.onnx").exists()
+
+
+def test_padding_is_left_out_and_pool_mean_scores_sentence_embeddings() -> None:
+    """Changes at padded positions do not count; pool=mean scores the mean over real tokens."""
+    from onnxprune.auto import Scorer
+
+    proto = build_transformer_block(hidden=64, heads=4, ffn=128)
+    model = Model(proto)
+    feed = random_inputs(proto, batch=2, seq=8)
+    feed["attention_mask"][:, 4:] = 0  # half of every sample is padding
+    strict = Scorer(model, [feed], Budget.parse("cos=0.999"))
+    # the same model scores 1.0 on itself, masked or pooled
+    assert strict.score(model).keeps
+    pooled = Scorer(model, [feed], Budget.parse("cos=0.999,pool=mean"))
+    ref = strict.reference[0][strict.names[0]]
+    # a candidate whose padded positions differ wildly but whose real tokens agree keeps the budget
+    bad = ref.copy()
+    bad[:, 4:] = -bad[:, 4:] * 100
+    for scorer in (strict, pooled):
+        scorer_out = {scorer.names[0]: bad}
+        score = _score_outputs(scorer, scorer_out)
+        assert score.keeps, score.failures
+    # while a change at a real token is seen
+    worse = ref.copy()
+    worse[:, :4] = -worse[:, :4]
+    assert not _score_outputs(strict, {strict.names[0]: worse}).keeps
+
+
+def _score_outputs(scorer, outputs):  # type: ignore[no-untyped-def]
+    """Score fixed outputs (as if a candidate had produced them) through the scorer's comparison."""
+    return scorer.compare([outputs])

@@ -38,8 +38,10 @@ Reshape / ... chain), even when a main-graph Conv/MatMul/Gemm also reads them; t
 ``skipped`` with the node whose body uses them.
 
 **Per-layer overrides** come from a recipe: ``ctx.recipe_overrides[pass_name]`` is
-``{regex: {option: value}}``; every regex that matches an initializer name applies, in order, and
-the merged options are validated like pass options. ``skip = true`` leaves the weight alone. In
+``{regex: {option: value}}``; every regex that matches (``re.search``) an initializer name or the
+name of a consuming node applies, in order, and the merged options are validated like pass
+options. ``skip = true`` leaves the weight alone. A regex that matches no weight is an error
+naming it (it would otherwise be silently ignored). In
 global scope, a weight with an overridden ``sparsity`` is pruned on its own (layer scope).
 
 **Persistence.** The current zeros of a weight are a keep-mask: they are pruned first and the new
@@ -59,6 +61,21 @@ from the model with the earlier stages already pruned. ``blocksize``/``percdamp`
 each weight its own sparsity from its outlier ratio (OWL, :mod:`onnxprune.criteria.owl`) with the
 parameter-weighted mean equal to ``sparsity``.
 
+**Re-fit** (``refit=true``, both passes, every criterion; needs calibration data). After a
+weight is masked, its kept entries are re-solved by least squares so that the layer's output on
+the calibration tokens matches the dense layer's (:func:`onnxprune.criteria.reconstruct.refit`,
+mask fixed, ridge ``refit_damp · mean diag(XᵀX)``; an output whose re-fit would not lower its
+error keeps the masked weight). ``mode=auto`` (the default) means ``sequential`` when
+re-fitting: stage by stage, each stage's inputs ``X_p`` taken from the model pruned (and
+re-fitted) so far and matched to the dense model's ``X_d`` (``C = X_pᵀX_d`` from a second,
+unchanged copy of the model streamed in step), so earlier layers' errors are corrected rather
+than compounded; ``mode=parallel`` fits every layer to the dense inputs in one pass. The
+criterion sees the same statistics (``sumsq = diag G``, ``H = G``). Not re-fitted (listed in
+``refit.skipped``, still masked): quantized weights, k×k convolutions (the per-channel
+covariance ignores the taps), weights without one traceable K axis. Stats per weight:
+``refit`` with the relative calibration error ``‖X_d W − X_p W'‖² / ‖X_d W‖²`` before and after,
+the solver and the seconds; totals under ``refit``.
+
 Stats: per weight ``nnz_before``/``nnz_after``/``size``; ``skipped`` (name -> reason); totals.
 """
 
@@ -68,6 +85,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +110,8 @@ from onnxprune.analysis.weights import (
     subgraph_skip_reason,
     subgraph_weights,
     to_kn,
+    weight_label,
+    weight_labels,
 )
 from onnxprune.criteria.masks import magnitude_scores, topk_mask
 from onnxprune.criteria.owl import (
@@ -100,6 +120,7 @@ from onnxprune.criteria.owl import (
     outlier_ratio,
     owl_sparsities,
 )
+from onnxprune.criteria.reconstruct import refit as refit_kn
 from onnxprune.criteria.registry import CRITERIA, prune_weight_kn
 from onnxprune.criteria.wanda import wanda_scores
 from onnxprune.errors import PassError, PipelineError
@@ -130,9 +151,13 @@ _SHARED_OPTIONS: dict[str, tuple[Any, dict[str, Any]]] = {
     "criterion": ("magnitude", {"help": "importance criterion", "choices": CRITERIA}),
     "exclude": (None, {"help": "regex on initializer/node names to leave alone"}),
     "min_params": (0, {"help": "skip weights with fewer elements", "min": 0}),
-    "mode": ("parallel", {"help": "wanda/sparsegpt statistics: parallel (dense model, one calibration pass) or "
-                                  "sequential (stage by stage, on the model pruned so far)",
-                          "choices": ("parallel", "sequential")}),
+    "mode": ("auto", {"help": "calibration statistics: parallel (dense model, one calibration pass), sequential "
+                              "(stage by stage, on the model pruned so far) or auto (sequential when refit, else "
+                              "parallel)",
+                      "choices": ("auto", "parallel", "sequential")}),
+    "refit": (False, {"help": "re-solve the kept weights of every masked layer by least squares on calibration data "
+                              "(needs --calib)"}),
+    "refit_damp": (0.01, {"help": "refit: ridge, share of the mean input energy diag(XᵀX)", "min": 0.0}),
     "stage_group": (1, {"help": "sequential: depth stages per calibration pass", "min": 1}),
     "blocksize": (128, {"help": "sparsegpt: input channels per block", "min": 1}),
     "percdamp": (0.01, {"help": "sparsegpt: dampening, share of the mean Hessian diagonal", "min": 0.0}),
@@ -169,6 +194,8 @@ class MasksOptions:
     blocksize: int = _shared("blocksize")
     percdamp: float = _shared("percdamp")
     mask_input: str = _shared("mask_input")
+    refit: bool = _shared("refit")
+    refit_damp: float = _shared("refit_damp")
     allocation: str = field(default="uniform", metadata={"help": "per-layer sparsity: uniform, or owl (outlier-"
                                                                  "weighted; needs calibration)",
                                                          "choices": ALLOCATIONS})
@@ -191,6 +218,8 @@ class MasksOptions:
         if self.scope == "row" and self.criterion != "magnitude":
             raise ValueError("scope=row applies to criterion=magnitude (wanda already ranks per output; sparsegpt "
                              "chooses its mask adaptively)")
+        if self.scope == "global" and self.refit:
+            raise ValueError("refit=true re-fits layer by layer; use scope=layer or scope=row")
         if self.scope != "layer" and self.allocation != "uniform":
             raise ValueError("allocation=owl sets per-layer sparsities; use it with scope=layer")
 
@@ -210,6 +239,8 @@ class NMOptions:
     blocksize: int = _shared("blocksize")
     percdamp: float = _shared("percdamp")
     mask_input: str = _shared("mask_input")
+    refit: bool = _shared("refit")
+    refit_damp: float = _shared("refit_damp")
 
     def validate(self) -> None:
         """Cross-field checks."""
@@ -286,6 +317,13 @@ def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any,
             info = _extra_info(model, t.name)
             if _is_float(info.dtype):
                 candidates.append((info, True))
+    unmatched = [rx for rx in overrides if not any(match_names(rx, info) for info, _ in candidates)]
+    if unmatched:
+        examples = ", ".join(weight_label(info.name, info.nodes[0] if info.nodes else None)
+                             for info, _ in candidates[:3])
+        raise PassError(f"{pass_name}: recipe layer override {unmatched[0]!r} matches no weight (patterns are "
+                        f"searched in initializer and consuming-node names, e.g. {examples or 'none'}; "
+                        "`onnxprune inspect MODEL` lists them)")
     for info, extra in candidates:
         explicit = inc_rx is not None and match_names(include, info)
         matched_include |= explicit
@@ -309,7 +347,7 @@ def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any,
         opts = options
         merged: dict[str, Any] = {}
         for rx, values in overrides.items():
-            if re.search(rx, info.name):
+            if match_names(rx, info):
                 if not isinstance(values, dict):
                     raise PipelineError(f"{pass_name}: layer override {rx!r} must be a table of options")
                 merged.update(values)
@@ -399,6 +437,51 @@ def _collect_stats(model: Model, ctx: PassContext, targets: list[Target], criter
     return collect(model, ctx.calibration, [t.info for t in targets], criterion=criterion)
 
 
+def _refit_skip(info: WeightInfo) -> str | None:
+    """Why ``refit`` leaves this (masked) weight as it is, or None."""
+    if info.k_axis is None or info.conflict:
+        return info.conflict or "no single K axis"
+    if info.quant is not None:
+        return "quantized weight (its values are integers behind DequantizeLinear)"
+    if not _is_float(info.dtype):
+        return f"{info.dtype} weight"
+    if info.op_type == "Conv" and math.prod(info.shape[2:]) > 1:
+        return "k×k Conv (the per-channel input covariance ignores the kernel taps)"
+    return None
+
+
+def _refit_weight(model: Model, info: WeightInfo, dense: np.ndarray, stats: dict[str, Any],
+                  damp: float) -> dict[str, Any]:
+    """Re-fit the masked weight ``info`` of ``model`` towards its dense value ``dense``; store it, say what happened."""
+    t0 = time.perf_counter()
+    arr = np.asarray(model.get_array(info.name))
+    W0 = to_kn(arr, info)
+    new, res = refit_kn(to_kn(dense, info), W0 != 0, stats["H"], stats.get("C"), stats.get("D"), W0=W0, damp=damp)
+    if res.improved:
+        model.set_array(info.name, from_kn(new, info).astype(arr.dtype, copy=False))
+    out = {"rel_err_before": round(res.rel_before, 6), "rel_err_after": round(res.rel_after, 6),
+           "outputs_improved": res.improved, "outputs": res.outputs, "solver": res.method,
+           "iterations": res.iterations, "tokens": int(stats.get("tokens", 0)),
+           "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("refit %s: relative error %.5f -> %.5f (%s, %.2fs)", info.name, res.rel_before, res.rel_after,
+             res.method, out["seconds"])
+    return out
+
+
+def _refit_summary(per_weight: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Totals of the per-weight ``refit`` entries (None when nothing was re-fitted)."""
+    done = {k: v["refit"] for k, v in per_weight.items() if isinstance(v.get("refit"), dict) and "solver" in v["refit"]}
+    skipped = {k: v["refit"] for k, v in per_weight.items() if isinstance(v.get("refit"), str)}
+    if not done and not skipped:
+        return None
+    return {"weights_refit": len(done), "skipped": skipped,
+            "mean_rel_err_before": round(float(np.mean([r["rel_err_before"] for r in done.values()])), 6) if done
+            else 0.0,
+            "mean_rel_err_after": round(float(np.mean([r["rel_err_after"] for r in done.values()])), 6) if done
+            else 0.0,
+            "seconds": round(sum(r["seconds"] for r in done.values()), 3)}
+
+
 def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts: Any,
                      pattern: Any, skipped: dict[str, str]) -> dict[str, dict[str, int]]:
     """Prune ``targets`` one by one; ``pattern(target) -> (sparsity, nm)``.
@@ -406,38 +489,57 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
     wanda / sparsegpt targets get their statistics from
     :func:`onnxprune.analysis.calibration.calibration_stages`: ``mode=parallel`` collects all of
     them on the model before pruning (one pass), ``mode=sequential`` one depth stage at a time on
-    the model pruned so far.
+    the model pruned so far. With ``refit`` every criterion goes that way (``kind=cross``: the
+    sequential statistics also hold ``C``/``D`` against an unchanged copy of the model) and each
+    weight is re-fitted right after it is masked, before the next stage's statistics are taken.
     """
     per_weight: dict[str, dict[str, int]] = {}
+    refit = bool(getattr(opts, "refit", False))
+    mode = opts.mode if opts.mode != "auto" else ("sequential" if refit else "parallel")
+    refits: dict[str, Any] = {}
 
     def one(t: Target, stats: Any) -> None:
         sparsity, nm = pattern(t)
-        b, a = prune_target(model, t, criterion=t.options.criterion, sparsity=sparsity, nm=nm, stats=stats)
-        per_weight[t.info.name] = {"size": t.info.size, "nnz_before": b, "nnz_after": a}
+        reason = _refit_skip(t.info) if refit else None
+        dense = np.array(model.get_array(t.info.name)) if refit and stats is not None and reason is None else None
+        b, a = prune_target(model, t, criterion=t.options.criterion, sparsity=sparsity, nm=nm,
+                            stats=stats if t.options.criterion in CALIB_CRITERIA else None)
+        if refit:
+            refits[t.info.name] = (reason or "no calibration statistics" if dense is None
+                                   else _refit_weight(model, t.info, dense, stats, opts.refit_damp))
+        per_weight[t.info.name] = {"node": t.info.nodes[0] if t.info.nodes else None, "size": t.info.size,
+                                   "nnz_before": b, "nnz_after": a}
 
-    plain = [t for t in targets if t.options.criterion not in CALIB_CRITERIA]
+    plain = [t for t in targets if t.options.criterion not in CALIB_CRITERIA and not refit]
     for t in progress(plain, total=len(plain), desc="pruning", unit="layer"):
         one(t, None)
-    for crit in CALIB_CRITERIA:
+    dense_model = model.copy() if refit and mode == "sequential" else None
+    for crit in CRITERIA if refit else CALIB_CRITERIA:
         group = [t for t in targets if t.options.criterion == crit]
         if not group:
             continue
-        needs_calibration("masks", f"criterion={crit}", ctx.calibration)
+        needs_calibration("masks", "refit=true" if refit else f"criterion={crit}", ctx.calibration)
 
         calib = as_calibration(ctx.calibration, model)
         by_name = {t.info.name: t for t in group}
         ctargets = calib_targets(model, [t.info for t in group])
         for ct in ctargets:
-            if ct.skip_reason:
+            if ct.skip_reason and crit not in CALIB_CRITERIA:  # magnitude needs no statistics: masked, not re-fitted
+                one(by_name[ct.weight], None)
+            elif ct.skip_reason:
                 skipped[ct.weight] = f"{crit}: {ct.skip_reason}"
-        stages = calibration_stages(model, ctargets, calib, kind="hessian" if crit == "sparsegpt" else "sumsq",
-                                    mode=opts.mode, token_mask_input=opts.mask_input, stage_group=opts.stage_group)
+        kind = "cross" if refit else "hessian" if crit == "sparsegpt" else "sumsq"
+        stages = calibration_stages(model, ctargets, calib, kind=kind, mode=mode, token_mask_input=opts.mask_input,
+                                    stage_group=opts.stage_group, dense=dense_model)
         for stage, stats in stages:
             for ct in progress(stage, total=len(stage), desc=f"pruning ({crit})", unit="layer"):
                 if ct.weight in stats:
                     one(by_name[ct.weight], stats[ct.weight])
                 else:
                     skipped[ct.weight] = f"{crit}: consumers of the weight disagree on its input channels"
+    for name, r in refits.items():
+        if name in per_weight:
+            per_weight[name]["refit"] = r  # type: ignore[assignment]
     return per_weight
 
 
@@ -451,7 +553,7 @@ def _result_stats(per_weight: dict[str, dict[str, int]], skipped: dict[str, str]
         "params": total, "nnz_before": before, "nnz_after": after,
         "sparsity_after": round(1.0 - after / total, 6) if total else 0.0,
         "weights": per_weight, "skipped": skipped,
-    }
+    } | ({"refit": r} if (r := _refit_summary(per_weight)) is not None else {})
 
 
 def _no_weights(model: Model, ctx: PassContext, pass_name: str, skipped: dict[str, str]) -> PassResult:
@@ -477,6 +579,7 @@ class _SparsityPass(Pass):
     """What ``masks`` and ``nm`` share: target selection and the no-weight case; ``_prune`` does the rest."""
 
     preserves = ("weights",)
+    layer_overrides = True
     #: Whether ``include`` may admit initializers that are no GEMM weight (they have no K axis).
     allow_extra = False
 
@@ -541,7 +644,7 @@ class MasksPass(_SparsityPass):
         if glob:
             per_weight.update(self._global(model, ctx, glob, opts, stats_by_crit.get(opts.criterion, {})))
         if skipped:
-            log.info("masks: skipped %d weight(s): %s", len(skipped), skipped)
+            log.info("masks: skipped %d weight(s) (reasons in the report's stats)", len(skipped))
         stats = _result_stats(per_weight, skipped)
         return PassResult(model, stats["weights_pruned"] > 0, stats)
 
@@ -586,10 +689,12 @@ class MasksPass(_SparsityPass):
             nnz_after = int(np.count_nonzero(layer_keep))
             if nnz_after != nnz_before:
                 _write(model, info, arr, layer_keep.reshape(info.shape))
-            out[info.name] = {"size": size, "nnz_before": nnz_before, "nnz_after": nnz_after}
+            out[info.name] = {"node": info.nodes[0] if info.nodes else None, "size": size,
+                              "nnz_before": nnz_before, "nnz_after": nnz_after}
         if guarded:
             ctx.warn(f"masks: global ranking would have left fewer than min_keep={opts.min_keep} of "
-                     f"{len(guarded)} layer(s); kept their top weights instead: {', '.join(guarded[:5])}")
+                     f"{len(guarded)} layer(s); kept their top weights instead: "
+                     f"{', '.join(weight_labels(model, guarded[:5]).values())}")
         return out
 
 
@@ -621,14 +726,22 @@ class NMPass(_SparsityPass):
                     not_trt[info.name] = reason.message
         per_weight = _prune_layerwise(model, ctx, eligible, opts, lambda t: (None, (t.options.n, t.options.m)),
                                       skipped)
+        # only what now holds the pattern: a weight the criterion skipped (sparsegpt on a grouped Conv) stays dense
+        not_trt = {k: v for k, v in not_trt.items() if k in per_weight and k not in skipped}
+        left_dense = {t.info.name: skipped[t.info.name] for t in eligible if t.info.name in skipped}
+        if left_dense:
+            ctx.warn(f"nm: {len(left_dense)} weight(s) left dense by the criterion: "
+                     + ", ".join(f"{k} ({v})" for k, v in list(left_dense.items())[:5])
+                     + (" ..." if len(left_dense) > 5 else ""))
         unusual = {k: v for k, v in skipped.items() if "multiple of" in v or "K axis" in v or "disagree" in v}
+        labels = weight_labels(model, list(unusual)[:5] + list(not_trt)[:5])
         if unusual:
-            listing = ", ".join(f"{k} ({v})" for k, v in list(unusual.items())[:5])
+            listing = ", ".join(f"{labels[k]}: {v}" for k, v in list(unusual.items())[:5])
             ctx.warn(f"nm: skipped {len(unusual)} weight(s) that cannot hold {opts.n}:{opts.m} along K: {listing}"
                      + (" ..." if len(unusual) > 5 else ""))
         if not_trt:
             ctx.warn(f"nm: {len(not_trt)} masked weight(s) TensorRT will not run sparse: "
-                     + ", ".join(f"{k} ({v})" for k, v in list(not_trt.items())[:5]))
+                     + ", ".join(f"{labels[k]}: {v}" for k, v in list(not_trt.items())[:5]))
         stats = _result_stats(per_weight, skipped)
         stats["not_tensorrt_sparse"] = not_trt
         return PassResult(model, stats["weights_pruned"] > 0, stats)

@@ -355,6 +355,35 @@ def _densify_sparse_initializers(proto: onnx.ModelProto, where: str = "model") -
     graph.ClearField("sparse_initializer")
 
 
+#: Names exporters give external-data files (``model.onnx.data``, ``model.onnx_data``, ``model.data``).
+EXTERNAL_DATA_SUFFIXES = (".onnx.data", ".onnx_data", ".data", ".bin")
+
+
+def refuse_external_data_file(path: Path) -> None:
+    """A weights file given where the model belongs: say so, and name the ``.onnx`` next to it.
+
+    Raises:
+        ModelLoadError: ``path`` ends like an external-data file (:data:`EXTERNAL_DATA_SUFFIXES`)
+            and does not start like a serialized ModelProto (its first byte is not field 1..8 of
+            ModelProto, which every ``.onnx`` file begins with).
+    """
+    name = path.name
+    suffix = next((s for s in EXTERNAL_DATA_SUFFIXES if name.endswith(s)), None)
+    if suffix is None or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head and head[0] in (0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42):  # looks like a ModelProto
+        return
+    stem = name[:-len(suffix)]
+    candidates = sorted(p.name for p in path.parent.glob("*.onnx")
+                        if p.name == stem or p.name == stem + ".onnx" or p.name.startswith(stem))
+    hint = (f"load {path.parent / candidates[0]} instead" if candidates
+            else "load the .onnx file it belongs to (kept in the same folder)")
+    raise ModelLoadError(f"{path}: is an external-data file (raw weights that an .onnx model refers to), not a "
+                         f"model; {hint}")
+
+
 def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
     """Load an ONNX model without reading external weights into memory.
 
@@ -370,6 +399,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
         UnsupportedModelError: opset below 7 or newer than the installed onnx.
     """
     path = Path(path)
+    refuse_external_data_file(path)
     proto = _read_proto(path)
     where = str(path)
     try:

@@ -131,6 +131,7 @@ def save(
     external_data: bool | None = None,
     sparse_initializers: bool = False,
     sparse_threshold: float = 0.5,
+    sparse_stats: dict[str, list[str]] | None = None,
 ) -> Path:
     """Save ``model`` atomically.
 
@@ -144,6 +145,9 @@ def save(
             ``sparse_threshold`` as ``sparse_initializer`` (smaller file; ONNX Runtime densifies
             them at load; TensorRT's parser ignores them, so do not use this for TensorRT).
         sparse_threshold: Minimum share of zeros for sparse storage.
+        sparse_stats: Filled, when given, with what ``sparse_initializers`` did: ``"sparse"``
+            (initializers stored sparse) and ``"not_smaller"`` (sparse enough for the threshold,
+            but int64 indices would have made them larger, e.g. 2:4 at 50% zeros; kept dense).
 
     Returns:
         The path written.
@@ -187,6 +191,8 @@ def save(
                 # int64 indices (the ONNX spec's only index type) cost 8 B per non-zero: only
                 # store sparse when that is actually smaller (fp32: > 2/3 zeros, fp16: > 4/5)
                 smaller = nnz * (arr.itemsize + 8) < arr.size * arr.itemsize
+                if sparse_stats is not None and zeros / arr.size >= sparse_threshold:
+                    sparse_stats.setdefault("sparse" if smaller else "not_smaller", []).append(t.name)
                 if zeros / arr.size >= sparse_threshold and smaller:
                     frag.graph.sparse_initializer.append(_sparse_tensor(t.name, np.asarray(arr)))
                     yield frag.SerializeToString()

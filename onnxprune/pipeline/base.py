@@ -60,15 +60,28 @@ class PassContext:
         options: Mapping[str, Any] | None = None,
         recipe_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        self.calibration = calibration
+        self._calibration = calibration
+        #: Whether any pass read :attr:`calibration` (``optimize`` warns when data was given but unused).
+        self.calibration_read = False
         self.options: dict[str, Any] = dict(options or {})
         self.recipe_overrides: dict[str, Any] = dict(recipe_overrides or {})
         self._analyses: dict[str, Any] = {}
         self.warnings: list[str] = []
 
+    @property
+    def calibration(self) -> Any:
+        """The calibration data (reading it marks it used: :attr:`calibration_read`)."""
+        self.calibration_read = True
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value: Any) -> None:
+        self._calibration = value
+
     def warn(self, message: str) -> None:
-        """Record a warning for the report (the report prints it; logged at INFO for ``-v``)."""
-        log.info("warning: %s", message)
+        """Record a warning for the report (the report prints it once; logged at DEBUG only, so that
+        ``-v`` does not print it a second time as an INFO line)."""
+        log.debug("warning recorded: %s", message)
         self.warnings.append(message)
 
     def get_analysis(self, key: str, compute: Callable[[], T]) -> T:
@@ -98,6 +111,9 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     #: Analyses (context keys) this pass leaves valid.
     preserves: ClassVar[tuple[str, ...]] = ()
+    #: Whether the pass takes per-layer overrides (a recipe's ``[pass.layers]``: regex on node or
+    #: initializer names -> options, ``skip = true``); a recipe giving them to another pass is an error.
+    layer_overrides: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is None:

@@ -203,7 +203,7 @@ class PassManager:
                 ctx.invalidate(p.preserves)
             seconds = time.perf_counter() - t0
             records.append(PassRecord(p.name, p.options_dict(), result.modified, seconds, dict(result.stats)))
-            log.info("pass %s: modified=%s %.2fs %s", p.name, result.modified, seconds, result.stats)
+            log.info("pass %s: modified=%s %.2fs %s", p.name, result.modified, seconds, brief_stats(result.stats))
         if baseline is not None and modifying:
             final_verification(model, baseline, modifying)
         return model, records
@@ -227,6 +227,14 @@ class PassManager:
             ctx.warn(f"final run check skipped (only the load check applies): {exc}")
             return Baseline(None, per_pass_load=True)
         return Baseline(signature, per_pass_load=True)
+
+
+def brief_stats(stats: Mapping[str, Any], limit: int = 300) -> str:
+    """The scalar statistics of a pass for one log line (per-weight tables and lists left out,
+    at most ``limit`` characters): ``-v`` must not print multi-KB dict dumps."""
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in stats.items() if not isinstance(v, (dict, list, tuple, set)))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass

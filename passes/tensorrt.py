@@ -26,9 +26,13 @@ It writes the current model to a temporary ONNX file and builds a serialized eng
 
 Without an importable ``tensorrt`` or without a usable GPU the pass raises :class:`PassError`
 whose message holds the equivalent ``trtexec`` command, unless ``emit_trtexec=true``: then it
-records the command in its stats, warns that no engine was built, and the pipeline goes on. The
-command always names the ONNX file the pipeline saves (``ctx.options["output_path"]``, set by the
-CLI) or else the file the model was loaded from.
+records the command in its stats, warns that no engine was built, and the pipeline goes on. In
+both cases the pass first writes the model it was given (after ``gemm_form``, if set) to
+:func:`trtexec_onnx_path` of the engine (``out.engine`` -> ``out.trt.onnx``), and the command
+names that file: it exists, and it holds the network this pass would have built, whatever runs
+after the pass and whether or not the pipeline's output is written. The engine path defaults to
+the ONNX file the pipeline saves (``ctx.options["output_path"]``, set by the CLI) or else the file
+the model was loaded from, with ``.engine``.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from onnxprune.errors import NoGpuError, PassError, PipelineError
+from onnxprune.errors import NoGpuError, OnnxPruneError, PassError, PipelineError
 from onnxprune.ir.model import Model
 from onnxprune.ir.save import save
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
@@ -102,6 +106,30 @@ def resolve_paths(opts: TensorRTOptions, ctx: PassContext | None, model: Model) 
     return onnx_path or "model.onnx", engine
 
 
+def trtexec_onnx_path(engine: str) -> str:
+    """Where the pass writes the ONNX a ``trtexec`` command builds from when it built no engine:
+    the engine path with ``.trt.onnx`` for its suffix (``out.engine`` -> ``out.trt.onnx``)."""
+    p = Path(engine)
+    return str(p.with_name((p.stem if p.suffix else p.name) + ".trt.onnx"))
+
+
+def _unbuilt_command(model: Model, settings: BuildSettings, stats: dict[str, Any]) -> str:
+    """No engine was built: write ``model`` where the trtexec command reads it; return the command.
+
+    Raises:
+        PassError: the file cannot be written (or would be the input model).
+    """
+    onnx_file = trtexec_onnx_path(settings.engine_path)
+    try:
+        save(model, onnx_file)
+    except OnnxPruneError as exc:
+        raise PassError(f"tensorrt: no engine was built, and the model for trtexec could not be written: {exc}") \
+            from None
+    command = trtexec_command(replace(settings, onnx_path=onnx_file))
+    stats.update(trtexec=command, trtexec_onnx=onnx_file)
+    return command
+
+
 def build_settings(opts: TensorRTOptions, model: Model, ctx: PassContext | None = None) -> BuildSettings:
     """Everything a build needs (and the trtexec command shows), from options and the model."""
     onnx_path, engine = resolve_paths(opts, ctx, model)
@@ -146,22 +174,27 @@ class TensorRTPass(Pass):
         try:
             trt = import_tensorrt()
         except ImportError as exc:
+            command = _unbuilt_command(model, settings, stats)
             if opts.emit_trtexec:
-                ctx.warn(f"tensorrt: no engine built (tensorrt not importable: {exc}); command: {command}")
+                ctx.warn(f"tensorrt: no engine built (tensorrt not importable: {exc}); wrote "
+                         f"{stats['trtexec_onnx']} for: {command}")
                 stats["built"] = False
                 return PassResult(model, modified, stats)
-            raise PassError(missing_message(f"the tensorrt Python package is not importable ({exc})", command)) from None
+            raise PassError(missing_message(f"the tensorrt Python package is not importable ({exc})",
+                                            f"{command} (wrote {stats['trtexec_onnx']} for it)")) from None
         try:
             with tempfile.TemporaryDirectory(prefix="onnxprune-trt-") as tmp:
                 onnx_file = os.path.join(tmp, "model.onnx")
                 save(model, onnx_file)
                 stats.update(build_engine(trt, onnx_file, settings))
         except NoGpuError as exc:
+            command = _unbuilt_command(model, settings, stats)
             if opts.emit_trtexec:
-                ctx.warn(f"{exc}; command: {command}")
+                ctx.warn(f"{exc}; wrote {stats['trtexec_onnx']} for: {command}")
                 stats["built"] = False
                 return PassResult(model, modified, stats)
-            raise PassError(missing_message(str(exc).removeprefix("tensorrt: "), command)) from None
+            raise PassError(missing_message(str(exc).removeprefix("tensorrt: "),
+                                            f"{command} (wrote {stats['trtexec_onnx']} for it)")) from None
         stats["built"] = True
         return PassResult(model, modified, stats)
 

@@ -183,3 +183,68 @@ def test_int8_qdq_eligible_weight_only_not() -> None:
     fc = _by_node(inspect_tensorrt(_dq_model(False)))["fc"]
     assert fc["eligible"] is False and any("weight-only" in n for n in fc["notes"])
     assert any("FP32 math" in r for r in fc["reasons"])
+
+
+# ---------------------------------------------------------------------- one rule, one answer (issue 15, point 7)
+def _nm_and_trt(model: onnxprune.Model) -> tuple[dict, dict]:
+    from onnxprune.tensorrt.eligibility import inspect_nm
+
+    return inspect_nm(model, 2, 4), inspect_tensorrt(model)
+
+
+@pytest.mark.parametrize("pipeline", ["nm(n=2,m=4)", "nm(n=2,m=4),fp16"])
+def test_inspect_nm_and_tensorrt_give_one_answer(pipeline: str) -> None:
+    """`inspect --nm 2:4` once said 72 layers were TensorRT-eligible where `inspect --tensorrt` said 0
+    of 96 on the same FP32 file: both now apply the one rule, FP32 math (strongly typed) included."""
+    model = onnxprune.optimize(from_proto(build_transformer_block(layers=2)), pipeline).model
+    nm, trt = _nm_and_trt(model)
+    layers = [x for x in trt["layers"] if x["weight"] is not None]
+    assert len(layers) == len(nm["tensorrt"]) == 12  # one GEMM per weight here
+    assert nm["summary"]["tensorrt_eligible"] == trt["summary"]["structurally_eligible"]
+    assert nm["summary"]["tensorrt_eligible_and_sparse"] == trt["summary"]["eligible"]
+    if pipeline.endswith("fp16"):
+        assert trt["summary"]["eligible"] == 12 and nm["summary"]["tensorrt_fp32_math"] == 0
+    else:
+        assert trt["summary"]["eligible"] == nm["summary"]["tensorrt_eligible"] == 0
+        assert nm["summary"]["tensorrt_fp32_math"] == 12
+        assert {t["reason_code"] for t in nm["tensorrt"]} == {"fp32_math"}
+
+
+def test_cli_inspect_nm_says_fp32_why(tmp_path: Path) -> None:
+    from onnxprune.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnxprune.save(onnxprune.optimize(from_proto(build_transformer_block()), "nm(n=2,m=4)").model, src)
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["inspect", str(src), "--nm", "2:4"]) == 0
+    text = buf.getvalue()
+    assert "0 of 6 weights eligible, 0 eligible and 2:4" in text
+    assert "6 compute in FP32" in text and "strongly typed" in text and "fp16 pass" in text
+    assert text.count("strongly typed") == 1  # said once, not on every row
+    assert "layer0.attn.q" in text  # rows by node name
+
+
+def test_nm_warns_only_about_weights_it_masked() -> None:
+    """The demo warned that its grouped Conv was masked (and would not run sparse) although
+    sparsegpt had skipped it: the warning now lists only masked weights, the skip is said."""
+    from importlib import resources
+
+    src = Path(str(resources.files("onnxprune") / "data" / "demo_cnn.onnx"))
+    rng = np.random.default_rng(1)
+    calib = [{"input": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}]
+    res = onnxprune.optimize(onnxprune.load(src), "nm(n=2,m=4,criterion=sparsegpt)", calibration=calib)
+    st = res.report.passes[0].stats
+    assert "gconv.conv.weight" in st["skipped"] and "gconv.conv.weight" not in st["not_tensorrt_sparse"]
+    arr = res.model.get_array("gconv.conv.weight")
+    assert np.count_nonzero(arr) == arr.size  # really left dense
+    assert not any("TensorRT will not run sparse" in w and "gconv" in w for w in res.report.warnings)
+    assert any("left dense by the criterion" in w and "gconv.conv.weight" in w for w in res.report.warnings)
+    # with magnitude the grouped Conv is masked, and then the warning is true and stays
+    res = onnxprune.optimize(onnxprune.load(src), "nm(n=2,m=4)")
+    st = res.report.passes[0].stats
+    assert "grouped" in st["not_tensorrt_sparse"]["gconv.conv.weight"]
+    assert any("TensorRT will not run sparse" in w and "gconv" in w for w in res.report.warnings)

@@ -489,7 +489,14 @@ def test_missing_tensorrt_raises_with_trtexec(monkeypatch: pytest.MonkeyPatch, t
                            options={"output_path": str(tmp_path / "m.onnx")})
     msg = str(info.value)
     assert "not importable" in msg and "no engine was built" in msg and "\n" not in msg
-    assert f"trtexec --onnx={tmp_path / 'm.onnx'} --saveEngine={tmp_path / 'm.engine'} --sparsity=enable" in msg
+    # the command names an ONNX file that exists and holds the model the pass saw (the pipeline's
+    # output m.onnx is never written when the pass fails)
+    onnx_file = tmp_path / "m.trt.onnx"
+    assert f"trtexec --onnx={onnx_file} --saveEngine={tmp_path / 'm.engine'} --sparsity=enable" in msg
+    assert f"wrote {onnx_file}" in msg and not (tmp_path / "m.onnx").exists()
+    written = onnx.load(str(onnx_file))
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in model.proto.graph.node]
+    assert {t.name for t in written.graph.initializer} == {t.name for t in model.proto.graph.initializer}
     assert "--minShapes=input:1x" in msg and "--profilingVerbosity=detailed" in msg
     assert not (tmp_path / "m.engine").exists()
 
@@ -501,7 +508,9 @@ def test_emit_trtexec_warns_and_leaves_model(monkeypatch: pytest.MonkeyPatch, tm
     res = onnxprune.optimize(model, "tensorrt(emit_trtexec=true)", options={"output_path": str(tmp_path / "o.onnx")})
     rec = res.report.passes[0]
     assert rec.modified is False and rec.stats["built"] is False
-    assert rec.stats["trtexec"].startswith(f"trtexec --onnx={tmp_path / 'o.onnx'} --saveEngine={tmp_path / 'o.engine'}")
+    onnx_file = tmp_path / "o.trt.onnx"
+    assert rec.stats["trtexec"].startswith(f"trtexec --onnx={onnx_file} --saveEngine={tmp_path / 'o.engine'}")
+    assert rec.stats["trtexec_onnx"] == str(onnx_file) and onnx.load(str(onnx_file)).graph.node
     assert rec.stats["onnx_eligible"] >= 1
     assert any("no engine built" in w for w in res.report.warnings)
     assert res.model.proto.SerializeToString() == before

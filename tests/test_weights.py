@@ -194,9 +194,19 @@ def test_inspect_weights_and_nm():
     assert len(idx) == 4 and C[tuple(idx)] != 0
     assert by["C3"]["status"] == "skipped" and "multiple of 4" in by["C3"]["reason"]
     trt = {t["name"]: t for t in data["tensorrt"]}
-    assert trt["W"]["eligible"] and trt["C"]["eligible"]
+    # FP32 math: strongly-typed TensorRT runs no sparse kernel, whatever the weights (inspect --tensorrt's rule)
+    assert not trt["W"]["eligible"] and trt["W"]["reason_code"] == "fp32_math"
     assert not trt["Cg"]["eligible"] and "grouped" in trt["Cg"]["reason"]
-    assert trt["W"]["size_note"].startswith("small") and trt["Cg"]["size_note"] is None
-    assert data["summary"]["tensorrt_eligible_and_sparse"] == 1
+    assert trt["W"]["size_note"] is None and trt["Cg"]["size_note"] is None
+    assert data["summary"]["tensorrt_eligible_and_sparse"] == 0
     out = format_nm(data)
     assert "1 ok" in out and "TensorRT" in out and "grouped convolution" in out
+    for t in m.graph.initializer:  # the same graph in FP16 math
+        t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+    for v in [*m.graph.input, *m.graph.output]:
+        v.type.tensor_type.elem_type = T.FLOAT16
+    half = inspect_nm(from_proto(m), 2, 4)
+    trt = {t["name"]: t for t in half["tensorrt"]}
+    assert trt["W"]["eligible"] and trt["C"]["eligible"] and not trt["Cg"]["eligible"]
+    assert trt["W"]["size_note"].startswith("small")
+    assert half["summary"]["tensorrt_eligible_and_sparse"] == 1

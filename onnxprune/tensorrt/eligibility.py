@@ -50,7 +50,7 @@ from onnxprune.analysis.weights import (
 )
 from onnxprune.criteria.masks import is_nm
 from onnxprune.errors import PipelineError, Reason
-from onnxprune.fmt import shorten
+from onnxprune.fmt import Footnotes, shorten
 from onnxprune.ir.graph import attr
 from onnxprune.ir.model import Model
 from onnxprune.tensorrt.gemm_form import infer_shapes_types, plan_gemm_form
@@ -321,6 +321,12 @@ def is_small(info: WeightInfo) -> bool:
 def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
     """Check every weight for N:M sparsity along K, and TensorRT sparse-tensor-core eligibility.
 
+    Eligibility is :func:`inspect_tensorrt`'s answer for the layers that read the weight (every
+    one must be structurally eligible, FP32 math included), so ``inspect --nm`` and
+    ``inspect --tensorrt`` never disagree: an FP32 file has no eligible weight under strongly-typed
+    TensorRT, whatever its sparsity; ``tensorrt_fp32_math`` counts the weights that the ``fp16``
+    pass would make eligible.
+
     Returns:
         ``{"n", "m", "weights": [...], "summary": {...}, "tensorrt": [...]}``. Each weight entry
         has ``status`` (``ok`` / ``violates`` / ``skipped``), ``violating_groups``, ``groups``,
@@ -331,6 +337,10 @@ def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
     """
     if m < 2 or n < 1 or n >= m:
         raise PipelineError(f"--nm {n}:{m}: need 1 <= N < M and M >= 2")
+    layers_of: dict[str, list[dict[str, Any]]] = {}
+    for layer in inspect_tensorrt(model)["layers"]:  # THE rule, so both inspect modes give one answer
+        if layer["weight"] is not None:
+            layers_of.setdefault(layer["weight"], []).append(layer)
     entries = []
     trt = []
     counts = {"ok": 0, "violates": 0, "skipped": 0}
@@ -353,15 +363,22 @@ def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
             e["status"] = "ok" if ok else "violates"
         counts[e["status"]] += 1
         entries.append(e)
-        reason = trt_sparse_reason(w)
+        layers = layers_of.get(w.name, [])
+        failing = next((x for x in layers if not x["structurally_eligible"]), None)
+        eligible = bool(layers) and failing is None
+        reason, code = (failing["reasons"][0], failing["reason_codes"][0]) if failing else (None, None)
+        if not layers:
+            reason, code = "no GEMM-like layer reads it", "not_gemm"
         trt.append({"name": w.name, "op_type": w.op_type, "nodes": w.nodes, "shape": list(w.shape),
-                    "eligible": reason is None, "reason": reason.message if reason else None,
-                    "reason_code": reason.code if reason else None, "nm_ok": e["status"] == "ok",
-                    "size_note": _size_note(w) if reason is None else None})
+                    "compute_dtype": layers[0]["compute_dtype"] if layers else None,
+                    "eligible": eligible, "reason": reason, "reason_code": code, "nm_ok": e["status"] == "ok",
+                    "fp32_math": any("fp32_math" in x["reason_codes"] for x in layers),
+                    "size_note": _size_note(w) if eligible else None})
     summary = dict(counts)
     summary["weights"] = len(entries)
     summary["tensorrt_eligible"] = sum(1 for t in trt if t["eligible"])
     summary["tensorrt_eligible_and_sparse"] = sum(1 for t in trt if t["eligible"] and t["nm_ok"])
+    summary["tensorrt_fp32_math"] = sum(1 for t in trt if t["fp32_math"])
     return {"n": n, "m": m, "weights": entries, "summary": summary, "tensorrt": trt}
 
 
@@ -412,11 +429,18 @@ def format_nm(data: dict[str, Any]) -> str:
             lines.append(f"{shorten(e['name'], 44):<44} {str(e['shape']):<18} {k:>6} {e['status']:<9} {bad:>12}  "
                          f"{detail}".rstrip())
     lines.append("")
-    lines.append(f"TensorRT sparse tensor cores (constant weight, K % 4 == 0, not grouped Conv): "
-                 f"{s['tensorrt_eligible']} eligible, {s['tensorrt_eligible_and_sparse']} eligible and {n}:{m}")
+    lines.append(f"TensorRT sparse tensor cores (the rule of `inspect --tensorrt`: constant weight, K % 4 == 0, "
+                 f"no grouped Conv, FP16/BF16/INT8/FP8 math): {s['tensorrt_eligible']} of {len(data['tensorrt'])} "
+                 f"weights eligible, {s['tensorrt_eligible_and_sparse']} eligible and {n}:{m}")
+    if s.get("tensorrt_fp32_math"):
+        lines.append(f"  {s['tensorrt_fp32_math']} compute in FP32, which no sparse kernel takes: "
+                     f"{STRONGLY_TYPED_NOTE}")
+    notes = Footnotes()
     for t in data["tensorrt"]:
         state = "eligible" if t["eligible"] else "no"
         extra = ((f"{n}:{m} ok" if t["nm_ok"] else f"not {n}:{m}") + f"; {t['size_note']}") if t["eligible"] \
-            else t["reason"]
-        lines.append(f"  {shorten(t['name'], 44):<44} {t['op_type']:<13} {str(t['shape']):<18} {state:<8} {extra}")
+            else notes.ref("FP32 math (see above)" if t["reason_code"] == "fp32_math" else t["reason"] or "")
+        lines.append(f"  {shorten(t['nodes'][0] if t['nodes'] else t['name'], 48):<48} {t['op_type']:<8} "
+                     f"{str(t['shape']):<14} {state:<8} {extra}".rstrip())
+    lines += notes.lines()
     return "\n".join(lines)

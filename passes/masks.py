@@ -526,6 +526,7 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
         for ct in ctargets:
             if ct.skip_reason and crit not in CALIB_CRITERIA:  # magnitude needs no statistics: masked, not re-fitted
                 one(by_name[ct.weight], None)
+                refits[ct.weight] = ct.skip_reason
             elif ct.skip_reason:
                 skipped[ct.weight] = f"{crit}: {ct.skip_reason}"
         kind = "cross" if refit else "hessian" if crit == "sparsegpt" else "sumsq"

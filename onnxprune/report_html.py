@@ -254,14 +254,14 @@ def _layer_table(rows: list[dict[str, Any]]) -> str:
             f'<th class="n">sparsity after</th></tr>{body}</table></details>')
 
 
-def _kept_card(what: str, before: int | None, after: int | None, fmt: Any) -> tuple[str, str, str]:
+def _kept_card(what: str, before: int | None, after: int | None, fmt: Any) -> tuple[str, str, list[str]]:
     if not before:
-        return what, fmt(after), "kept (nothing before to compare)"
+        return what, fmt(after), ["kept (nothing before to compare)"]
     removed = before - (after or 0)
     share = (after or 0) / before
     return (f"{what} kept", _pct(share),
-            f"{fmt(after)} of {fmt(before)} kept; {fmt(removed)} removed" if removed >= 0 else
-            f"{fmt(after)} from {fmt(before)}: grew by {fmt(-removed)}")
+            [f"{fmt(after)} of {fmt(before)} kept", f"{fmt(removed)} removed"] if removed >= 0 else
+            [f"{fmt(after)} from {fmt(before)}", f"grew by {fmt(-removed)}"])
 
 
 def _summary(report: Report) -> str:
@@ -274,18 +274,20 @@ def _summary(report: Report) -> str:
         cards.append(_kept_card("file size", b.file_size, a.file_size, fmt_bytes))
     wall = report.wall_seconds
     cards.append(("time", f"{wall:.1f} s total" if wall is not None else f"{report.total_seconds:.2f} s",
-                  f"{len(report.passes)} pass(es) {report.total_seconds:.1f} s; the rest: summaries, "
-                  "verification, the check" if wall is not None
-                  else f"in {len(report.passes)} pass(es); total not recorded"))
-    html_cards = "".join(f'<div class="card"><span>{_e(k)}</span><b>{_e(v)}</b><span>{_e(s)}</span></div>'
-                         for k, v, s in cards)
+                  [f"{report.total_seconds:.1f} s in {len(report.passes)} pass(es)",
+                   "the rest: summaries, verification, check"] if wall is not None
+                  else [f"in {len(report.passes)} pass(es)", "total not recorded"]))
+    html_cards = "".join(f'<div class="card"><span>{_e(k)}</span><b>{_e(v)}</b>'
+                         + "".join(f"<span>{_e(line)}</span>" for line in sub) + "</div>"
+                         for k, v, sub in cards)
     ops = sorted(set(b.ops) | set(a.ops))
     rows = [("nodes", fmt_int(b.nodes), fmt_int(a.nodes)),
             ("parameters", fmt_int(b.parameters), fmt_int(a.parameters)),
             ("non-zero parameters", fmt_int(b.nonzero), fmt_int(a.nonzero)),
             ("sparsity", _pct(b.sparsity), _pct(a.sparsity)),
             ("weight bytes", fmt_bytes(b.weight_bytes), fmt_bytes(a.weight_bytes)),
-            ("file size", fmt_bytes(b.file_size), fmt_bytes(a.file_size))]
+            ("file size", fmt_bytes(b.file_size), fmt_bytes(a.file_size) if a.file_size is not None else
+             "not written" if report.failures else "not saved")]
     rows += [(f"op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in ops
              if b.ops.get(o, 0) != a.ops.get(o, 0)]
     table = "".join(f'<tr><td>{_e(k)}</td><td class="n">{_e(x)}</td><td class="n">{_e(y)}</td></tr>'

@@ -29,6 +29,7 @@ from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext
 from onnxprune.pipeline.manager import PassManager, preflight
 from onnxprune.pipeline.spec import parse_pipeline
+from onnxprune.progress import stage
 from onnxprune.report import Report
 from onnxprune.summary import summarize
 
@@ -82,6 +83,7 @@ def optimize(
     check: bool = False,
     check_inputs: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     check_dims: Mapping[str, int] | None = None,
+    check_pool: str | None = None,
     recipe_overrides: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     inplace: bool = False,
@@ -100,6 +102,8 @@ def optimize(
         check: Compare the result with the input on ONNX Runtime CPU.
         check_inputs: Inputs for the check (dict or ``.npz``); random when None.
         check_dims: Values of dynamic dimensions for random check inputs.
+        check_pool: ``"mean"``: the check also reports the mean-pooled cosine of ``[B, S, H]``
+            outputs (sentence embeddings), which :func:`onnxprune.check.verdict` then gates.
         recipe_overrides: Per-layer overrides ``{pass: {regex: {option: value}}}``.
         options: Global options for the context (e.g. ``{"seed": 0}``).
         inplace: Change ``model`` itself instead of a copy (saves memory on big models).
@@ -136,7 +140,8 @@ def optimize(
             reference = model.path  # the input file is never changed
         else:
             reference = model.copy()
-    out, records = PassManager(passes, verify=verify, check_inputs=check_inputs, check_dims=check_dims).run(work, ctx)
+    out, records = PassManager(passes, verify=verify, check_inputs=check_inputs, check_dims=check_dims,
+                               progress=lambda i, n, p: stage(f"pass {i + 1}/{n}: {p.name}")).run(work, ctx)
     after = summarize(out, per_initializer=per_layer)
     if per_layer:
         annotate_rows(after.per_initializer, out)
@@ -155,6 +160,7 @@ def optimize(
                 f"{len(inner)} weight(s) used inside If/Loop/Scan bodies were not pruned (subgraphs are not "
                 f"handled): {', '.join(inner[:8])}{' ...' if len(inner) > 8 else ''}")
     if reference is not None:
-        report.check = compare(reference, out, feeds=check_inputs, dims=check_dims)
+        stage("check: running both models on ONNX Runtime CPU")
+        report.check = compare(reference, out, feeds=check_inputs, dims=check_dims, pool=check_pool)
     report.wall_seconds = time.perf_counter() - t_start
     return OptimizeResult(out, report)

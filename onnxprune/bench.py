@@ -70,8 +70,12 @@ class Timing:
         return asdict(self)
 
     def format(self) -> str:
-        """``12.34 ms [IQR 12.10-12.80, 15 runs]``."""
-        return f"{self.median_ms:.2f} ms [IQR {self.q1_ms:.2f}-{self.q3_ms:.2f}, {self.runs} runs]"
+        """``12.3 ms [IQR 12.1-12.8, 15 runs]`` (3 significant digits, at least one decimal)."""
+        return f"{_ms(self.median_ms)} ms [IQR {_ms(self.q1_ms)}-{_ms(self.q3_ms)}, {self.runs} runs]"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
 
 
 def speedup(a: Timing, b: Timing) -> float:

@@ -7,8 +7,13 @@ For every output present in both models the comparison reports
 * ``max_rel``  = max |a - b| / max |a|   (relative to the reference's scale, so near-zero
   reference values do not blow it up)
 * ``cosine``   = <a, b> / (|a| |b|) over the flattened tensors (float64)
-* ``top1``     = share of rows whose argmax over the last axis agrees (only for float outputs
-  whose last axis has more than one element).
+* ``top1``     = share of rows whose argmax over the last axis agrees, only for *logit-like*
+  outputs (:func:`is_logit_like`): a float output whose last axis has more than one element, of
+  rank 2 (``[batch, classes]``), or of any rank >= 1 when its name contains ``logit`` (LM and
+  token-classification heads ``[B, S, vocab]``); never when its name says it is a hidden state
+  or an embedding (``hidden``, ``embed``, ``pool``, ``feature``). So ``[B, S, H]`` hidden states,
+  ``[N, C, H, W]`` feature maps and ``[B, H]`` pooled embeddings get no top1: the argmax over
+  hidden units means nothing.
 * ``pooled_cosine`` (with ``pool="mean"``, for text-embedding outputs ``[B, S, H]``): mean over
   the batch of the cosine between mean-pooled token vectors, padding tokens excluded through the
   feed's attention mask (an input whose name contains ``mask``), i.e. what sentence-embedding
@@ -18,6 +23,21 @@ A comparison *fails loudly* (:meth:`CheckResult.problems`, whatever the toleranc
 output changed shape, when the candidate has NaN/Inf where the reference is finite, or when the
 error itself is not finite (a NaN/Inf where the reference had a finite value, or the reverse).
 Positions where both outputs hold the same value (the same Inf, or NaN in both) count as equal.
+
+:func:`verdict` turns a comparison into one word, with the thresholds it used:
+
+* ``kept``: no problem above, and every output meets both gates: its cosine (the mean-pooled
+  cosine where ``pool="mean"`` computed one, since that is what sentence-embedding models
+  compare) ``>= min_cos`` (default :data:`DEFAULT_MIN_COS` = 0.99) and, where it has a top1,
+  ``top1 >= min_top1`` (default :data:`DEFAULT_MIN_TOP1` = 0.99); a gate given as None is off;
+* ``broken``: a problem above, or an output below the *broken* floors: cosine
+  ``< min(min_cos, BROKEN_COS)`` (0.9: an angle over 25 degrees between the output vectors) or
+  top1 ``< min(min_top1, BROKEN_TOP1)`` (0.5: most argmaxes changed);
+* ``degraded``: everything else (a gate missed, but not by that much).
+
+0.99 is the default because a pruned model a deployment engineer can ship unseen should keep
+its outputs' direction to within ~8 degrees on the check inputs; looser budgets are a choice
+(``--min-cos 0.95``), which then shows in the verdict line.
 
 Inputs come from an ``.npz`` file (arrays named after the model inputs), a dict, or are
 synthesized from the declared input types and from what the graph says (:func:`input_hints`):
@@ -42,7 +62,7 @@ synthesized from the declared input types and from what the graph says (:func:`i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +75,33 @@ from onnxprune.ir.save import temporary_file
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 16
+#: Default gates of :func:`verdict` (``--min-cos`` / ``--min-top1``).
+DEFAULT_MIN_COS = 0.99
+DEFAULT_MIN_TOP1 = 0.99
+#: Below min(gate, floor) a missed gate is ``broken`` rather than ``degraded``.
+BROKEN_COS = 0.9
+BROKEN_TOP1 = 0.5
+#: Output-name fragments that mark hidden states / embeddings (never logit-like).
+EMBEDDING_WORDS = ("hidden", "embed", "pool", "feature")
+
+
+def is_logit_like(name: str, shape: Sequence[int], dtype: Any) -> bool:
+    """Whether top-1 (argmax over the last axis) agreement means something for this output.
+
+    The rule (module docstring): float, last axis > 1, name not hidden-state/embedding-like, and
+    rank 2 or a name containing ``logit``.
+
+    Args:
+        name: The output's name.
+        shape: Its shape.
+        dtype: Its numpy dtype (or anything ``numpy.dtype`` accepts).
+    """
+    lname = name.lower()
+    if np.dtype(dtype).kind != "f" or len(shape) < 1 or shape[-1] <= 1:
+        return False
+    if any(w in lname for w in EMBEDDING_WORDS):
+        return False
+    return len(shape) == 2 or "logit" in lname
 
 
 @dataclass
@@ -99,6 +146,16 @@ class CheckResult:
 
     outputs: list[OutputDiff]
     inputs: dict[str, list[int]]
+    #: True when the inputs were synthesised (random) rather than given: the numbers then say
+    #: how the models agree on noise, which is weaker evidence than real data.
+    synthesized: bool = False
+
+    def inputs_line(self) -> str:
+        """``inputs: random (synthesised from the graph) x [1, 16]`` or ``inputs: given x [...]``."""
+        shapes = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
+        if self.synthesized:
+            return f"inputs: RANDOM (synthesised from the graph; real data is stronger evidence): {shapes}"
+        return f"inputs: given: {shapes}"
 
     def within(self, atol: float | None = None, rtol: float | None = None) -> bool:
         """True if no output has a :meth:`problems` entry and every output is within the tolerances."""
@@ -110,12 +167,13 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"inputs": self.inputs, "outputs": [asdict(o) for o in self.outputs], "problems": self.problems()}
+        return {"inputs": self.inputs, "synthesized_inputs": self.synthesized,
+                "outputs": [asdict(o) for o in self.outputs], "problems": self.problems()}
 
     def format(self) -> str:
-        """A terminal table."""
+        """A terminal table, after a first line saying where the inputs came from."""
         head = f"{'output':<28} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'cosine':>10} {'top1':>7}"
-        lines = [head, "-" * len(head)]
+        lines = [self.inputs_line(), head, "-" * len(head)]
         for o in self.outputs:
             top1 = f"{o.top1:.4f}" if o.top1 is not None else "-"
             name = o.name if len(o.name) <= 28 else o.name[:25] + "..."
@@ -124,6 +182,80 @@ class CheckResult:
                          + (f"  pooled cosine {o.pooled_cosine:.6f}" if o.pooled_cosine is not None else ""))
         lines += [f"FAILED: {p}" for p in self.problems()]
         return "\n".join(lines)
+
+
+@dataclass
+class Verdict:
+    """One word on a comparison (see the module docstring), the line that says it, and why.
+
+    Attributes:
+        status: ``"kept"``, ``"degraded"`` or ``"broken"``.
+        line: ``verdict: kept (cosine >= 0.99, top1 >= 0.99; worst cosine 0.99971 on 'y')``.
+        failures: One entry per missed gate or problem, naming the output.
+        min_cos: The cosine gate used (None: off).
+        min_top1: The top1 gate used (None: off).
+    """
+
+    status: str
+    line: str
+    failures: list[str]
+    min_cos: float | None
+    min_top1: float | None
+
+    @property
+    def kept(self) -> bool:
+        """True for ``kept``."""
+        return self.status == "kept"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def _gates_text(min_cos: float | None, min_top1: float | None) -> str:
+    parts = [f"cosine >= {min_cos:g}" if min_cos is not None else "no cosine gate",
+             f"top1 >= {min_top1:g} where logit-like" if min_top1 is not None else "no top1 gate"]
+    return ", ".join(parts)
+
+
+def verdict(result: CheckResult, min_cos: float | None = DEFAULT_MIN_COS,
+            min_top1: float | None = DEFAULT_MIN_TOP1) -> Verdict:
+    """``kept`` / ``degraded`` / ``broken`` for a comparison (rules in the module docstring).
+
+    Args:
+        result: The comparison.
+        min_cos: Every output's cosine (pooled cosine when computed) must reach this; None: no gate.
+        min_top1: Every logit-like output's top1 must reach this; None: no gate.
+
+    Raises:
+        CheckError: a gate outside ``[0, 1]``.
+    """
+    for flag, v in (("min-cos", min_cos), ("min-top1", min_top1)):
+        if v is not None and not (0.0 <= v <= 1.0 and np.isfinite(v)):
+            raise CheckError(f"--{flag} must lie in [0, 1], got {v}")
+    failures = list(result.problems())
+    broken = bool(failures)
+    worst: tuple[float, str] | None = None
+    for o in result.outputs:
+        if o.problem():
+            continue
+        cos, what = (o.pooled_cosine, "pooled cosine") if o.pooled_cosine is not None else (o.cosine, "cosine")
+        if worst is None or cos < worst[0]:
+            worst = (cos, f"{what} {cos:.5f} on {o.name!r}")
+        if min_cos is not None and not cos >= min_cos:
+            failures.append(f"output {o.name!r}: {what} {cos:.4f} < {min_cos:g}")
+            broken |= not cos >= min(min_cos, BROKEN_COS)
+        if min_top1 is not None and o.top1 is not None and not o.top1 >= min_top1:
+            failures.append(f"output {o.name!r}: top1 {o.top1:.4f} < {min_top1:g}")
+            broken |= not o.top1 >= min(min_top1, BROKEN_TOP1)
+    status = "broken" if broken else "degraded" if failures else "kept"
+    gates = _gates_text(min_cos, min_top1)
+    random_note = "; on RANDOM inputs" if result.synthesized else ""
+    if status == "kept":
+        line = f"verdict: kept ({gates}{f'; worst {worst[1]}' if worst else ''}{random_note})"
+    else:
+        line = f"verdict: {status} ({gates}{random_note}): {'; '.join(failures)}"
+    return Verdict(status, line, failures, min_cos, min_top1)
 
 
 def make_session(model: Model | str | os.PathLike[str] | Any, threads: int | None = None, *,
@@ -466,7 +598,7 @@ def diff_outputs(name: str, a: np.ndarray, b: np.ndarray) -> OutputDiff:
     na, nb = np.linalg.norm(ra), np.linalg.norm(rb)
     cosine = float(ra @ rb / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     top1 = None
-    if a.dtype.kind == "f" and a.ndim >= 1 and a.shape[-1] > 1:
+    if is_logit_like(name, a.shape, a.dtype):
         top1 = float(np.mean(a.argmax(-1) == b.argmax(-1)))
     return OutputDiff(name, list(a.shape), list(b.shape), max_abs, mean_abs, max_rel, cosine, top1,
                       nonfinite_a=int((~fa).sum()), nonfinite_b=int((~fb).sum()))
@@ -558,6 +690,7 @@ def compare(
         feed = load_feeds(feeds)
     else:
         feed = dict(feeds)
+    synthesized = feeds is None
     fa = _validate_feeds(sa, feed, "reference")
     fb = _validate_feeds(sb, feed, "candidate")
     names_a = [o.name for o in sa.get_outputs()]
@@ -578,7 +711,7 @@ def compare(
             if a.ndim == 3 and a.shape == b.shape and a.dtype.kind == "f":
                 m = fa[mask_names[0]] if mask_names and fa[mask_names[0]].shape == a.shape[:2] else None
                 d.pooled_cosine = mean_pooled_cosine(a, b, m)
-    return CheckResult(diffs, {k: list(v.shape) for k, v in fa.items()})
+    return CheckResult(diffs, {k: list(v.shape) for k, v in fa.items()}, synthesized)
 
 
 @dataclass
@@ -676,6 +809,7 @@ def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndar
     return dict(zip(names, s.run(names, dict(feeds))))
 
 
-__all__ = ["CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session", "mean_pooled_cosine",
+__all__ = ["BROKEN_COS", "BROKEN_TOP1", "DEFAULT_MIN_COS", "DEFAULT_MIN_TOP1", "Verdict", "is_logit_like", "verdict",
+           "CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session", "mean_pooled_cosine",
            "neighbour_agreement", "sentence_embeddings", "FeedSynthesisError", "InputHints", "input_hints",
            "random_feeds", "run_model", "synthesize_feeds", "RunSignature", "run_signature", "signature_problems"]

@@ -1,4 +1,4 @@
-"""Command line: ``onnxprune optimize|inspect|check|passes|demo``.
+"""Command line: ``onnxprune optimize|inspect|check|bench|passes|demo``.
 
 Every user error becomes one line on stderr and exit code 2 (a traceback only with ``-v``);
 ``check`` exits 1 when given tolerances are exceeded, and whatever the tolerances when an output
@@ -7,8 +7,15 @@ an unexpected internal error prints one line and exits 3. ``optimize`` writes it
 report) atomically and only after every pass and the optional check succeeded, so a failed run
 leaves no output file behind, and it never writes over its input unless ``--inplace``; with
 ``--check --atol/--rtol`` a result outside the tolerance exits 1 and writes only the report.
+``check`` and ``optimize --check`` end with a verdict line (:func:`onnxprune.check.verdict`):
+``kept``, or ``degraded`` / ``broken`` against ``--min-cos`` / ``--min-top1`` (defaults 0.99 each,
+``none`` turns a gate off), which exits 1 (``optimize`` then writes no model; its report's
+``failures`` say why). ``--atol``, ``--rtol``, ``--min-cos``, ``--min-top1``, ``--pool`` and
+``--check-inputs`` without ``--check`` are an error. ``bench`` times models on ONNX Runtime CPU
+(:mod:`onnxprune.bench`); ``optimize --bench`` times the input against the output.
 ``--quiet`` and ``--json`` also silence progress bars (:mod:`onnxprune.progress`); ``-v``/``-q``
-are accepted before or after the command.
+are accepted before or after the command. A closed stdout (``| head``) ends the command quietly
+with exit code 141 (128 + SIGPIPE, what a shell reports for a pipe writer it stopped).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ log = logging.getLogger("onnxprune")
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 1
 EXIT_INTERNAL = 3
-
+#: The reader of stdout went away (``| head``): 128 + SIGPIPE, what a shell shows for a killed pipe writer.
+EXIT_BROKEN_PIPE = 141
 #: Passes the demo runs, in order; those not registered in this build are skipped.
 DEMO_PIPELINE = ["cleanup", "channels(ratio=0.3,round_to=8,criterion=activation)",
                  "nm(n=2,m=4,criterion=sparsegpt)"]
@@ -53,6 +61,42 @@ def _parse_dims(items: Sequence[str] | None) -> dict[str, int]:
         if dims[k.strip()] <= 0:
             raise OnnxPruneError(f"--dim {k}: must be positive")
     return dims
+
+
+#: Marks a gate flag that was not given (None means ``none``: the gate is off).
+_DEFAULT: Any = object()
+
+
+def _gate(text: str) -> float | None:
+    """``--min-cos`` / ``--min-top1`` value: a number in [0, 1], or ``none`` (no gate)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number in [0, 1] or 'none', got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {v:g}")
+    return v
+
+
+def _require_check(args: argparse.Namespace) -> None:
+    """Options that only act on ``--check`` are an error without it (never silently ignored)."""
+    given = [flag for flag, attr in (("--atol", "atol"), ("--rtol", "rtol"), ("--min-cos", "min_cos"),
+                                     ("--min-top1", "min_top1"), ("--pool", "pool"),
+                                     ("--check-inputs", "check_inputs"))
+             if getattr(args, attr, None) is not None and getattr(args, attr) is not _DEFAULT]
+    if given and not args.check:
+        raise OnnxPruneError(f"{', '.join(given)} only act(s) on the check: add --check")
+
+
+def _gates(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """The verdict gates: the flags' values, the defaults when not given, None for ``none``."""
+    from onnxprune.check import DEFAULT_MIN_COS, DEFAULT_MIN_TOP1
+
+    min_cos = DEFAULT_MIN_COS if args.min_cos is _DEFAULT else args.min_cos
+    min_top1 = DEFAULT_MIN_TOP1 if args.min_top1 is _DEFAULT else args.min_top1
+    return min_cos, min_top1
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -112,6 +156,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise OnnxPruneError(f"{out}: refusing to write over the input model (use --inplace)")
     if not out.parent.exists():
         raise OnnxPruneError(f"{out.parent}: output folder does not exist")
+    _require_check(args)
     if args.report:
         _check_report_path(Path(args.report), inp, out)
     if getattr(args, "emit_trtexec", False):  # a missing TensorRT then warns instead of failing
@@ -122,7 +167,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     dims = _parse_dims(args.dim)
     result = onnxprune.optimize(
         model, passes, calibration=args.calib, calibration_batch=args.calib_batch, check=args.check,
-        check_inputs=args.check_inputs, check_dims=dims, recipe_overrides=overrides, inplace=True,
+        check_inputs=args.check_inputs, check_dims=dims, check_pool=args.pool, recipe_overrides=overrides, inplace=True,
         verify=not args.no_verify, input_path=inp, options={"output_path": str(out)},
         per_layer=bool(args.report or args.json),  # JSON and HTML reports carry the per-weight rows
     )
@@ -146,6 +191,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"error: check exceeded tolerance (atol={args.atol}, rtol={args.rtol}); {out} was not written",
               file=sys.stderr)
         return EXIT_CHECK_FAILED
+    judged = None
+    if report.check:  # the verdict gates (--min-cos / --min-top1): a degraded or broken result is not written
+        from onnxprune.check import verdict
+
+        judged = verdict(report.check, *_gates(args))
+        if not judged.kept:
+            report.failures += [f"check {judged.status}: {f}" for f in judged.failures] + [f"{out} was not written"]
+            _emit_report(args, report)
+            print(f"error: {judged.line}", file=sys.stderr)
+            print(f"error: {out} was not written (to accept it, loosen --min-cos / --min-top1, or give 'none')",
+                  file=sys.stderr)
+            return EXIT_CHECK_FAILED
     onnxprune.save(result.model, out, inplace=args.inplace, sparse_initializers=args.sparse_storage,
                    sparse_threshold=args.sparse_threshold)
     report.output_path = str(out)
@@ -155,6 +212,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
         print(trtexec_for(result.model, out, passes), file=sys.stderr if args.json else sys.stdout)
     _emit_report(args, report)
+    side = sys.stderr if args.json else sys.stdout  # stdout stays pure JSON with --json
+    if judged is not None and not args.quiet:
+        print(judged.line, file=side)
+    if args.bench:
+        print(_bench_text(inp, out, args.check_inputs, dims, getattr(args, "threads", None), args.bench_runs),
+              file=side)
     if not args.json and not args.quiet:
         print(f"\nwrote {out}")
     return 0
@@ -246,15 +309,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Compare two models on ONNX Runtime CPU."""
-    from onnxprune.check import compare
+    from onnxprune.check import compare, verdict
     from onnxprune.ir.load import load
 
     a, b = load(args.reference), load(args.candidate)
     result = compare(a, b, feeds=args.inputs, dims=_parse_dims(args.dim), seed=args.seed, pool=args.pool)
+    judged = verdict(result, *_gates(args))
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "verdict": judged.to_dict()}, indent=2))
     else:
         print(result.format())
+        print(judged.line)
     for problem in result.problems():  # changed shapes, NaN/Inf: whatever the tolerances
         print(f"error: check failed: {problem}", file=sys.stderr)
     if result.problems():
@@ -262,7 +327,90 @@ def cmd_check(args: argparse.Namespace) -> int:
     if (args.atol is not None or args.rtol is not None) and not result.within(args.atol, args.rtol):
         print(f"error: outputs differ beyond atol={args.atol} rtol={args.rtol}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    if not judged.kept:  # degraded or broken: exit 1 (EXIT_CHECK_FAILED)
+        print(f"error: {judged.line}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return 0
+
+
+def _bench_feeds(reference: Any, inputs: str | None, dims: dict[str, int]) -> tuple[dict[str, Any], bool]:
+    """The bench inputs: ``inputs`` (.npz), else synthesised for ``reference``; and whether synthesised."""
+    from onnxprune.check import load_feeds, make_session, synthesize_feeds
+
+    if inputs:
+        return load_feeds(inputs), False
+    return synthesize_feeds(make_session(reference), reference, dims)[0], True
+
+
+def _bench_lines(labels: Sequence[str], timings: Sequence[Any], feeds: dict[str, Any], synthesized: bool,
+                 threads: int | None, warmup: int) -> list[str]:
+    """The bench table: where the inputs came from, one line per model, the ratio."""
+    from onnxprune.bench import speedup
+
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+    runs = timings[0].runs if timings else 0
+    lines = [f"inputs: {'RANDOM (synthesised from the graph)' if synthesized else 'given'}: {shapes}; "
+             f"threads {threads if threads else f'ONNX Runtime default ({os.cpu_count()} cores)'}; "
+             f"{warmup} warm-up + {runs} interleaved runs each"]
+    width = max(len(x) for x in labels)
+    lines += [f"  {'AB'[i] if i < 2 else i + 1} {lab:<{width}}  {t.format()}" for i, (lab, t) in enumerate(zip(labels, timings))]
+    if len(timings) == 2:
+        r = speedup(timings[0], timings[1])
+        lines.append(f"  speedup A/B {r:.3f}x ({'B faster' if r > 1 else 'B slower' if r < 1 else 'equal'}; "
+                     "median over median)")
+    return lines
+
+
+def _bench_text(inp: Path, out: Path, inputs: str | None, dims: dict[str, int], threads: int | None,
+                runs: int) -> str:
+    """``optimize --bench``: the input against the output, on the check inputs or synthesised ones."""
+    import onnxprune
+    from onnxprune.bench import measure
+
+    reference = onnxprune.load(inp)
+    feeds, synthesized = _bench_feeds(reference, inputs, dims)
+    timings = measure([reference, out], feeds, threads=threads, runs=runs)
+    return "\n".join(["", "latency (ONNX Runtime CPU), A = input, B = output"]
+                     + _bench_lines([str(inp), str(out)], timings, feeds, synthesized, threads, 3))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time one or two models on ONNX Runtime CPU (warm-up, interleaved runs, median and IQR)."""
+    import onnxprune
+    from onnxprune.bench import measure, speedup
+    from onnxprune.ir.io import check_dim_names
+
+    models = [onnxprune.load(m) for m in args.models]
+    dims = _parse_dims(args.dim)
+    check_dim_names(dims, [(p, m.graph) for p, m in zip(args.models, models)])
+    feeds, synthesized = _bench_feeds(models[0], args.inputs, dims)
+    timings = measure(models, feeds, threads=args.threads, warmup=args.warmup, runs=args.runs,
+                      max_seconds=args.max_seconds)
+    if args.json:
+        doc: dict[str, Any] = {"inputs": {k: list(v.shape) for k, v in feeds.items()},
+                               "synthesized_inputs": synthesized, "threads": args.threads, "warmup": args.warmup,
+                               "models": [{"path": p, **t.to_dict()} for p, t in zip(args.models, timings)]}
+        if len(timings) == 2:
+            doc["speedup"] = speedup(timings[0], timings[1])
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n".join(_bench_lines(args.models, timings, feeds, synthesized, args.threads, args.warmup)))
+    return 0
+
+
+#: What ``onnxprune passes`` says about per-layer overrides.
+OVERRIDES_HELP = ("per-layer overrides: yes, a recipe's [pass.layers] table: regex (re.search on initializer "
+                  "and consuming-node names) = {option = value, ...}, or {skip = true}; a regex matching no "
+                  "weight is an error")
+
+
+def _option_line(o: Any) -> str:
+    """One option, always in one form: ``name  type  default  help [one of: ...] [bounds]``."""
+    kind = "choice" if o.choices else o.type_name
+    extra = f" (one of: {', '.join(map(str, o.choices))})" if o.choices else ""
+    if o.bounds:
+        extra += " (" + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in o.bounds.items()) + ")"
+    return f"    {o.name:<18} {kind:<12} default {o.default!r:<12} {o.help}{extra}"
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -342,6 +490,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+def _add_gate_args(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """``--min-cos`` / ``--min-top1``: the verdict gates (onnxprune.check.verdict)."""
+    from onnxprune.check import DEFAULT_MIN_COS, DEFAULT_MIN_TOP1
+
+    parser.add_argument("--min-cos", type=_gate, default=_DEFAULT, metavar="C",
+                        help=f"{prefix}verdict 'kept' needs every output's cosine >= C (default {DEFAULT_MIN_COS}; "
+                             "'none' turns the gate off); otherwise 'degraded' or 'broken' and exit 1")
+    parser.add_argument("--min-top1", type=_gate, default=_DEFAULT, metavar="T",
+                        help=f"{prefix}verdict 'kept' needs top-1 agreement >= T on logit-like outputs "
+                             f"(default {DEFAULT_MIN_TOP1}; 'none' turns it off)")
+
+
+def _version() -> str:
+    import onnxprune
+
+    return str(onnxprune.__version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="onnxprune", description="Prune exported ONNX models.")
@@ -367,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for random inputs")
     o.add_argument("--atol", type=float, help="with --check: exit 1 (and write no model) if max abs error exceeds this")
     o.add_argument("--rtol", type=float, help="with --check: exit 1 (and write no model) if max rel error exceeds this")
+    _add_gate_args(o, "with --check: ")
+    o.add_argument("--pool", choices=["mean"], help="with --check: also compare mean-pooled [B,S,H] outputs "
+                   "(sentence embeddings; padding excluded via the *mask* input); the cosine gate then uses them")
+    o.add_argument("--bench", action="store_true",
+                   help="after the run, time the input against the output on ONNX Runtime CPU (as `onnxprune "
+                        "bench`; --threads, --check-inputs and --dim apply)")
+    o.add_argument("--bench-runs", type=int, default=15, metavar="N", help="with --bench: timed runs of each model")
     o.add_argument("--report", help="write the report here: HTML (per-layer chart) if it ends in .html, else JSON")
     o.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     o.add_argument("--inplace", action="store_true", help="allow writing over the input model")
@@ -393,13 +566,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("candidate")
     c.add_argument("--inputs", help=".npz with arrays named after the inputs (random when absent)")
     c.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for random inputs")
-    c.add_argument("--atol", type=float)
-    c.add_argument("--rtol", type=float)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--atol", type=float, help="exit 1 if any output's max abs error exceeds this")
+    c.add_argument("--rtol", type=float, help="exit 1 if any output's max abs error / max |reference| exceeds this")
+    _add_gate_args(c, "")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (when no --inputs)")
     c.add_argument("--pool", choices=["mean"], help="also report cosine of mean-pooled [B,S,H] outputs "
-                   "(sentence embeddings; padding excluded via the *mask* input)")
-    c.add_argument("--json", action="store_true")
+                   "(sentence embeddings; padding excluded via the *mask* input); the cosine gate then uses them")
+    c.add_argument("--json", action="store_true", help="one JSON document on stdout (comparison and verdict)")
     c.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="time one or two models on ONNX Runtime CPU (interleaved A/B)",
+                       parents=[common])
+    b.add_argument("models", nargs="+", metavar="MODEL", help="A.onnx [B.onnx]: the ratio is A/B")
+    b.add_argument("--inputs", help=".npz with arrays named after the inputs (synthesised from the graph when absent)")
+    b.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for synthesised inputs")
+    b.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+    b.add_argument("--runs", type=int, default=15, help="timed runs of each model (interleaved A, B, A, B, ...)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")
+    b.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="stop timing after S seconds (at least 3 runs each)")
+    b.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    b.set_defaults(func=cmd_bench)
 
     ps = sub.add_parser("passes", help="list registered passes and their options", parents=[common])
     ps.add_argument("--json", action="store_true")
@@ -409,6 +596,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output-dir", help="folder for the demo's output (default: a temp folder)")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into a closed pipe stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured in tests)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -426,8 +622,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from onnxprune import progress
 
     progress.set_enabled(not (args.quiet or args.json))
+    plain_before = progress.PLAIN
+    progress.set_plain(not args.quiet)  # stage lines when stderr is not a terminal (CI logs)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return code
     except OnnxPruneError as exc:
         if args.verbose:
             log.exception("failed")
@@ -436,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxprune ... | head`: the reader left; no message, the shell's SIGPIPE code
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         return EXIT_USAGE
@@ -451,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: internal error ({type(exc).__name__}: {msg}); rerun with -v for the traceback and "
               "please report it", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        progress.set_plain(plain_before)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -95,3 +96,37 @@ def test_measure_bad_feeds_is_a_clear_error() -> None:
         measure([_mlp(8)], {"y": FEEDS["x"]}, runs=1)
     with pytest.raises(CheckError, match="cannot run"):
         measure([_mlp(8)], {"x": np.zeros((4, 7), np.float32)}, runs=1)
+
+
+def test_cli_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxprune.cli import main
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_mlp(512), a)
+    onnx.save(_mlp(16), b)
+    assert main(["bench", str(a), str(b), "--threads", "1", "--runs", "4", "--warmup", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("inputs: RANDOM (synthesised from the graph): x [1, 32]; threads 1")
+    assert str(a) in lines[1] and "4 runs" in lines[1] and str(b) in lines[2]
+    assert lines[3].startswith("  speedup A/B ")
+    np.savez(tmp_path / "in.npz", **FEEDS)
+    assert main(["bench", str(a), str(b), "--inputs", str(tmp_path / "in.npz"), "--runs", "3", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["synthesized_inputs"] is False and doc["inputs"] == {"x": [4, 32]}
+    assert [m["runs"] for m in doc["models"]] == [3, 3] and math.isfinite(doc["speedup"]) and doc["speedup"] > 0
+    assert main(["bench", str(a), "--runs", "3", "--dim", "batch=8"]) == 0  # one model: no ratio
+    out = capsys.readouterr().out
+    assert "x [8, 32]" in out and "speedup" not in out
+    assert main(["bench", str(a), "--dim", "nope=3"]) == 2  # a dim the model lacks is an error
+    assert "nope" in capsys.readouterr().err
+
+
+def test_optimize_bench_times_input_against_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxprune.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_mlp(64), src)
+    assert main(["optimize", str(src), "--passes", "ffn(ratio=0.5)", "-o", str(out), "--bench", "--bench-runs", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "latency (ONNX Runtime CPU), A = input, B = output" in text and "speedup A/B" in text
+    assert f"A {src}" in text and f"B {out}" in text and out.exists()

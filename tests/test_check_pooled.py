@@ -47,7 +47,11 @@ def test_compare_reports_pooled_cosine(tmp_path) -> None:
     np.savez(tmp_path / "in.npz", **feeds)
     out = tmp_path / "p.onnxprune.onnx"
     onnxprune.save(pruned, out)
-    assert main(["check", str(path), str(out), "--inputs", str(tmp_path / "in.npz"), "--pool", "mean"]) == 0
+    args = ["check", str(path), str(out), "--inputs", str(tmp_path / "in.npz"), "--pool", "mean"]
+    # 60% masks on a random block miss the default 0.99 gate on the pooled cosine: exit 1 with a verdict
+    assert main(args) == 1
+    assert main([*args, "--min-cos", f"{pc - 1e-3:.6f}", "--min-top1", "none"]) == 0  # pooled cosine passes
+    assert main([*args, "--min-cos", f"{pc + 1e-3:.6f}", "--min-top1", "none"]) == 1
 
 
 def test_neighbour_agreement_and_sentence_embeddings(tmp_path) -> None:

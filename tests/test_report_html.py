@@ -130,6 +130,9 @@ def test_html_cards_tables_and_times(bert_like: Path) -> None:
     assert "parameters kept" in page and f"{a.parameters:,} of {b.parameters:,} kept" in page
     assert f"{b.parameters - a.parameters:,} removed" in page
     assert f"{res.report.wall_seconds:.1f} s total" in page and "whole run" in page
+    text = res.report.format()  # the terminal table too: the passes' total beside the whole run
+    assert f"{'all passes':<14} {'':>7} {res.report.total_seconds:>8.2f}  whole run {res.report.wall_seconds:.2f} s" \
+        in text
     # statistics are key / value rows, not a dict dump; per-weight stats are a table with node names
     assert "{&quot;" not in page and "{'" not in page
     assert "<td>weights pruned</td>" in page

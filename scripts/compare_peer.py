@@ -506,7 +506,7 @@ def versions(peer_python: str) -> str:
         commit = "?"
     return (f"onnxprune {ours} (commit {commit}; onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
             f"numpy {np.__version__}), onnxsim {peer[0]} (onnxruntime {peer[1]}, onnx {peer[2]}, numpy {peer[3]}); "
-            f"{os.cpu_count()} CPU cores, shared with other jobs")
+            f"{os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,9 +521,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="ResNet calibration (and evaluation) images")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per job")
     ap.add_argument("--out", help="also write the report to this Markdown file")
+    ap.add_argument("--json", help="also write the measured rows to this JSON file")
+    ap.add_argument("--from-json", help="comma list of --json files: print their report, run nothing")
     args = ap.parse_args(argv)
 
     peer_python = str(Path(args.peer_venv) / "bin" / "python")
+    if args.from_json:
+        parts = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
+        merged: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        for part in parts:  # the same model in several files: one section, rows in file order
+            for d, rows in part["results"]:
+                merged.setdefault(d["name"], (d, []))[1].extend(rows)
+        results = []
+        for d, rows in merged.values():
+            order = {t: i for i, t in enumerate(dict.fromkeys(r["task"] for r in rows))}
+            results.append((d, sorted(rows, key=lambda r: order[r["task"]])))
+        report = (f"## onnxprune vs onnxsim pruning, {parts[0]['date']}\n\n"
+                  + table(results, "; ".join(dict.fromkeys(part["versions"] for part in parts))))
+        print(report)
+        if args.out:
+            Path(args.out).write_text(report)
+        return 0
     if not Path(peer_python).exists():
         print(f"error: {peer_python} does not exist (create the venv first; see --help)", file=sys.stderr)
         return 2
@@ -554,9 +572,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = [r for r in rows if pattern.search(r["task"]) or pattern.search(r["label"])]
         print(f"{data['name']}: {data['desc']}; {len(rows)} jobs", file=sys.stderr, flush=True)
         results.append((data, run_rows(rows, data, work, peer_python, args.timeout, sys.stderr)))
-    report = (f"## onnxprune vs onnxsim pruning, {_dt.date.today().isoformat()}\n\n"
-              + table(results, versions(peer_python)))
+    vers = versions(peer_python)
+    report = f"## onnxprune vs onnxsim pruning, {_dt.date.today().isoformat()}\n\n" + table(results, vers)
     print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": _dt.date.today().isoformat(), "versions": vers, "results": [
+            ({"name": d["name"], "desc": d["desc"]}, rows) for d, rows in results]}, indent=1))
     if args.out:
         Path(args.out).write_text(report)
     return 0

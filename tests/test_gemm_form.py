@@ -138,7 +138,7 @@ def test_cases_that_stay_matmul() -> None:
     assert not low.candidates and all("opset 10" in why for why in low.skipped.values())
 
 
-def test_pass_option_rewrites_and_inspect_reports_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pass_option_rewrites_and_inspect_reports_forms(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import onnxprune.passes.tensorrt as trt_pass
 
     def no_trt() -> None:
@@ -150,9 +150,10 @@ def test_pass_option_rewrites_and_inspect_reports_forms(monkeypatch: pytest.Monk
     assert before["summary"]["forms"] == {"MatMul": 6}
     assert before["summary"]["gemm_form_candidates"] == 5
     res = optimize(Model(onnx.ModelProto.FromString(proto.SerializeToString())),
-                   "tensorrt(gemm_form=true,emit_trtexec=true,engine=/tmp/unused.engine)")
+                   f"tensorrt(gemm_form=true,emit_trtexec=true,engine={tmp_path / 'a.engine'})")
     rec = res.report.passes[-1]
     assert rec.modified and rec.stats["gemm_form"]["rewritten"] == 5
+    assert _ops(onnx.load(rec.stats["trtexec_onnx"]))["Gemm"] == 5  # the file trtexec is told to read
     after = inspect_tensorrt(res.model)
     assert after["summary"]["forms"] == {"Gemm": 5, "MatMul": 1}
     assert after["summary"]["gemm_form_candidates"] == 0
@@ -160,7 +161,7 @@ def test_pass_option_rewrites_and_inspect_reports_forms(monkeypatch: pytest.Monk
     text = format_tensorrt(after)
     assert "form" in text.splitlines()[1] and "Gemm" in text
     # without the option the pass leaves the model alone
-    res2 = optimize(Model(proto), "tensorrt(emit_trtexec=true,engine=/tmp/unused.engine)")
+    res2 = optimize(Model(proto), f"tensorrt(emit_trtexec=true,engine={tmp_path / 'b.engine'})")
     assert not res2.report.passes[-1].modified
 
 

@@ -27,9 +27,11 @@ nothing, and rows without ``node`` fall back to the initializer name in file ord
 
 Block rule (:func:`block_of`): split the node name on ``/`` (or on ``.`` when it has no ``/``);
 the block is the path up to the first component that ends in a separator and a number
-(``layer.3``, ``layers.0``, ``stages.1``, ``h.5``, ``block_2``) and is not the last component;
-without one, the path without its last two components (``/pooler/dense/Gemm`` -> ``/pooler``);
-a name with no usable path is in the block ``(top level)``.
+(``layer.3``, ``layers.0``, ``stages.1``, ``h.5``, ``block_2``; in a ``.`` name a bare number:
+``blocks.2.mlp.fc1`` -> ``blocks.2``) and is not the last component;
+without one, the parent module: the path without its last two components for ``/`` names, which
+end in the op's name (``/pooler/dense/Gemm`` -> ``/pooler``), without its last one for ``.``
+names (``block1.conv1`` -> ``block1``); a name with no such path is in the block ``(top level)``.
 """
 
 from __future__ import annotations
@@ -105,10 +107,11 @@ def block_of(node: str | None) -> tuple[str, str]:
     lead = sep if sep == "/" and node.startswith("/") else ""
     parts = [p for p in node.split(sep) if p]
     for i, part in enumerate(parts[:-1]):
-        if _NUMBERED.search(part):
+        if _NUMBERED.search(part) or (sep == "." and i > 0 and part.isdigit()):  # layer.3 | blocks.2.mlp
             return lead + sep.join(parts[: i + 1]), sep.join(parts[i + 1:])
-    if len(parts) >= 3:
-        return lead + sep.join(parts[:-2]), sep.join(parts[-2:])
+    drop = 2 if sep == "/" else 1  # "/a/b/dense/MatMul" ends in the op's name, "a.b.dense" in the module's
+    if len(parts) > drop:
+        return lead + sep.join(parts[:-drop]), sep.join(parts[-drop:])
     return TOP_LEVEL, node
 
 

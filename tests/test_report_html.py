@@ -60,6 +60,8 @@ def test_block_rule() -> None:
     assert block_of("/h.5/attn/c_attn/MatMul") == ("/h.5", "attn/c_attn/MatMul")
     assert block_of("/inner/pooler/dense/Gemm") == ("/inner/pooler", "dense/Gemm")
     assert block_of("fc0") == ("(top level)", "fc0")
+    assert block_of("block1.conv1") == ("block1", "conv1")
+    assert block_of("/MatMul") == ("(top level)", "/MatMul")
     assert block_of("blocks.2.mlp.fc1") == ("blocks.2", "mlp.fc1")
     assert block_of(None) == ("(top level)", "")
 

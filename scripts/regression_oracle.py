@@ -72,10 +72,18 @@ INSPECT: list[list[str]] = [["--json"], ["--json", "--groups"], ["--json", "--te
 _VOLATILE = {"seconds", "total_seconds", "wall_seconds", "path", "time", "elapsed", "engine"}
 
 
+def _digest(rows: Any) -> dict[str, Any]:
+    """A per-initializer listing as its row count and SHA-256 (the rows themselves would make the
+    baseline ~4x larger; any change still shows)."""
+    text = json.dumps(_scrub(rows), sort_keys=True, default=str)
+    return {"rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
 def _scrub(value: Any) -> Any:
-    """Drop timings and paths (they differ between runs) from report JSON."""
+    """Drop timings and paths (they differ between runs) from report JSON; digest per-initializer rows."""
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items() if k not in _VOLATILE and not k.endswith("_s")}
+        return {k: (_digest(v) if k == "per_initializer" and isinstance(v, list) else _scrub(v))
+                for k, v in value.items() if k not in _VOLATILE and not k.endswith("_s")}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     if isinstance(value, str) and ("/" in value):

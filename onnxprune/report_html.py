@@ -397,6 +397,8 @@ def _check(report: Report) -> str:
     if c is None:
         return "<p>No check ran (use <code>--check</code>).</p>"
     inputs = ", ".join(f"{k} {v}" for k, v in c.inputs.items())
+    where = ("<b>random</b> inputs synthesised from the graph (real data is stronger evidence)"
+             if getattr(c, "synthesized", False) else "the given inputs")
     body = []
     for o in c.outputs:
         cls = "ok" if o.shape_a == o.shape_b and o.cosine > 0.999 else "bad"
@@ -405,7 +407,7 @@ def _check(report: Report) -> str:
                     f'<td class="n">{o.max_abs:.3g}</td><td class="n">{o.mean_abs:.3g}</td>'
                     f'<td class="n">{o.max_rel:.3g}</td><td class="n {cls}">{o.cosine:.6f}</td>'
                     f'<td class="n">{top1}</td></tr>')
-    return (f'<p class="sub">ONNX Runtime CPU, inputs: {_e(inputs)}</p><table><tr><th>output</th><th>shape ref</th>'
+    return (f'<p class="sub">ONNX Runtime CPU, on {where}: {_e(inputs)}</p><table><tr><th>output</th><th>shape ref</th>'
             '<th>shape new</th><th class="n">max abs</th><th class="n">mean abs</th><th class="n">max rel</th>'
             '<th class="n">cosine</th><th class="n">top-1</th></tr>' + "".join(body) + "</table>")
 

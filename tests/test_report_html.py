@@ -104,6 +104,7 @@ def test_failed_check_report_says_why(tmp_path: Path, capsys: pytest.CaptureFixt
                  "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.html")]) == 1
     page = (tmp_path / "r.html").read_text()
     assert '<div class="fail">' in page and "atol=1e-09" in page
+    assert "<b>random</b> inputs" in page  # the check ran on synthesised inputs and the page says so
 
 
 def test_html_groups_by_block_changed_first_by_node_name(bert_like: Path) -> None:

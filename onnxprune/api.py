@@ -21,6 +21,7 @@ from onnxprune.analysis.weights import (
     is_weight_tensor,
     node_label,
     subgraph_initializers,
+    weight_labels,
     weight_nodes,
 )
 from onnxprune.check import compare
@@ -28,6 +29,7 @@ from onnxprune.ir.graph import node_outer_reads
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext
 from onnxprune.pipeline.manager import PassManager, preflight
+from onnxprune.pipeline.plan import calibration_unused, check_overrides, plan_pipeline
 from onnxprune.pipeline.spec import parse_pipeline
 from onnxprune.progress import stage
 from onnxprune.report import Report
@@ -120,7 +122,8 @@ def optimize(
         OnnxPruneError: bad pipeline, bad calibration data, a pass that failed, a failed check.
     """
     t_start = time.perf_counter()
-    passes = parse_pipeline(pipeline)
+    passes, plan_notes = plan_pipeline(parse_pipeline(pipeline))
+    check_overrides(passes, recipe_overrides or {})
     if verify:
         preflight(model, str(input_path or model.path or "the input model"))
     before = summarize(model, input_path or model.path, per_initializer=per_layer)
@@ -151,14 +154,18 @@ def optimize(
         names = before.nonfinite_weights
         report.warnings.append(
             f"the input has NaN or Inf in {len(names)} weight(s), which pruning criteria rank unpredictably: "
-            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+            f"{', '.join(weight_labels(model, names[:8]).values())}{' ...' if len(names) > 8 else ''}")
+    report.warnings.extend(plan_notes)
     report.warnings.extend(ctx.warnings)
+    unused = calibration_unused(passes, calibration is not None, ctx.calibration_read)
+    if unused:
+        report.warnings.append(unused)
     if any(p.name != "cleanup" for p in passes):
         inner = subgraph_weights(out)
         if inner:
             report.warnings.append(
                 f"{len(inner)} weight(s) used inside If/Loop/Scan bodies were not pruned (subgraphs are not "
-                f"handled): {', '.join(inner[:8])}{' ...' if len(inner) > 8 else ''}")
+                f"handled): {', '.join(weight_labels(out, inner[:8]).values())}{' ...' if len(inner) > 8 else ''}")
     if reference is not None:
         stage("check: running both models on ONNX Runtime CPU")
         report.check = compare(reference, out, feeds=check_inputs, dims=check_dims, pool=check_pool)

@@ -165,6 +165,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                 p.options.emit_trtexec = True
     model = onnxprune.load(inp)
     dims = _parse_dims(args.dim)
+    from onnxprune.ir.io import check_dim_names
+
+    check_dim_names(dims, [(str(inp), model.graph)])
     result = onnxprune.optimize(
         model, passes, calibration=args.calib, calibration_batch=args.calib_batch, check=args.check,
         check_inputs=args.check_inputs, check_dims=dims, check_pool=args.pool, recipe_overrides=overrides, inplace=True,
@@ -203,8 +206,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             print(f"error: {out} was not written (to accept it, loosen --min-cos / --min-top1, or give 'none')",
                   file=sys.stderr)
             return EXIT_CHECK_FAILED
+    sparse_stats: dict[str, list[str]] = {}
     onnxprune.save(result.model, out, inplace=args.inplace, sparse_initializers=args.sparse_storage,
-                   sparse_threshold=args.sparse_threshold)
+                   sparse_threshold=args.sparse_threshold, sparse_stats=sparse_stats)
+    if args.sparse_storage:
+        report.warnings.extend(_sparse_storage_notes(sparse_stats, args.sparse_threshold))
     report.output_path = str(out)
     report.after.file_size = file_size(out)
     if getattr(args, "emit_trtexec", False):
@@ -223,6 +229,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparse_storage_notes(stats: dict[str, list[str]], threshold: float) -> list[str]:
+    """What ``--sparse-storage`` could not do, for the report (nothing when it shrank every candidate)."""
+    sparse, dense = stats.get("sparse", []), stats.get("not_smaller", [])
+    notes = []
+    if dense:
+        notes.append(f"--sparse-storage: {len(dense)} weight(s) with >= {threshold:.0%} zeros kept dense: sparse "
+                     "storage needs an int64 index per non-zero, so it is only smaller above ~2/3 zeros (fp32) "
+                     "or ~4/5 (fp16); 2:4 (50% zeros) cannot shrink")
+    if not sparse:
+        notes.append("--sparse-storage: no weight was stored sparse; the file is as large as without it")
+    return notes
+
+
 def _emit_report(args: argparse.Namespace, report: Any) -> None:
     """Write ``--report``, print the report (JSON with ``--json``, tables unless ``--quiet``) and the
     report's path (on stderr with ``--json`` or when the run failed)."""
@@ -236,84 +255,37 @@ def _emit_report(args: argparse.Namespace, report: Any) -> None:
         print(f"wrote report {args.report}", file=sys.stderr if args.json or report.failures else sys.stdout)
 
 
-def _inspect_section(module: str, build: str, fmt: str, model: Any, json_mode: bool, *a: Any) -> Any:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-        builder = getattr(mod, build)
-        formatter = getattr(mod, fmt)
-    except (ImportError, AttributeError):
-        raise OnnxPruneError(f"this build of onnxprune has no {module}.{build}; the option is not available") from None
-    data = builder(model, *a)
-    return data if json_mode else formatter(data)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print what a model holds."""
+    """Print what a model holds (:mod:`onnxprune.inspection`)."""
     import onnxprune
-    from onnxprune.analysis.weights import hoist_constant_weights
-    from onnxprune.summary import summarize
+    from onnxprune.inspection import InspectRequest, inspect_document, inspect_text
 
-    model = onnxprune.load(args.model)
-    summary = summarize(model, args.model, per_initializer=True)
-    hoist_constant_weights(model)  # in memory only: Constant-node weights are listed like initializers
-    doc: dict[str, Any] = {"model": str(args.model), "opset": model.opset, "ir_version": model.proto.ir_version,
-                           "producer": model.proto.producer_name, "summary": summary.to_dict()}
-    texts: list[str] = []
-    sections: list[tuple[str, str, str, str, tuple[Any, ...]]] = [
-        ("weights", "onnxprune.analysis.weights", "inspect_weights", "format_weights", ()),
-    ]
+    nm = None
     if args.nm:
         try:
             n, m = (int(x) for x in args.nm.split(":"))
         except ValueError:
             raise OnnxPruneError(f"--nm expects N:M such as 2:4, got {args.nm!r}") from None
-        sections.append(("nm", "onnxprune.tensorrt.eligibility", "inspect_nm", "format_nm", (n, m)))
-    if args.groups:
-        sections.append(("groups", "onnxprune.analysis.channels.groups", "inspect_groups", "format_groups", ()))
-    if args.tensorrt:
-        sections.append(("tensorrt", "onnxprune.tensorrt.eligibility", "inspect_tensorrt",
-                         "format_tensorrt", ()))
-    for key, module, build, fmt, extra in sections:
-        try:
-            value = _inspect_section(module, build, fmt, model, args.json, *extra)
-        except OnnxPruneError:
-            if key == "weights":  # optional part of the base listing
-                continue
-            raise
-        if args.json:
-            doc[key] = value
-        else:
-            texts.append(value)
+        nm = (n, m)
+    req = InspectRequest(nm=nm, groups=args.groups, tensorrt=args.tensorrt, dims=_parse_dims(args.dim))
+    model = onnxprune.load(args.model)
     if args.json:
-        print(json.dumps(doc, indent=2, default=str))
-        return 0
-    s = summary
-    print(f"{args.model}: opset {model.opset}, IR {model.proto.ir_version}, producer "
-          f"{model.proto.producer_name or '-'} {model.proto.producer_version or ''}".rstrip())
-    print(f"nodes {s.nodes:,}  parameters {s.parameters:,}  non-zero {s.nonzero:,}  sparsity {s.sparsity:.2%}  "
-          f"file {s.file_size or 0:,} B")
-    print("ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(s.ops.items(), key=lambda kv: -kv[1])))
-    rows = [r for r in s.per_initializer if r["size"] > 1]
-    if rows:
-        print(f"\n{'initializer':<48} {'shape':<20} {'dtype':<8} {'sparsity':>8}")
-        for r in rows:
-            name = r["name"] if len(r["name"]) <= 48 else "..." + r["name"][-45:]
-            print(f"{name:<48} {str(r['shape']):<20} {r['dtype']:<8} {r['sparsity']:>8.2%}")
-    for t in texts:
-        print()
-        print(t)
+        print(json.dumps(inspect_document(model, str(args.model), req), indent=2, default=str))
+    else:
+        print(inspect_text(model, str(args.model), req))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Compare two models on ONNX Runtime CPU."""
     from onnxprune.check import compare, verdict
+    from onnxprune.ir.io import check_dim_names
     from onnxprune.ir.load import load
 
     a, b = load(args.reference), load(args.candidate)
-    result = compare(a, b, feeds=args.inputs, dims=_parse_dims(args.dim), seed=args.seed, pool=args.pool)
+    dims = _parse_dims(args.dim)
+    check_dim_names(dims, [(args.reference, a.graph), (args.candidate, b.graph)])
+    result = compare(a, b, feeds=args.inputs, dims=dims, seed=args.seed, pool=args.pool)
     judged = verdict(result, *_gates(args))
     if args.json:
         print(json.dumps({**result.to_dict(), "verdict": judged.to_dict()}, indent=2))
@@ -420,7 +392,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
     passes = registered_passes()
     if args.json:
-        doc = {name: {"description": cls.description,
+        doc = {name: {"description": cls.description, "layer_overrides": bool(cls.layer_overrides),
                       "options": [{"name": o.name, "type": o.type_name, "default": o.default, "help": o.help,
                                    "choices": list(o.choices) if o.choices else None, "bounds": o.bounds}
                                   for o in option_specs(cls.Options)]}
@@ -430,8 +402,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for name, cls in passes.items():
         print(f"{name}: {cls.description}")
         for o in option_specs(cls.Options):
-            extra = f" choices: {', '.join(map(str, o.choices))}" if o.choices else ""
-            print(f"    {o.name} ({o.type_name}, default {o.default!r}){extra}  {o.help}")
+            print(_option_line(o))
+        print(f"    {OVERRIDES_HELP if cls.layer_overrides else 'per-layer overrides: no'}")
     return 0
 
 
@@ -446,18 +418,26 @@ def demo_pipeline(items: Sequence[str] = DEMO_PIPELINE) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a representative pipeline on the bundled demo model."""
-    import onnxprune
-    from onnxprune.check import load_feeds
-    from onnxprune.summary import file_size
-
     data = resources.files("onnxprune") / "data"
     src = Path(str(data / "demo_cnn.onnx"))
     feeds_path = Path(str(data / "demo_cnn_inputs.npz"))
     if not src.is_file():
         raise OnnxPruneError(f"bundled demo model missing at {src}; reinstall onnxprune")
-    outdir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="onnxprune-demo-"))
+    if not args.output_dir:  # a temporary folder, removed again: the demo leaves nothing behind
+        with tempfile.TemporaryDirectory(prefix="onnxprune-demo-") as tmp:
+            return _run_demo(src, feeds_path, Path(tmp), keep=False)
+    outdir = Path(args.output_dir)
     outdir.mkdir(parents=True, exist_ok=True)
+    return _run_demo(src, feeds_path, outdir, keep=True)
+
+
+def _run_demo(src: Path, feeds_path: Path, outdir: Path, *, keep: bool) -> int:
+    """The demo's work, writing into ``outdir`` (removed afterwards unless ``keep``)."""
     import numpy as np
+
+    import onnxprune
+    from onnxprune.check import load_feeds
+    from onnxprune.summary import file_size
 
     pipeline = demo_pipeline()
     model = onnxprune.load(src)
@@ -485,7 +465,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nnote: the demo model has random weights, so its drift says little about a trained model; "
           "structural\nremoval itself is exact (the tests compare every removal with its masked twin); "
           "`--check` measures\nthe drift on your own model and inputs.")
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out}" if keep else "\n(the output went to a temporary folder, now removed; "
+          "`onnxprune demo -o DIR` keeps it)")
     return 0
 
 
@@ -511,6 +492,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="onnxprune", description="Prune exported ONNX models.")
+    p.add_argument("--version", action="version", version=f"onnxprune {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json output)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -553,12 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the trtexec command that builds a sparse TensorRT engine from the output")
     o.set_defaults(func=cmd_optimize)
 
-    i = sub.add_parser("inspect", help="ops, parameters, sparsity, prunable weights", parents=[common])
+    i = sub.add_parser("inspect", help="inputs/outputs, ops, parameters, sparsity, prunable weights; a mode "
+                       "flag prints only its part", parents=[common])
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="one JSON document on stdout")
     i.add_argument("--nm", metavar="N:M", help="check every weight for N:M sparsity along its reduction axis")
     i.add_argument("--groups", action="store_true", help="channel groups: members, width, prunable or why not")
     i.add_argument("--tensorrt", action="store_true", help="which layers TensorRT could run on sparse tensor cores")
+    i.add_argument("--dim", action="append", metavar="NAME=VALUE",
+                   help="value of a named dynamic dim (shown in the inputs/outputs, used for --tensorrt FLOPs)")
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("check", help="compare two models on ONNX Runtime CPU", parents=[common])
@@ -589,11 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     ps = sub.add_parser("passes", help="list registered passes and their options", parents=[common])
-    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--json", action="store_true", help="one JSON document on stdout")
     ps.set_defaults(func=cmd_passes)
 
     d = sub.add_parser("demo", help="run a representative pipeline on the bundled demo model", parents=[common])
-    d.add_argument("-o", "--output-dir", help="folder for the demo's output (default: a temp folder)")
+    d.add_argument("-o", "--output-dir", help="keep the demo's output in this folder (default: a temporary "
+                   "folder, removed at the end)")
     d.set_defaults(func=cmd_demo)
     return p
 

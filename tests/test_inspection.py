@@ -108,3 +108,13 @@ def test_graph_io_reads_fixed_named_and_unnamed_dims() -> None:
     ins, outs = graph_io(g)
     assert ins[0].shape == (1, "seq", None) and ins[0].dynamic == ["seq", "?"]
     assert outs[0].shape is None
+
+
+def test_pass_warnings_and_stats_name_the_node(exported: Path) -> None:
+    import onnxprune
+
+    res = onnxprune.optimize(from_proto(onnx.load(str(exported))), "nm(n=2,m=3)")  # K=64: no 2:3 groups
+    assert any("/encoder/layer.0/attention/self/query/MatMul (onnx::MatMul_300): K=64 is not a multiple of m=3" in w
+               for w in res.report.warnings)
+    res = onnxprune.optimize(from_proto(onnx.load(str(exported))), "masks(sparsity=0.5)")
+    assert res.report.passes[0].stats["weights"]["onnx::MatMul_311"]["node"] == "/encoder/layer.1/output/dense/MatMul"

@@ -194,3 +194,28 @@ def test_padding_is_left_out_and_pool_mean_scores_sentence_embeddings() -> None:
 def _score_outputs(scorer, outputs):  # type: ignore[no-untyped-def]
     """Score fixed outputs (as if a candidate had produced them) through the scorer's comparison."""
     return scorer.compare([outputs])
+
+
+def test_channel_stats_are_cached_by_content(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search prunes one model at many ratios: the same statistics are computed once, and a
+    changed weight is a different model."""
+    from onnxprune.analysis import calibration as cal
+
+    cal.clear_stats_cache()
+    proto = build_mlp()
+    model = Model(proto)
+    data = CalibrationData.from_feeds([random_inputs(proto, batch=4, seed=i) for i in range(2)], model)
+    probe = [(proto.graph.node[0].output[0], -1)]
+    calls = []
+    real = cal.stream
+    monkeypatch.setattr(cal, "stream", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    first = cal.channel_stats(model, data, probe)
+    again = cal.channel_stats(model.copy(), data, probe)
+    assert len(calls) == 1
+    assert all(np.array_equal(first[k][0], again[k][0]) for k in first)
+    w = proto.graph.initializer[0].name
+    model.set_array(w, model.get_array(w) * 2)
+    changed = cal.channel_stats(model, data, probe)
+    assert len(calls) == 2
+    assert not np.allclose(changed[probe[0]][0], first[probe[0]][0])
+    cal.clear_stats_cache()

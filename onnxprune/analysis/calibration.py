@@ -52,8 +52,10 @@ statistics collected from the model with every earlier stage already pruned).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1070,6 +1072,10 @@ def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, in
     probes = list(dict.fromkeys(probes))
     names = list(dict.fromkeys(t for t, _ in probes))
     mask_name = find_mask_input(model, mask_input)
+    cache_key = _stats_key(model, calib, probes, mask_name)
+    if cache_key is not None and cache_key in _STATS_CACHE:
+        _STATS_CACHE.move_to_end(cache_key)
+        return {k: (a.copy(), b.copy()) for k, (a, b) in _STATS_CACHE[cache_key][1].items()}
     sums_abs: dict[tuple[str, int], np.ndarray] = {}
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = dict.fromkeys(probes, 0)
@@ -1086,4 +1092,44 @@ def channel_stats(model: Model, calibration: Any, probes: Iterable[tuple[str, in
             sums_abs[key] = sums_abs.get(key, 0.0) + np.abs(rows).sum(axis=0)
             sums[key] = sums.get(key, 0.0) + rows.sum(axis=0)
             counts[key] += rows.shape[0]
-    return {k: (sums_abs[k] / max(counts[k], 1), sums[k] / max(counts[k], 1)) for k in probes}
+    result = {k: (sums_abs[k] / max(counts[k], 1), sums[k] / max(counts[k], 1)) for k in probes}
+    if cache_key is not None:
+        _STATS_CACHE[cache_key] = (calib, {k: (a.copy(), b.copy()) for k, (a, b) in result.items()})
+        while len(_STATS_CACHE) > STATS_CACHE_ENTRIES:
+            _STATS_CACHE.popitem(last=False)
+    return result
+
+
+#: :func:`channel_stats` results kept per process (the automatic search prunes one model at many
+#: ratios, and every run would otherwise stream the same calibration data through the same graph).
+STATS_CACHE_ENTRIES = 8
+#: Models with more weight bytes than this are not fingerprinted (hashing would cost too much).
+STATS_CACHE_MAX_BYTES = 1 << 30
+_STATS_CACHE: OrderedDict[tuple[Any, ...], tuple[CalibrationData, dict[tuple[str, int], tuple[np.ndarray,
+                                                                                               np.ndarray]]]] = \
+    OrderedDict()
+
+
+def _stats_key(model: Model, calib: CalibrationData, probes: Sequence[tuple[str, int]],
+               mask_name: str | None) -> tuple[Any, ...] | None:
+    """Cache key of a :func:`channel_stats` call: the model's content, the calibration object (held
+    by the entry, so its id is not reused while cached), the probes and the mask input.
+
+    The content is the SHA-256 of the serialised proto (weights inside it included) plus, for
+    memory-mapped weights, where they live (file, offset, length, and the file's size and mtime:
+    a replaced weight moves into the proto, so a mapped range is never rewritten in place).
+    None (no caching) for models over :data:`STATS_CACHE_MAX_BYTES` of weights.
+    """
+    if model.weight_bytes() > STATS_CACHE_MAX_BYTES:
+        return None
+    h = hashlib.sha256(model.proto.SerializeToString())
+    for name in sorted(model.external):
+        ref = model.external[name]
+        st = os.stat(ref.path)
+        h.update(f"|{name}|{ref.path}|{ref.offset}|{ref.length}|{ref.inline}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return (h.hexdigest(), id(calib), tuple(probes), mask_name)
+
+
+def clear_stats_cache() -> None:
+    """Forget every cached :func:`channel_stats` result."""
+    _STATS_CACHE.clear()

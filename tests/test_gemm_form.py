@@ -221,6 +221,9 @@ def test_torch_exports_same_outputs(arch: str, tmp_path: Path) -> None:
         np.testing.assert_array_equal(res.model.get_array(gm.input[1]), orig.T)
     data = inspect_tensorrt(res.model)
     assert data["summary"]["forms"]["Gemm"] == mm + flipped and data["summary"]["gemm_form_candidates"] == 0
+    # the same FLOPs in either form (a Gemm's rows are the reshaped activation's leading dims)
+    before = inspect_tensorrt(Model(onnx.load(str(path))))["summary"]["total_flops"]
+    assert data["summary"]["total_flops"] == pytest.approx(before, rel=1e-9)
     # only activation x activation MatMuls (attention) are left
     assert all("dynamic_weight" in e["reason_codes"] for e in data["layers"] if e["form"] == "MatMul")
     rng = np.random.default_rng(0)

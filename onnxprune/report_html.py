@@ -41,6 +41,7 @@ import json
 import re
 from typing import Any
 
+from onnxprune.check import DEFAULT_MIN_COS
 from onnxprune.fmt import fmt_bytes, fmt_int
 from onnxprune.report import Report
 
@@ -153,7 +154,7 @@ def layer_rows(report: Report) -> list[dict[str, Any]]:
             "density_after": (a["nonzero"] / sa) if a and sa else 0.0,
             "kept": (sa / sb) if sb else 1.0,
         }
-        row["changed"] = row["kept"] < 0.999 or abs(row["density_after"] - row["density_before"]) > 1e-9
+        row["changed"] = b is None or a is None or sa != sb or a["nonzero"] != b["nonzero"]
         rows.append(row)
     return rows
 
@@ -218,7 +219,7 @@ def _layer_chart(groups: list[tuple[str, list[dict[str, Any]]]]) -> str:
             tip = (f'{r["node"] or r["name"]} (initializer {r["name"]}): shape {_shape(r["shape_before"])} → '
                    f'{_shape(r["shape_after"])}, size {r["size_before"]:,} → {r["size_after"]:,}, density '
                    f'{_pct(r["density_before"])} → {_pct(r["density_after"])}')
-            kept_col = "#2f6fde" if r["kept"] >= 0.999 else "#e07a10"
+            kept_col = "#2f6fde" if r["size_after"] >= r["size_before"] else "#e07a10"
             parts.append(f'<g><title>{_e(tip)}</title>')
             if i % 2:
                 parts.append(f'<rect x="0" y="{y}" width="{width}" height="{ROW_H}" fill="#fafbfd"/>')
@@ -401,7 +402,7 @@ def _check(report: Report) -> str:
              if getattr(c, "synthesized", False) else "the given inputs")
     body = []
     for o in c.outputs:
-        cls = "ok" if o.shape_a == o.shape_b and o.cosine > 0.999 else "bad"
+        cls = "ok" if o.shape_a == o.shape_b and o.cosine >= DEFAULT_MIN_COS else "bad"  # the verdict's default gate
         top1 = "-" if o.top1 is None else f"{o.top1:.4f}"
         body.append(f'<tr><td><code>{_e(o.name)}</code></td><td>{_e(o.shape_a)}</td><td>{_e(o.shape_b)}</td>'
                     f'<td class="n">{o.max_abs:.3g}</td><td class="n">{o.mean_abs:.3g}</td>'

@@ -148,3 +148,18 @@ def test_stat_html_tables() -> None:
     assert "<code>/a/MatMul</code>" in html and "16" in html
     assert stat_html(list(range(40))).endswith("… and 16 more")
     assert stat_html({}) == "(none)" and stat_html(0.123456) == "0.1235"
+
+
+def test_one_zero_more_in_a_large_layer_counts_as_changed() -> None:
+    from onnxprune.report import Report
+    from onnxprune.summary import ModelSummary
+
+    def summary(nonzero: int) -> ModelSummary:
+        rows = [{"name": "w", "shape": [1000, 1000], "size": 10**6, "nonzero": nonzero, "node": "/l.0/fc/MatMul",
+                 "order": 0, "weight": True}]
+        return ModelSummary(nodes=1, ops={}, parameters=10**6, nonzero=nonzero, weight_bytes=4 * 10**6,
+                            per_initializer=rows)
+
+    rows = layer_rows(Report(before=summary(10**6), after=summary(10**6 - 1)))
+    assert rows[0]["changed"] and rows[0]["block"] == "/l.0" and rows[0]["label"] == "fc/MatMul"
+    assert not layer_rows(Report(before=summary(10**6), after=summary(10**6)))[0]["changed"]

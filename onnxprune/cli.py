@@ -325,12 +325,17 @@ def _bench_lines(labels: Sequence[str], timings: Sequence[Any], feeds: dict[str,
              f"threads {threads if threads else f'ONNX Runtime default ({os.cpu_count()} cores)'}; "
              f"{warmup} warm-up + {runs} interleaved runs each"]
     width = max(len(x) for x in labels)
-    lines += [f"  {'AB'[i] if i < 2 else i + 1} {lab:<{width}}  {t.format()}" for i, (lab, t) in enumerate(zip(labels, timings))]
-    if len(timings) == 2:
-        r = speedup(timings[0], timings[1])
-        lines.append(f"  speedup A/B {r:.3f}x ({'B faster' if r > 1 else 'B slower' if r < 1 else 'equal'}; "
+    names = [_BENCH_NAMES[i] if i < len(_BENCH_NAMES) else str(i + 1) for i in range(len(timings))]
+    lines += [f"  {n} {lab:<{width}}  {t.format()}" for n, lab, t in zip(names, labels, timings)]
+    for n, t in zip(names[1:], timings[1:]):
+        r = speedup(timings[0], t)
+        lines.append(f"  speedup A/{n} {r:.3f}x ({f'{n} faster' if r > 1 else f'{n} slower' if r < 1 else 'equal'}; "
                      "median over median)")
     return lines
+
+
+#: Letters naming the models of ``bench`` (the first is the reference A).
+_BENCH_NAMES = "ABCDEFGH"
 
 
 def _bench_text(inp: Path, out: Path, inputs: str | None, dims: dict[str, int], threads: int | None,
@@ -364,6 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                "models": [{"path": p, **t.to_dict()} for p, t in zip(args.models, timings)]}
         if len(timings) == 2:
             doc["speedup"] = speedup(timings[0], timings[1])
+        doc["speedup_vs_first"] = [speedup(timings[0], t) for t in timings]
         print(json.dumps(doc, indent=2))
     else:
         print("\n".join(_bench_lines(args.models, timings, feeds, synthesized, args.threads, args.warmup)))

@@ -114,6 +114,11 @@ def test_cli_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(capsys.readouterr().out)
     assert doc["synthesized_inputs"] is False and doc["inputs"] == {"x": [4, 32]}
     assert [m["runs"] for m in doc["models"]] == [3, 3] and math.isfinite(doc["speedup"]) and doc["speedup"] > 0
+    assert main(["bench", str(a), str(b), str(a), "--runs", "3", "--json"]) == 0  # each against the first
+    ratios = json.loads(capsys.readouterr().out)["speedup_vs_first"]
+    assert len(ratios) == 3 and ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert main(["bench", str(a), str(b), str(a), "--runs", "3"]) == 0
+    assert "speedup A/C" in capsys.readouterr().out
     assert main(["bench", str(a), "--runs", "3", "--dim", "batch=8"]) == 0  # one model: no ratio
     out = capsys.readouterr().out
     assert "x [8, 32]" in out and "speedup" not in out

@@ -44,12 +44,11 @@ class OptimizeResult:
     report: Report
 
 
-def _calibration(calibration: Any, model: Model, batch_size: int | None) -> Any:
+def _calibration(calibration: Any, model: Model, batch_size: int | None, limit: int | None = None) -> Any:
     if calibration is None:
         return None
-    if isinstance(calibration, CalibrationData):
-        return calibration
-    return CalibrationData.from_any(calibration, model, batch_size=batch_size)
+    data = CalibrationData.from_any(calibration, model, batch_size=batch_size)
+    return data.head(limit) if limit is not None else data
 
 
 def subgraph_weights(model: Model) -> list[str]:
@@ -82,6 +81,7 @@ def optimize(
     *,
     calibration: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | Any = None,
     calibration_batch: int | None = None,
+    calibration_limit: int | None = None,
     check: bool = False,
     check_inputs: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     check_dims: Mapping[str, int] | None = None,
@@ -101,6 +101,8 @@ def optimize(
             recipe tables.
         calibration: An ``.npz`` path, an iterable of feed dicts, or a ``CalibrationData``.
         calibration_batch: Batch size when slicing an ``.npz`` into batches.
+        calibration_limit: Use only the first this many calibration samples (what the automatic
+            search's reproducing command passes, so the held-out samples stay unseen).
         check: Compare the result with the input on ONNX Runtime CPU.
         check_inputs: Inputs for the check (dict or ``.npz``); random when None.
         check_dims: Values of dynamic dimensions for random check inputs.
@@ -131,7 +133,7 @@ def optimize(
         annotate_rows(before.per_initializer, model)
     work = model if inplace else model.copy()
     ctx = PassContext(
-        calibration=_calibration(calibration, model, calibration_batch),
+        calibration=_calibration(calibration, model, calibration_batch, calibration_limit),
         options={**(options or {}), **({} if verify else {"verify": False})},  # --no-verify also skips twin checks
         recipe_overrides=recipe_overrides,
     )

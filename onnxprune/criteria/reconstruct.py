@@ -33,12 +33,20 @@ construction. :class:`RefitInfo` reports both totals and ``‖X_d W‖²`` for r
   columns of a mask) are solved together with one Cholesky factorisation. The remaining outputs
   are sorted by ``|S_n|`` and solved in batches of equal-size systems (padded with identity rows)
   by one batched LAPACK call per batch; cost ``Σ_n |S_n|³`` and ``O(batch · max|S_n|²)`` memory.
-* ``cg``: conjugate gradients on the normal equations for all outputs at once, Jacobi
-  preconditioned, warm-started at ``W0``: every iteration is one ``[K, K] @ [K, N]`` product
-  restricted to the mask, so the cost is ``iterations · K² · N`` — far below ``direct`` for wide
-  unstructured masks. Iterates until every output's residual is below ``tol`` times its
-  right-hand side (or ``max_iter``).
-* ``auto``: ``direct`` when all outputs share a few kept sets or ``Σ|S_n|³`` is small, else ``cg``.
+  The many small LAPACK calls run on one BLAS thread (a multi-threaded BLAS spends its time
+  synchronising: 35 s instead of 2.3 s for a 384×384 layer on 2 shared cores).
+* ``cg``: preconditioned conjugate gradients on the normal equations for all outputs at once,
+  warm-started at ``W0``. Every iteration is one ``[K, K] @ [K, N]`` product restricted to the
+  mask, plus the preconditioner ``z = M ⊙ ((G + λI)⁻¹ r)`` (the full inverse, factorised once,
+  applied to the masked residual: a principal block of an SPD inverse, so SPD on every ``S_n``;
+  on MiniLM it needs 2–4× fewer iterations than Jacobi). Cost ``iterations · 2K²N``; stops when
+  every output's residual is below ``tol`` times its right-hand side (or ``max_iter``). The
+  products run in float32 when ``tol ≥ 1e-5`` (the errors that decide are float64 closed forms). Measured
+  on all-MiniLM-L6-v2 statistics (SparseGPT 50 % masks, 2 shared cores, CPU time): 384×384
+  0.4 s, 384×1536 0.9 s, 1536×384 2.9 s at ``tol=1e-2``, errors within 1 % of the converged
+  solution; ``direct`` needs 0.8 s / ~3 s / ~20 s.
+* ``auto``: ``direct`` when the outputs share their kept sets (structural re-fits) or the
+  unshared systems are tiny (``Σ|S_n|³/3 ≤ 2·10⁸``), else ``cg``.
 
 Preconditions: ``G`` (and ``D``) symmetric positive semi-definite, ``damp ≥ 0``; inputs that
 never fire (``G[k, k] = 0``) are left out of the solve and keep their ``W0`` value (they do not
@@ -52,6 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.criteria.sparsegpt import single_thread_blas
 from onnxprune.errors import PipelineError
 
 __all__ = ["METHODS", "RefitInfo", "layer_errors", "refit"]
@@ -60,7 +69,9 @@ METHODS = ("auto", "direct", "cg")
 #: Memory for one batch of gathered ``G[S_n, S_n]`` systems in ``direct``.
 _BATCH_BYTES = 64 << 20
 #: ``auto`` uses ``direct`` below this many multiply-adds (``Σ |S_n|³ / 3`` for the unshared outputs).
-_DIRECT_FLOPS = 2e9
+_DIRECT_FLOPS = 2e8
+#: ``cg`` iterates in float32 (half the time of float64 products) when ``tol`` is at least this.
+_F32_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ def refit(
     W0: np.ndarray | None = None,
     damp: float = 0.01,
     method: str = "auto",
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 300,
 ) -> tuple[np.ndarray, RefitInfo]:
     """Re-solve the kept weights of one layer so that its output matches the dense layer's.
@@ -192,7 +203,8 @@ def refit(
         method = _auto_method(Ms)
     iters = 0
     if method == "direct":
-        X = _solve_direct(G, B, Ms, lam)
+        with single_thread_blas():
+            X = _solve_direct(G, B, Ms, lam)
     else:
         X, iters = _solve_cg(G, B, Ms, lam, np.where(Ms, X0, 0.0), tol, max_iter)
     X = np.where(Ms, X, X0)  # dead inputs keep their starting value
@@ -281,30 +293,46 @@ def _solve_batched(G: np.ndarray, B: np.ndarray, Ms: np.ndarray, lam: float, col
 
 def _solve_cg(G: np.ndarray, B: np.ndarray, Ms: np.ndarray, lam: float, X: np.ndarray, tol: float,
               max_iter: int) -> tuple[np.ndarray, int]:
-    """Jacobi-preconditioned CG on ``(G + λI)[S_n, S_n] w = b[S_n]`` for every output at once."""
-    Mf = Ms.astype(np.float64)
-    dinv = 1.0 / (np.diag(G) + lam if lam > 0 else np.maximum(np.diag(G), 1e-300))
+    """Preconditioned CG on ``(G + λI)[S_n, S_n] w = b[S_n]`` for every output at once (see the module docstring)."""
+    dt = np.float32 if tol >= _F32_TOL else np.float64  # float32 resolves residuals to ~1e-6
+    Mf = Ms.astype(dt)
+    K = G.shape[0]
+    try:
+        Pinv = np.linalg.inv(G + lam * np.eye(K))
+        if not np.isfinite(Pinv).all():
+            raise np.linalg.LinAlgError("non-finite inverse")
+        Pinv = Pinv.astype(dt)
+    except np.linalg.LinAlgError:  # singular without damping: Jacobi instead
+        Pinv = None
+    dinv = (1.0 / np.where(np.diag(G) + lam > 0, np.diag(G) + lam, 1.0)).astype(dt)
+
+    def precond(R: np.ndarray, Mcols: np.ndarray) -> np.ndarray:
+        return Mcols * (Pinv @ R) if Pinv is not None else R * dinv[:, None]
+
+    B = B.astype(dt)
+    X = X.astype(dt)
+    G = G.astype(dt)
     bnorm = np.linalg.norm(B * Mf, axis=0)
-    R = Mf * (B - G @ X - lam * X)
-    Z = R * dinv[:, None]
+    R = Mf * (B - G @ X - dt(lam) * X)
+    Z = precond(R, Mf)
     P = Z.copy()
     rz = np.einsum("kn,kn->n", R, Z)
     active = np.flatnonzero(np.linalg.norm(R, axis=0) > tol * bnorm)
     it = 0
     while active.size and it < max_iter:
         it += 1
-        Pa = P[:, active]
-        AP = Mf[:, active] * (G @ Pa + lam * Pa)
+        Pa, Ma = P[:, active], Mf[:, active]
+        AP = Ma * (G @ Pa + dt(lam) * Pa)
         pap = np.einsum("kn,kn->n", Pa, AP)
         alpha = np.divide(rz[active], pap, out=np.zeros_like(pap), where=pap > 0)
         X[:, active] += alpha * Pa
         Ra = R[:, active] - alpha * AP
         R[:, active] = Ra
-        Za = Ra * dinv[:, None]
+        done = np.linalg.norm(Ra, axis=0) <= tol * bnorm[active]
+        Za = precond(Ra, Ma)
         rz_new = np.einsum("kn,kn->n", Ra, Za)
         beta = np.divide(rz_new, rz[active], out=np.zeros_like(rz_new), where=rz[active] > 0)
         P[:, active] = Za + beta * Pa
         rz[active] = rz_new
-        done = np.linalg.norm(Ra, axis=0) <= tol * bnorm[active]
         active = active[~done]
-    return X, it
+    return X.astype(np.float64), it

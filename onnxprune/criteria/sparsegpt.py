@@ -77,7 +77,7 @@ def _upper_inverse(R: np.ndarray) -> np.ndarray:
     return np.triu(inv)
 
 
-def _single_thread_blas() -> contextlib.AbstractContextManager[Any]:
+def single_thread_blas() -> contextlib.AbstractContextManager[Any]:
     """Limit BLAS to one thread (``threadpoolctl``, when installed) for the many small products.
 
     SparseGPT issues thousands of small BLAS/LAPACK calls; a multi-threaded BLAS spends more time
@@ -125,7 +125,7 @@ def sparsegpt_prune(
         raise PipelineError(f"sparsegpt: blocksize must be >= 1, got {blocksize}")
     if percdamp < 0:
         raise PipelineError(f"sparsegpt: percdamp must be >= 0, got {percdamp}")
-    with _single_thread_blas():
+    with single_thread_blas():
         return _sparsegpt(W_kn, H, sparsity, nm, blocksize, percdamp, keep_mask)
 
 

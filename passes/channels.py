@@ -20,6 +20,14 @@ Selection is :func:`onnxprune.criteria.structured.select`, shared with ``heads``
 lowest over all groups, greedily, never leaving a group below ``min_keep``. Then the survivor
 count is rounded up to a multiple of ``round_to`` (never above the width).
 
+**Reconstruction** (``reconstruct=true``, needs calibration data): every layer that reads removed
+channels is re-fitted by least squares on the calibration data so that its output matches the
+dense layer's (:mod:`onnxprune.analysis.reconstruction`): MatMul / Gemm / 1×1 Conv consumers
+re-solve their kept input rows and bias; k×k and padded Conv consumers (an im2col re-fit is not
+implemented) and consumers with fewer than ``2 (K + 1)`` calibration rows get the bias-only fit
+(the removed channels' mean contribution folded into the bias). Grouped Conv consumers are left
+as they are (named in ``consumers_not_refitted``).
+
 A group whose selected removal cannot be applied (a shape constant would drop to zero or below,
 positions outside a tensor) is blocked with the reason (``blocked_at_apply`` in the stats, one
 warning each) and selection runs again without it; the rest of the model is still pruned. The
@@ -40,14 +48,24 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from onnxprune.analysis.calibration import channel_stats
+from onnxprune.analysis.calibration import (
+    as_calibration,
+    channel_stats,
+    needs_calibration,
+)
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.channels.prepare import prepare
+from onnxprune.analysis.reconstruction import (
+    consumer_stats,
+    find_consumers,
+    reconstruct,
+)
 from onnxprune.analysis.removal import (
     PruneGroup,
     apply_removal,
@@ -87,6 +105,11 @@ class ChannelsOptions:
     verify_twin: bool = field(default=True, metadata={
         "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
                 "of weights; a disagreement fails the pass)"})
+    reconstruct: bool = field(default=False, metadata={
+        "help": "least-squares re-fit of the layers that read removed channels (MatMul, Gemm, 1x1 Conv: kept "
+                "inputs and bias; other Conv: bias only) on calibration data"})
+    damp: float = field(default=1e-3, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
+                                                "min": 0.0})
 
     def validate(self) -> None:
         """Check the regexes."""
@@ -236,6 +259,8 @@ class ChannelsPass(Pass):
         if not plan:
             stats.update(channels_removed=0, params_after=params_before)
             return unchanged
+        if opts.reconstruct:
+            stats.update(self._reconstruct(work, cands, plan, ctx))
         twin = masked_twin(work, plan) if opts.verify_twin and ctx.options.get("verify", True) is not False \
             else None
         removal = apply_removal(work, plan)
@@ -246,6 +271,21 @@ class ChannelsPass(Pass):
                      shape_edits=removal["shape_edits"], params_after=count_parameters(work))
         log.info("channels: removed %d channels in %d groups", removal["channels_removed"], len(plan))
         return PassResult(work, True, stats)
+
+    def _reconstruct(self, model: Model, groups: list[PruneGroup], plan: list[tuple[PruneGroup, np.ndarray]],
+                     ctx: PassContext) -> dict[str, Any]:
+        """Re-fit the consumers of the removed channels (:mod:`onnxprune.analysis.reconstruction`)."""
+        t0 = time.perf_counter()
+        consumers, skipped = find_consumers(model, [g for g, _ in plan])
+        needs_calibration("channels", "reconstruct=true", ctx.calibration)
+        calib = as_calibration(ctx.calibration, model)
+        grams, means = consumer_stats(model, calib, list(consumers.values()))
+        out = reconstruct(model, consumers, {g.name: c for g, c in plan}, grams, means, groups, order=1,
+                          damp=self.options.damp)
+        out["reconstruct_s"] = round(time.perf_counter() - t0, 3)
+        if skipped:
+            out["consumers_not_refitted"] = skipped
+        return out
 
     def _scores(self, model: Model, groups: list[PruneGroup], ctx: PassContext,
                 stats: dict[str, Any]) -> dict[str, np.ndarray]:

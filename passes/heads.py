@@ -30,6 +30,19 @@ calibration data and ``W_out`` the output projection (``y = x W_out + b``), remo
 bias ``b`` (a bias ``Add`` is created when there is none), so the mean output over the
 calibration data is unchanged.
 
+**Reconstruction** (``reconstruct=true``, FLAP / ZipLM / SliceGPT-style): the output (down)
+projection ``y = x W + b`` is re-solved by least squares so that the block's output on the
+calibration tokens matches the dense block's, ``min ‖X W + b − X_S W'_S − b'‖²`` over the kept
+rows ``S`` and the bias (:mod:`onnxprune.analysis.reconstruction`, solver
+:func:`onnxprune.criteria.reconstruct.refit`, ridge ``damp · mean diag``); compensation is the
+case with ``W'_S = W_S`` fixed. The re-fit never raises the layer's calibration error.
+``criterion=reconstruction`` chooses the units by the error their removal leaves after that
+re-fit (greedy Optimal Brain Surgeon on ``G̃ = X̃ᵀX̃``,
+:func:`~onnxprune.criteria.structured.reconstruction_order`); with ``scope=global`` the per-block
+counts come from the blocks' relative-error curves under one global count
+(:func:`~onnxprune.criteria.structured.allocate`: non-uniform, from measured sensitivity).
+Heads and FFN neurons never mix, so the projection's error is exactly the block's.
+
 **Application.** The analysis runs on a copy. A block whose selected removal cannot be applied
 (:func:`~onnxprune.analysis.removal.plan_problems`) is blocked with the reason
 (``blocked_at_apply``) and the others are pruned; a run that removes nothing returns the input
@@ -41,27 +54,37 @@ the pass naming the blocks. When ``heads`` recognises no block at all,
 every Softmax attention candidate it looked at is listed with the reason
 (``candidates`` in the stats, and a warning; :mod:`~onnxprune.analysis.heads.diagnose`).
 
-Preconditions: static head/channel counts; ``activation`` and ``compensate`` need calibration
-data (``--calibration``).
+Preconditions: static head/channel counts; ``activation``, ``weighted``, ``reconstruction``,
+``compensate`` and ``reconstruct`` need calibration data (``--calibration``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 
-from onnxprune.analysis.calibration import channel_stats
+from onnxprune.analysis.calibration import (
+    as_calibration,
+    channel_stats,
+    needs_calibration,
+)
 from onnxprune.analysis.heads.diagnose import NO_SOFTMAX, why_no_heads
 from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.heads.shapes import static_shapes
+from onnxprune.analysis.reconstruction import (
+    Consumer,
+    consumer_stats,
+    find_consumers,
+    reconstruct,
+    removal_curve,
+)
 from onnxprune.analysis.removal import (
-    ParamSlice,
     PruneGroup,
     apply_removal,
     check_twin,
@@ -70,7 +93,7 @@ from onnxprune.analysis.removal import (
     positions,
     reshare,
 )
-from onnxprune.criteria.structured import select
+from onnxprune.criteria.structured import allocate, kept_width, select
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
@@ -78,7 +101,18 @@ from onnxprune.summary import count_parameters
 
 log = logging.getLogger(__name__)
 
+CRITERIA = ("l2", "activation", "weighted", "reconstruction")
+#: Default ridge of the structural re-fit (relative to mean diag of the augmented Gram matrix).
+DAMP = 1e-3
+
 __all__ = ["FfnOptions", "FfnPass", "HeadsOptions", "HeadsPass", "channel_means", "unit_scores"]
+
+
+def _criterion(projection: str) -> Any:
+    """The ``criterion`` option field (the same choices for heads and ffn)."""
+    return field(default="l2", metadata={
+        "help": f"importance: weight norm, calibration activations, activations x {projection} row norms, "
+                "or the output error left after a least-squares re-fit", "choices": CRITERIA})
 
 
 @dataclass
@@ -87,13 +121,15 @@ class HeadsOptions:
 
     ratio: float = field(default=0.25, metadata={"help": "share of heads to remove per block (or overall)",
                                                  "min": 0.0, "max_exclusive": 1.0})
-    criterion: str = field(default="l2", metadata={"help": "importance: weight norm, calibration activations, or "
-                                                           "activations x output-projection row norms",
-                                                   "choices": ("l2", "activation", "weighted")})
+    criterion: str = _criterion("output-projection")
     scope: str = field(default="layer", metadata={"help": "rank heads per block or across all blocks",
                                                   "choices": ("layer", "global")})
     min_heads: int = field(default=1, metadata={"help": "heads (KV heads for GQA) every block keeps", "min": 1})
     compensate: bool = field(default=False, metadata={"help": "refit the output projection bias (needs calibration)"})
+    reconstruct: bool = field(default=False, metadata={
+        "help": "least-squares re-fit of the output projection (kept rows and bias) on calibration data"})
+    damp: float = field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
+                                                "min": 0.0})
     verify_twin: bool = field(default=True, metadata={
         "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
                 "of weights; a disagreement fails the pass)"})
@@ -105,11 +141,15 @@ class FfnOptions:
 
     ratio: float = field(default=0.25, metadata={"help": "share of intermediate neurons to remove per block",
                                                  "min": 0.0, "max_exclusive": 1.0})
-    criterion: str = field(default="l2", metadata={"help": "importance: weight norm, calibration activations, or "
-                                                           "activations x down-projection row norms",
-                                                   "choices": ("l2", "activation", "weighted")})
+    criterion: str = _criterion("down-projection")
+    scope: str = field(default="layer", metadata={"help": "remove the share per block or across all blocks",
+                                                  "choices": ("layer", "global")})
     round_to: int = field(default=1, metadata={"help": "kept width is a multiple of this", "min": 1})
     compensate: bool = field(default=False, metadata={"help": "refit the down projection bias (needs calibration)"})
+    reconstruct: bool = field(default=False, metadata={
+        "help": "least-squares re-fit of the down projection (kept rows and bias) on calibration data"})
+    damp: float = field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
+                                                "min": 0.0})
     verify_twin: bool = field(default=True, metadata={
         "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
                 "of weights; a disagreement fails the pass)"})
@@ -152,78 +192,45 @@ def _activation_scores(group: PruneGroup, exits: list[tuple[str, str]],
     return score / max(len(exits), 1)
 
 
-# ---------------------------------------------------------------------- compensation
-def _compensate(model: Model, exits: list[tuple[str, str]], removed: np.ndarray, width: int,
-                means: dict[str, tuple[np.ndarray, np.ndarray]], live: list[PruneGroup]) -> int:
-    """Fold the removed channels' mean contribution into each exit's bias; returns biases changed.
+# ---------------------------------------------------------------------- reconstruction-error selection
+def _select(live: list[PruneGroup], score_of: dict[str, np.ndarray], curves: dict[str, Any], opts: Any,
+            mode: str) -> list[np.ndarray]:
+    """Units to remove per group: :func:`select` on the scores, or the greedy re-fit order.
 
-    A bias created here sits on the exit's output channels; if another group prunes those (a
-    chain of FFN blocks), the new bias joins that group's slices so it shrinks with them.
+    With ``criterion=reconstruction`` every group with a curve removes the first ``n`` units of
+    its greedy order: ``n`` is the per-block count of :func:`select` (``scope=layer``), or comes
+    from :func:`allocate` over the curves divided by each block's output energy
+    (``scope=global``: one global count, the next unit always from the block whose relative error
+    grows least). Groups without a curve use their fallback scores.
     """
-    nodes = {n.name: n for n in model.graph.node}
-    done = 0
-    for node_name, tensor in exits:
-        node = nodes[node_name]
-        mean = means[tensor][1]
-        block = mean.size // width
-        ch = (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
-        w = np.asarray(model.get_array(node.input[1]), dtype=np.float64)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        trans_b = node.op_type == "Gemm" and bool(attrs.get("transB", 0))
-        rows = w[:, ch].T if trans_b else w[ch, :]
-        delta = float(attrs.get("alpha", 1.0)) * (mean[ch] @ rows)  # [N]
-        created = _add_to_bias(model, node, delta)
-        if created:
-            out_axis = 0 if trans_b else 1
-            for g in live:
-                for sl in list(g.slices):
-                    if sl.initializer == node.input[1] and sl.role == "out" and sl.axis == out_axis:
-                        g.slices.append(ParamSlice(created, 0, "param", sl.offset, sl.block, sl.stride, "bias"))
-        done += 1
-    return done
+    min_keep = opts.min_heads if mode == "heads" else 1
+    round_to = getattr(opts, "round_to", 1)
+    chosen = select([score_of[g.name] for g in live], opts.ratio, scope=opts.scope, min_keep=min_keep,
+                    round_to=round_to)
+    if not curves:
+        return chosen
+    with_curve = [i for i, g in enumerate(live) if curves.get(g.name) is not None]
+    if opts.scope == "global":
+        total = int(np.floor(opts.ratio * sum(live[i].width for i in with_curve) + 0.5))
+        rel = [curves[live[i].name][1] / max(curves[live[i].name][2], 1e-300) for i in with_curve]
+        counts = allocate(rel, total, [len(r) for r in rel])
+    else:
+        counts = [chosen[i].size for i in with_curve]
+    for i, n in zip(with_curve, counts):
+        w = live[i].width
+        n = w - kept_width(w, n, min_keep=min_keep, round_to=round_to)
+        chosen[i] = np.sort(curves[live[i].name][0][:n]).astype(np.int64)
+    return chosen
 
 
-def _add_to_bias(model: Model, node: onnx.NodeProto, delta: np.ndarray) -> str | None:
-    """Add ``delta`` to the bias after ``node``; returns the name of a newly created bias, if any."""
-    graph = model.graph
-    out = node.output[0]
-    inits = model.initializer_map()
-    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
-        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
-        c = np.asarray(model.get_array(node.input[2]))
-        if beta != 0:
-            model.set_array(node.input[2], (np.broadcast_to(c, delta.shape) + delta / beta).astype(c.dtype))
-            return None
-    users = [n for n in graph.node if out in n.input]
-    if len(users) == 1 and users[0].op_type == "Add" and out not in {o.name for o in graph.output}:
-        other = [x for x in users[0].input if x != out]
-        if len(other) == 1 and other[0] in inits and model.is_constant(other[0]):
-            b = np.asarray(model.get_array(other[0]))
-            if b.shape == delta.shape and len([n for n in graph.node if other[0] in n.input]) == 1:
-                model.set_array(other[0], (b + delta).astype(b.dtype))
-                return None
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type)
-    bias_name = _unique(model, f"{node.name}.compensation_bias")
-    model.add_initializer(bias_name, delta.astype(dtype))
-    pre = _unique(model, f"{out}.pre_compensation")
-    for n in graph.node:  # the producer writes `pre`; a new Add writes the old name
-        for i, o in enumerate(n.output):
-            if o == out:
-                n.output[i] = pre
-    add = onnx.helper.make_node("Add", [pre, bias_name], [out], name=_unique(model, f"{node.name}.compensation"))
-    idx = [i for i, n in enumerate(graph.node) if n.name == node.name][0]
-    graph.node.insert(idx + 1, add)
-    return bias_name
-
-
-def _unique(model: Model, base: str) -> str:
-    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {
-        n.name for n in model.graph.node}
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+def _curve_length(width: int, opts: Any, mode: str) -> int:
+    """Units of a block to order: its per-block count, or up to ``min(2·ratio + 0.1, 1)·width`` for global."""
+    min_keep = opts.min_heads if mode == "heads" else 1
+    if opts.scope == "global":
+        n = int(np.ceil(min(2 * opts.ratio + 0.1, 1.0) * width))
+    else:
+        n = width - kept_width(width, int(np.floor(opts.ratio * width + 0.5)), min_keep=min_keep)
+    return max(0, min(n, width - max(min_keep, 1)))
 
 
 # ---------------------------------------------------------------------- the passes
@@ -260,11 +267,27 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         stats.update(params_before=params_before, params_after=params_before, params_removed=0,
                      units_removed=0)
         return unchanged
-    needs_calib = opts.criterion in ("activation", "weighted") or opts.compensate
+    recon = opts.reconstruct or opts.criterion == "reconstruction"
+    needs_calib = opts.criterion in ("activation", "weighted") or opts.compensate or recon
     means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if needs_calib:
-        what = f"criterion={opts.criterion}" if opts.criterion != "l2" else "compensate=true"
-        means = channel_means(work, [t for g in live for _, t in exits[g.name]], ctx.calibration, label, what)
+    consumers: dict[str, Consumer] = {}
+    grams: dict[str, np.ndarray] = {}
+    input_means: dict[str, np.ndarray] = {}
+    t_stats = time.perf_counter()
+    if opts.compensate or recon:
+        consumers, skipped = find_consumers(work, live)
+        if skipped:
+            stats["consumers_not_refitted"] = skipped
+    if needs_calib and (opts.criterion in ("activation", "weighted") or not recon):
+        what = {"activation": "criterion=activation", "weighted": "criterion=weighted"}.get(
+            opts.criterion, "compensate=true")
+        means = channel_means(work, [t for g in live for _, t in exits[g.name]] +
+                              [c.tensor for c in consumers.values()], ctx.calibration, label, what)
+        input_means = {t: m[1] for t, m in means.items()}
+    if recon:
+        needs_calibration(label, "reconstruct=true" if opts.reconstruct else "criterion=reconstruction",
+                          ctx.calibration)
+        grams, input_means = consumer_stats(work, as_calibration(ctx.calibration, work), list(consumers.values()))
     if opts.criterion == "activation":
         score_of = {g.name: _activation_scores(g, exits[g.name], means) for g in live}
     elif opts.criterion == "weighted":
@@ -272,10 +295,16 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
                     for g in live}
     else:
         score_of = {g.name: unit_scores(work, g) for g in live}
+    curves: dict[str, Any] = {}
+    if opts.criterion == "reconstruction":
+        curves = {g.name: removal_curve(work, g, consumers, grams, _curve_length(g.width, opts, mode), opts.damp)
+                  for g in live}
+        stats["fallback_l2_blocks"] = sum(v is None for v in curves.values())
+    if needs_calib:
+        stats["calibration_s"] = round(time.perf_counter() - t_stats, 3)
     refused: dict[str, str] = {}
     while True:  # refuse the blocks whose plan cannot be applied, then select again
-        chosen = select([score_of[g.name] for g in live], opts.ratio, scope=getattr(opts, "scope", "layer"),
-                        min_keep=opts.min_heads if mode == "heads" else 1, round_to=getattr(opts, "round_to", 1))
+        chosen = _select(live, score_of, curves, opts, mode)
         removals = [(g, c) for g, c in zip(live, chosen) if c.size]
         bad = plan_problems(work, removals)
         if not bad:
@@ -290,9 +319,12 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         stats.update(params_before=params_before, params_after=params_before, params_removed=0,
                      units_removed=0)
         return unchanged
-    if opts.compensate:
-        stats["biases_compensated"] = sum(_compensate(work, exits[g.name], c, g.width, means, live)
-                                          for g, c in removals)
+    if opts.compensate or opts.reconstruct:
+        t_fit = time.perf_counter()
+        stats.update(reconstruct(work, consumers, {g.name: c for g, c in removals}, grams,
+                                 input_means, live, order=1 if opts.reconstruct else 0,
+                                 damp=opts.damp))
+        stats["reconstruct_s"] = round(time.perf_counter() - t_fit, 3)
     want_twin = opts.verify_twin and ctx.options.get("verify", True) is not False
     twin = masked_twin(work, removals) if want_twin else None  # after compensation: it is part of both
     result = apply_removal(work, removals)

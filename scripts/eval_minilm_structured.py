@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=512, help="evaluation sentences")
     ap.add_argument("--criterion", default="activation", choices=("activation", "l2", "weighted"))
     ap.add_argument("--graphs", type=Path, default=None, help="also write weight-less graphs here")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="compare today's best (weighted + compensate) with reconstruct=true and "
+                         "criterion=reconstruction (layer and global scope), heads, ffn and both at 25%% and 50%%")
     ap.add_argument("--latency-dir", type=Path, default=None, help="only time the graphs in this folder")
     args = ap.parse_args(argv)
     if args.latency_dir is not None:
@@ -242,27 +245,44 @@ def main(argv: list[str] | None = None) -> int:
     dense = onnxprune.load(dense_path)
     ref = embed(ort.InferenceSession(str(dense_path), so, providers=["CPUExecutionProvider"]), evals)
     dense_params = summarize(dense).parameters
-    rows = [("dense", "-", dense_params, 1.0, 1.0)]
+    rows = [("dense", "-", dense_params, 1.0, 1.0)]  # (pruning, method, params, cosine, top-10)
     paths = [dense_path]
     configs = []
-    for kind in ("heads", "ffn"):
-        for ratio in (0.25, 0.5):
-            for comp in (False, True):
-                configs.append((f"{kind}(ratio={ratio},criterion={args.criterion},compensate={str(comp).lower()})",
-                                kind, ratio, comp))
-    configs.append((f"heads(ratio=0.25,criterion={args.criterion}),ffn(ratio=0.25,criterion={args.criterion})",
-                    "heads+ffn", 0.25, False))
-    for k, (spec, kind, ratio, comp) in enumerate(configs):
+    if args.reconstruct:
+        def both(r: float, opt: str, scope: str = "") -> str:
+            return f"heads(ratio={r},{opt}{scope}),ffn(ratio={r},{opt}{scope})"
+
+        base, rec = "criterion=weighted,compensate=true", "criterion=reconstruction,reconstruct=true"
+        configs = [(f"heads(ratio=0.25,{base})", "heads", 0.25, "weighted + compensate"),
+                   (f"heads(ratio=0.25,{rec})", "heads", 0.25, "reconstruction"),
+                   (f"ffn(ratio=0.25,{base})", "ffn", 0.25, "weighted + compensate"),
+                   (f"ffn(ratio=0.25,{rec})", "ffn", 0.25, "reconstruction"),
+                   (both(0.25, base), "heads+ffn", 0.25, "weighted + compensate"),
+                   (both(0.25, rec), "heads+ffn", 0.25, "reconstruction"),
+                   (both(0.25, rec, ",scope=global"), "heads+ffn", 0.25, "reconstruction, global"),
+                   (both(0.5, base), "heads+ffn", 0.5, "weighted + compensate"),
+                   (both(0.5, rec, ",scope=global"), "heads+ffn", 0.5, "reconstruction, global")]
+    else:
+        for kind in ("heads", "ffn"):
+            for ratio in (0.25, 0.5):
+                for comp in (False, True):
+                    configs.append((f"{kind}(ratio={ratio},criterion={args.criterion},"
+                                    f"compensate={str(comp).lower()})", kind, ratio, "yes" if comp else "no"))
+        configs.append((f"heads(ratio=0.25,criterion={args.criterion}),ffn(ratio=0.25,criterion={args.criterion})",
+                        "heads+ffn", 0.25, "no"))
+    cpu_s = [0.0]
+    for k, (spec, kind, ratio, comp) in enumerate(configs):  # comp: the method column
+        t0 = time.process_time()
         res = onnxprune.optimize(dense, spec, calibration=calib)
+        cpu_s.append(time.process_time() - t0)
         path = out / f"pruned_{k}.onnx"
         onnxprune.save(res.model, path)
         emb = embed(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), evals)
         cos = float(np.mean(np.sum(emb * ref, axis=1)))
         agree = neighbour_agreement(ref, emb)
-        rows.append((f"{kind} {int(ratio * 100)}%", "yes" if comp else "no", summarize(res.model).parameters,
-                     cos, agree))
+        rows.append((f"{kind} {int(ratio * 100)}%", comp, summarize(res.model).parameters, cos, agree))
         paths.append(path)
-        print(f"done {spec}: cos={cos:.4f} top10={agree:.3f}", file=sys.stderr)
+        print(f"done {spec}: cos={cos:.4f} top10={agree:.3f} cpu={cpu_s[-1]:.1f}s", file=sys.stderr, flush=True)
     ms = latencies(paths, args.runs)
     if args.graphs is not None:
         args.graphs.mkdir(parents=True, exist_ok=True)
@@ -270,18 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         for k, (p, row) in enumerate(zip(paths, rows)):
             save_graph(p, args.graphs / f"m{k}.onnx")
             (args.graphs / f"m{k}.onnx.data").unlink()  # shapes only: the timing run makes random weights
-            index.append(f"m{k}.onnx\t{row[0]} (compensate {row[1]})")
+            index.append(f"m{k}.onnx\t{row[0]} ({row[1]})")
         (args.graphs / "index.txt").write_text("\n".join(index) + "\n")
     lines = [
         f"all-MiniLM-L6-v2, {len(eval_s)} held-out / {len(calib_s)} calibration stdlib docstring sentences, "
         f"criterion={args.criterion}; latency: ONNX Runtime {ort.__version__} CPU, 2 threads, batch 1x{MAX_LEN}, "
         f"median of {args.runs} interleaved rounds",
         "",
-        "| pruning | compensate | params | cosine to dense | top-10 neighbour agreement | latency ms | speedup |",
-        "|---|---|---|---|---|---|---|",
+        "| pruning | method | params | cosine to dense | top-10 neighbour agreement | pass CPU s | latency ms "
+        "| speedup |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (name, comp, params, cos, agree), t in zip(rows, ms):
-        lines.append(f"| {name} | {comp} | {params / 1e6:.2f} M | {cos:.4f} | {agree:.3f} | {t:.2f} | "
+    for (name, comp, params, cos, agree), t, c in zip(rows, ms, cpu_s):
+        lines.append(f"| {name} | {comp} | {params / 1e6:.2f} M | {cos:.4f} | {agree:.3f} | {c:.1f} | {t:.2f} | "
                      f"{ms[0] / t:.2f}x |")
     table = "\n".join(lines)
     print(table)

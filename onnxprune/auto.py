@@ -374,7 +374,10 @@ def kind_options(kind: str, calibrated: bool) -> dict[str, Any]:
     """The best criterion and compensation a structural pass offers, given whether data is real.
 
     With calibration data: re-fit of the consumer (``reconstruct``) where the pass has it, else bias
-    compensation (``compensate``), and the calibration-aware ``weighted`` criterion where offered.
+    compensation (``compensate``), and the best calibration-aware criterion offered: the error left
+    after the re-fit (``reconstruction``), else activations x weights (``weighted``), else
+    activations. On the real all-MiniLM-L6-v2, FFN 25%: reconstruction + re-fit kept a pooled
+    cosine of 0.981 against 0.937 for weighted + bias compensation (about 5x the CPU time).
     Without: the pass's data-free defaults. Kept widths are rounded to :data:`ROUND_TO` where
     the pass offers ``round_to``.
     """
@@ -384,7 +387,7 @@ def kind_options(kind: str, calibrated: bool) -> dict[str, Any]:
         return opts
     crit = specs.get("criterion")
     if crit is not None and crit.choices:
-        for best in ("weighted", "activation"):
+        for best in ("reconstruction", "weighted", "activation"):
             if best in crit.choices:
                 opts["criterion"] = best
                 break

@@ -235,12 +235,17 @@ def has_option(pass_name: str, option: str) -> bool:
 def choices(pass_name: str, option: str) -> list[str]:
     """The ``choices`` of a pass option (criteria lists grow independently)."""
     import dataclasses
+    import typing
 
     from onnxprune.pipeline.registry import get_pass
 
-    for f in dataclasses.fields(get_pass(pass_name).Options):
+    opts = get_pass(pass_name).Options
+    for f in dataclasses.fields(opts):
         if f.name == option:
-            return list(f.metadata.get("choices", ()))
+            if f.metadata.get("choices"):
+                return list(f.metadata["choices"])
+            hint = typing.get_type_hints(opts).get(f.name)  # Literal["l2", "l1", ...]
+            return [a for a in typing.get_args(hint) if isinstance(a, str)]
     return []
 
 
@@ -386,8 +391,11 @@ def outputs_of(sess: Any, data: dict[str, Any]) -> np.ndarray:
 
 
 def run_rows(rows: list[dict[str, Any]], data: dict[str, Any], work: Path, peer_python: str,
-             timeout: float, log: Any) -> list[dict[str, Any]]:
-    """Run every job of one model; fill in cosine, removed share, validity, CPU and RSS."""
+             timeout: float, log: Any, on_row: Any = None) -> list[dict[str, Any]]:
+    """Run every job of one model; fill in cosine, removed share, validity, CPU and RSS.
+
+    ``on_row(done)`` is called after every row (the driver saves partial results with it).
+    """
     from onnxprune.check import make_session
 
     tag = re.sub(r"\W+", "_", data["name"]).strip("_").lower()
@@ -433,6 +441,8 @@ def run_rows(rows: list[dict[str, Any]], data: dict[str, Any], work: Path, peer_
         res["out"] = str(out)
         done.append(res)
         print(_line(res), file=log, flush=True)
+        if on_row is not None:
+            on_row(done)
     return done
 
 
@@ -472,7 +482,13 @@ def table(results: list[tuple[dict[str, Any], list[dict[str, Any]]]], versions: 
                          and r.get("removed", 0) > 0]
                 best[tool] = max(cands, key=lambda r: r["cosine"]) if cands else None
             a, b = best["onnxprune"], best["onnxsim"]
-            if a is None and b is None:
+            ran = {tool for tool in ("onnxprune", "onnxsim") if any(r["task"] == task and r["tool"] == tool
+                                                                      for r in rows)}
+            if len(ran) < 2:
+                v = f"only {', '.join(sorted(ran))} was run here"
+                if a is not None or b is not None:
+                    v += f" (best {(a or b)['cosine']:.4f}, `{(a or b)['label']}`)"
+            elif a is None and b is None:
                 v = "neither tool produced a pruned, valid model"
             elif b is None:
                 v = f"onnxprune {a['cosine']:.4f}; onnxsim produced no pruned valid model"
@@ -507,6 +523,11 @@ def versions(peer_python: str) -> str:
     return (f"onnxprune {ours} (commit {commit}; onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
             f"numpy {np.__version__}), onnxsim {peer[0]} (onnxruntime {peer[1]}, onnx {peer[2]}, numpy {peer[3]}); "
             f"{os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def _write_json(path: Path, results: list[tuple[dict[str, Any], list[dict[str, Any]]]], vers: str) -> None:
+    path.write_text(json.dumps({"date": _dt.date.today().isoformat(), "versions": vers, "results": [
+        ({"name": d["name"], "desc": d["desc"]}, rows) for d, rows in results]}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,13 +592,17 @@ def main(argv: list[str] | None = None) -> int:
         if pattern:
             rows = [r for r in rows if pattern.search(r["task"]) or pattern.search(r["label"])]
         print(f"{data['name']}: {data['desc']}; {len(rows)} jobs", file=sys.stderr, flush=True)
-        results.append((data, run_rows(rows, data, work, peer_python, args.timeout, sys.stderr)))
+
+        def save_partial(done: list[dict[str, Any]], data: dict[str, Any] = data) -> None:
+            if args.json:
+                _write_json(Path(args.json), results + [(data, done)], "partial run")
+
+        results.append((data, run_rows(rows, data, work, peer_python, args.timeout, sys.stderr, save_partial)))
     vers = versions(peer_python)
     report = f"## onnxprune vs onnxsim pruning, {_dt.date.today().isoformat()}\n\n" + table(results, vers)
     print(report)
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": _dt.date.today().isoformat(), "versions": vers, "results": [
-            ({"name": d["name"], "desc": d["desc"]}, rows) for d, rows in results]}, indent=1))
+        _write_json(Path(args.json), results, vers)
     if args.out:
         Path(args.out).write_text(report)
     return 0

@@ -19,7 +19,8 @@ says in its first line that the budget was measured on random inputs, which is w
   ``[B, S]`` shape, padding positions are left out (they carry no meaning, and pruning changes
   them freely);
 * ``top1``: share of rows whose argmax over the last axis agrees, for logit-like outputs only
-  (:func:`logit_like`): a float output of rank 2 with more than one class, so not ``[B, S, H]``
+  (:func:`onnxprune.check.is_logit_like`: float, more than one class, rank 2 or named like logits,
+  and not named like hidden states or embeddings), so not ``[B, S, H]``
   hidden states, boxes or embeddings;
 * ``atol`` / ``rtol``: max ``|a - b|`` and max ``|a - b| / max|a|``.
 
@@ -64,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from onnxprune.analysis.calibration import CalibrationData
-from onnxprune.check import make_session, synthesize_feeds
+from onnxprune.check import is_logit_like, make_session, synthesize_feeds
 from onnxprune.errors import OnnxPruneError
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.options import option_specs
@@ -215,11 +216,6 @@ def search_data(model: Model, calibration: Any = None, calibration_batch: int | 
 
 
 # ---------------------------------------------------------------------- scoring
-def logit_like(a: np.ndarray) -> bool:
-    """A float ``[rows, classes]`` output with more than one class (argmax agreement means something)."""
-    return a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1
-
-
 @dataclass
 class Score:
     """Budget measures per output (worst over held-out batches) and whether they keep the budget."""
@@ -296,7 +292,7 @@ class Scorer:
                 if not np.isfinite(b[np.isfinite(a)]).all():
                     failures.append(f"{name}: NaN/Inf where the input model is finite")
                     break
-                logits = logit_like(a)  # judged on the output itself, before any pooling
+                logits = is_logit_like(name, a.shape, a.dtype)  # judged on the output itself, before pooling
                 if pad is not None and a.ndim >= 3 and a.shape[:2] == pad.shape:
                     keep = (pad != 0)[(...,) + (None,) * (a.ndim - 2)]  # padding positions do not count
                     a, b = np.where(keep, a, 0), np.where(keep, b, 0)
@@ -313,7 +309,7 @@ class Scorer:
                     max_rel = max(max_rel, max_abs / scale)
                 if logits:
                     agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-                    rows += int(a.shape[0])
+                    rows += int(np.prod(a.shape[:-1]))
             d: dict[str, float] = {"max_abs": max_abs, "max_rel": max_rel}
             if cosines:
                 d["cos"] = float(np.concatenate(cosines).mean())

@@ -554,7 +554,9 @@ def _result_stats(per_weight: dict[str, dict[str, int]], skipped: dict[str, str]
         "params": total, "nnz_before": before, "nnz_after": after,
         "sparsity_after": round(1.0 - after / total, 6) if total else 0.0,
         "weights": per_weight, "skipped": skipped,
-    } | ({"refit": r} if (r := _refit_summary(per_weight)) is not None else {})
+    } | ({"refit": r, "refit_weights": r["weights_refit"], "refit_s": r["seconds"],
+          "refit_rel_err": f"{r['mean_rel_err_before']:.4f} -> {r['mean_rel_err_after']:.4f}"}
+         if (r := _refit_summary(per_weight)) is not None else {})
 
 
 def _no_weights(model: Model, ctx: PassContext, pass_name: str, skipped: dict[str, str]) -> PassResult:

@@ -342,6 +342,7 @@ class Candidate:
     parameters: int | None = None
     modified: bool = True
     seconds: float = 0.0
+    pass_modified: list[bool] = field(default_factory=list)
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
     speedup: float | None = None
@@ -487,7 +488,8 @@ class _Search:
         modified = any(r.modified for r in res.report.passes)
         score = self.scorer.score(res.model)
         cand = Candidate(label, spec, score.keeps, score.min_cos, score.min_top1, score.failures,
-                         count_parameters(res.model), modified, time.perf_counter() - t0)
+                         count_parameters(res.model), modified, time.perf_counter() - t0,
+                         pass_modified=[r.modified for r in res.report.passes])
         self.candidates.append(cand)
         self.models[spec] = res.model
         cos = f"{cand.min_cos:.4f}" if cand.min_cos is not None else "-"
@@ -527,7 +529,7 @@ class _Search:
         items = [(order[0], {"ratio": round(ratios[order[0]], 4), **kind_options(order[0], calibrated)})]
         combo: Candidate | None = None
         for kind in order[1:]:
-            lo, hi, ratio, got = 0.0, ratios[kind], ratios[kind], None
+            lo, hi, ratio, got, got_ratio = 0.0, ratios[kind], ratios[kind], None, 0.0
             for _ in range(BISECT_STEPS):
                 if self.out_of_time():
                     break
@@ -535,15 +537,18 @@ class _Search:
                 label = "+".join(f"{k} {o['ratio']:.3f}" for k, o in trial)
                 self.log(f"combining {label}")
                 cand = self.build(base, trial, label)
-                if cand.keeps and cand.modified:
-                    lo, got = ratio, cand
+                if not (cand.pass_modified and cand.pass_modified[-1]):
+                    cand.note = f"{kind} removed nothing at this ratio"
+                    lo = ratio  # too small to remove a unit: look higher
+                elif cand.keeps:
+                    lo, got, got_ratio = ratio, cand, ratio
                     if ratio == hi:
                         break
                 else:
                     hi = ratio
                 ratio = (lo + hi) / 2
             if got is not None:
-                items.append((kind, {"ratio": round(lo, 4), **kind_options(kind, calibrated)}))
+                items.append((kind, {"ratio": round(got_ratio, 4), **kind_options(kind, calibrated)}))
                 combo = got
         return combo
 

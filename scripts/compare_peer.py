@@ -129,11 +129,23 @@ def _save_calib(feeds: list[dict[str, np.ndarray]], path: Path) -> None:
     np.savez(path, **{f"b{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
 
 
-def measure(python: str, job: dict[str, Any], timeout: float, log_path: Path) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far, from ``/proc/<pid>/stat``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def measure(python: str, job: dict[str, Any], timeout: float, log_path: Path,
+            cpu_timeout: float | None = None) -> dict[str, Any]:
     """Run one job in a subprocess: CPU seconds (user + system) from ``os.wait4``, peak RSS from ``VmHWM``.
 
     The child reports its own ``VmHWM`` when it finishes; the parent also polls it (for jobs that
     fail or time out). The child's output goes to ``log_path`` (a pipe could fill and stall it).
+    ``cpu_timeout`` stops a job after that many CPU seconds (fair on a shared machine, where wall
+    time depends on the other load); ``timeout`` is a wall-clock backstop.
     """
     t0 = time.perf_counter()
     hwm_file = Path(job["out"] + ".hwm")
@@ -149,7 +161,8 @@ def measure(python: str, job: dict[str, Any], timeout: float, log_path: Path) ->
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() > deadline:
+            over_cpu = cpu_timeout is not None and _cpu_s(proc.pid) > cpu_timeout
+            if time.perf_counter() > deadline or over_cpu:
                 proc.kill()
                 _, status, usage = os.wait4(proc.pid, 0)
                 timed_out = True
@@ -160,7 +173,8 @@ def measure(python: str, job: dict[str, Any], timeout: float, log_path: Path) ->
     out: dict[str, Any] = {"cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": max(hwm, polled) / 1024,
                            "wall_s": time.perf_counter() - t0}
     if timed_out:
-        out["error"] = f"timeout after {timeout:.0f} s"
+        out["error"] = (f"stopped after {out['cpu_s']:.0f} CPU s (limit {cpu_timeout:.0f})" if cpu_timeout
+                        and out["cpu_s"] >= cpu_timeout else f"stopped after {out['wall_s']:.0f} s wall (limit)")
         return out
     if proc.returncode != 0:
         last = [ln for ln in log_path.read_text(errors="replace").strip().splitlines() if ln.strip()]
@@ -391,7 +405,7 @@ def outputs_of(sess: Any, data: dict[str, Any]) -> np.ndarray:
 
 
 def run_rows(rows: list[dict[str, Any]], data: dict[str, Any], work: Path, peer_python: str,
-             timeout: float, log: Any, on_row: Any = None) -> list[dict[str, Any]]:
+             timeout: float, log: Any, on_row: Any = None, cpu_timeout: float | None = None) -> list[dict[str, Any]]:
     """Run every job of one model; fill in cosine, removed share, validity, CPU and RSS.
 
     ``on_row(done)`` is called after every row (the driver saves partial results with it).
@@ -424,7 +438,7 @@ def run_rows(rows: list[dict[str, Any]], data: dict[str, Any], work: Path, peer_
             res["label"] = f"apply_pruning_finetune(on {src[2]})"
         if out.exists():
             out.unlink()
-        res.update(measure(python, job, timeout, out.with_suffix(".log")))
+        res.update(measure(python, job, timeout, out.with_suffix(".log"), cpu_timeout))
         if "error" not in res:
             state, sess = validity(out, data["eval"], ref_shapes)
             res["valid"] = state
@@ -537,10 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/onnxprune-peer", help="folder for exports and pruned models")
     ap.add_argument("--models", default="minilm,minilm-fused,resnet", help="comma list of minilm, minilm-fused, resnet")
     ap.add_argument("--rows", default="", help="regular expression: only rows whose task or configuration match")
+    ap.add_argument("--tools", default="", help="comma list: only rows of these tools (onnxprune, onnxsim)")
     ap.add_argument("--n", type=int, default=512, help="MiniLM sentences (half calibration, half held out)")
     ap.add_argument("--batch", type=int, default=32, help="MiniLM batch size")
     ap.add_argument("--images", type=int, default=16, help="ResNet calibration (and evaluation) images")
-    ap.add_argument("--timeout", type=float, default=1200, help="seconds per job")
+    ap.add_argument("--cpu-timeout", type=float, default=1200, help="CPU seconds per job before it is stopped")
+    ap.add_argument("--timeout", type=float, default=14400, help="wall-clock seconds per job (backstop)")
     ap.add_argument("--out", help="also write the report to this Markdown file")
     ap.add_argument("--json", help="also write the measured rows to this JSON file")
     ap.add_argument("--from-json", help="comma list of --json files: print their report, run nothing")
@@ -591,13 +607,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if pattern:
             rows = [r for r in rows if pattern.search(r["task"]) or pattern.search(r["label"])]
+        if args.tools:
+            rows = [r for r in rows if r["tool"] in args.tools.split(",")]
         print(f"{data['name']}: {data['desc']}; {len(rows)} jobs", file=sys.stderr, flush=True)
 
         def save_partial(done: list[dict[str, Any]], data: dict[str, Any] = data) -> None:
             if args.json:
                 _write_json(Path(args.json), results + [(data, done)], "partial run")
 
-        results.append((data, run_rows(rows, data, work, peer_python, args.timeout, sys.stderr, save_partial)))
+        results.append((data, run_rows(rows, data, work, peer_python, args.timeout, sys.stderr, save_partial,
+                                       args.cpu_timeout)))
     vers = versions(peer_python)
     report = f"## onnxprune vs onnxsim pruning, {_dt.date.today().isoformat()}\n\n" + table(results, vers)
     print(report)

@@ -65,6 +65,7 @@ from onnxprune.analysis.reconstruction import (
     consumer_stats,
     find_consumers,
     reconstruct,
+    reconstruct_sequential,
 )
 from onnxprune.analysis.removal import (
     PruneGroup,
@@ -110,6 +111,9 @@ class ChannelsOptions:
                 "inputs and bias; other Conv: bias only) on calibration data"})
     damp: float = field(default=1e-3, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
                                                 "min": 0.0})
+    sequential: bool = field(default=False, metadata={
+        "help": "re-fit layer by layer in graph order on the inputs of the model pruned so far (one calibration "
+                "pass per layer)"})
 
     def validate(self) -> None:
         """Check the regexes."""
@@ -279,9 +283,12 @@ class ChannelsPass(Pass):
         consumers, skipped = find_consumers(model, [g for g, _ in plan])
         needs_calibration("channels", "reconstruct=true", ctx.calibration)
         calib = as_calibration(ctx.calibration, model)
-        grams, means = consumer_stats(model, calib, list(consumers.values()))
-        out = reconstruct(model, consumers, {g.name: c for g, c in plan}, grams, means, groups, order=1,
-                          damp=self.options.damp)
+        grams, means = consumer_stats(model, calib, list(consumers.values()), gram=not self.options.sequential)
+        if self.options.sequential:
+            out = reconstruct_sequential(model, calib, consumers, plan, means, groups, damp=self.options.damp)
+        else:
+            out = reconstruct(model, consumers, {g.name: c for g, c in plan}, grams, means, groups, order=1,
+                              damp=self.options.damp)
         out["reconstruct_s"] = round(time.perf_counter() - t0, 3)
         if skipped:
             out["consumers_not_refitted"] = skipped

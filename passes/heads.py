@@ -82,6 +82,7 @@ from onnxprune.analysis.reconstruction import (
     consumer_stats,
     find_consumers,
     reconstruct,
+    reconstruct_sequential,
     removal_curve,
 )
 from onnxprune.analysis.removal import (
@@ -108,6 +109,13 @@ DAMP = 1e-3
 __all__ = ["FfnOptions", "FfnPass", "HeadsOptions", "HeadsPass", "channel_means", "unit_scores"]
 
 
+def _sequential() -> Any:
+    """The ``sequential`` option field of heads and ffn."""
+    return field(default=False, metadata={
+        "help": "re-fit block by block in graph order on the inputs of the model pruned so far (one calibration "
+                "pass per block)"})
+
+
 def _criterion(projection: str) -> Any:
     """The ``criterion`` option field (the same choices for heads and ffn)."""
     return field(default="l2", metadata={
@@ -130,6 +138,7 @@ class HeadsOptions:
         "help": "least-squares re-fit of the output projection (kept rows and bias) on calibration data"})
     damp: float = field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
                                                 "min": 0.0})
+    sequential: bool = _sequential()
     verify_twin: bool = field(default=True, metadata={
         "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
                 "of weights; a disagreement fails the pass)"})
@@ -150,6 +159,7 @@ class FfnOptions:
         "help": "least-squares re-fit of the down projection (kept rows and bias) on calibration data"})
     damp: float = field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
                                                 "min": 0.0})
+    sequential: bool = _sequential()
     verify_twin: bool = field(default=True, metadata={
         "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
                 "of weights; a disagreement fails the pass)"})
@@ -321,9 +331,13 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         return unchanged
     if opts.compensate or opts.reconstruct:
         t_fit = time.perf_counter()
-        stats.update(reconstruct(work, consumers, {g.name: c for g, c in removals}, grams,
-                                 input_means, live, order=1 if opts.reconstruct else 0,
-                                 damp=opts.damp))
+        if opts.reconstruct and opts.sequential:
+            stats.update(reconstruct_sequential(work, as_calibration(ctx.calibration, work), consumers, removals,
+                                                input_means, live, damp=opts.damp))
+        else:
+            stats.update(reconstruct(work, consumers, {g.name: c for g, c in removals}, grams,
+                                     input_means, live, order=1 if opts.reconstruct else 0,
+                                     damp=opts.damp))
         stats["reconstruct_s"] = round(time.perf_counter() - t_fit, 3)
     want_twin = opts.verify_twin and ctx.options.get("verify", True) is not False
     twin = masked_twin(work, removals) if want_twin else None  # after compensation: it is part of both

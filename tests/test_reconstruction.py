@@ -115,7 +115,7 @@ def test_heads_and_ffn_reconstruct_give_valid_graphs_closer_to_dense() -> None:
     held = random_inputs(proto, batch=8, seq=16, seed=99)
     ref = run_model(dense, held)["last_hidden_state"]
     errs = {}
-    for extra in ("", ",reconstruct=true"):
+    for extra in ("", ",reconstruct=true", ",reconstruct=true,sequential=true"):
         spec = (f"heads(ratio=0.5,criterion=reconstruction{extra}),"
                 f"ffn(ratio=0.5,criterion=reconstruction{extra},scope=global)")
         res = optimize(dense, spec, calibration=rng_feeds)
@@ -123,7 +123,7 @@ def test_heads_and_ffn_reconstruct_give_valid_graphs_closer_to_dense() -> None:
         out = run_model(res.model, held)["last_hidden_state"]
         assert out.shape == ref.shape and np.isfinite(out).all()
         errs[extra] = float(np.abs(out - ref).mean())
-    assert errs[",reconstruct=true"] < errs[""]
+    assert errs[",reconstruct=true"] < errs[""] and errs[",reconstruct=true,sequential=true"] < errs[""]
 
 
 def test_channels_reconstruct_cnn_valid_and_each_layer_no_worse() -> None:
@@ -139,3 +139,9 @@ def test_channels_reconstruct_cnn_valid_and_each_layer_no_worse() -> None:
         assert after <= before + 1e-12
     assert rec.model.get_array("classifier.weight").shape == plain.model.get_array("classifier.weight").shape
     assert _calib_error(rec.model, dense, calib, "logits") < _calib_error(plain.model, dense, calib, "logits")
+    seq = optimize(dense, "channels(ratio=0.3,reconstruct=true,sequential=true)", calibration=calib)
+    st = seq.report.passes[0].stats
+    assert st["twin_check"] == "ok" and st["refitted"] >= 2
+    for before, after, _ in st["refit_layers"].values():
+        assert after <= before + 1e-12
+    assert _calib_error(seq.model, dense, calib, "logits") < _calib_error(plain.model, dense, calib, "logits")

@@ -43,7 +43,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.analysis.calibration import CalibrationData, collect_input_stats
+from onnxprune.analysis.calibration import (
+    CalibrationData,
+    collect_input_stats,
+    cross_stats,
+)
 from onnxprune.analysis.removal import ParamSlice, PruneGroup, positions
 from onnxprune.criteria.reconstruct import refit
 from onnxprune.criteria.structured import reconstruction_order
@@ -53,9 +57,9 @@ from onnxprune.ir.model import Model
 #: An order-1 re-fit needs at least this many calibration rows per augmented input (else bias only).
 MIN_TOKENS_PER_INPUT = 2
 
-__all__ = ["Consumer", "augmented_weight", "consumer_stats", "current_bias", "find_consumers",
-           "group_consumers", "kn_weight", "mean_delta", "n_outputs", "reconstruct", "removal_curve", "removed_rows",
-           "set_bias_delta", "unique_name", "unit_rows", "write_back"]
+__all__ = ["Consumer", "augmented_weight", "consumer_stats", "current_bias", "find_consumers", "group_consumers",
+           "kn_weight", "mean_delta", "n_outputs", "reconstruct", "reconstruct_sequential", "removal_curve",
+           "removed_rows", "set_bias_delta", "unique_name", "unit_rows", "write_back", "zero_removed"]
 
 
 @dataclass
@@ -246,23 +250,24 @@ def unit_rows(c: Consumer, group: str, width: int) -> np.ndarray:
     return positions(s, np.arange(width)).reshape(width, s.block)
 
 
-def consumer_stats(model: Model, calib: CalibrationData,
-                   consumers: list[Consumer]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def consumer_stats(model: Model, calib: CalibrationData, consumers: list[Consumer],
+                   gram: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(G̃ per order-1 input tensor, μ per input tensor)`` from one :func:`collect_input_stats` pass.
 
     ``G̃ = [[XᵀX, Σx], [Σxᵀ, T]]`` (float64) is the Gram matrix of the augmented input ``[x, 1]``;
     ``μ = Σx / T`` serves the bias-only (order 0) consumers. Padding tokens are excluded.
+    ``gram=False``: the means only (sums of squares, no ``XᵀX``).
     """
     acts = {c.tensor: c.axis for c in consumers}
     if not acts:
         return {}, {}
-    stats = collect_input_stats(model, calib, acts, kind="hessian")
+    stats = collect_input_stats(model, calib, acts, kind="hessian" if gram else "sumsq")
     grams, means = {}, {}
     for t in acts:
         st = stats[t]
         n = max(st.tokens, 1)
         means[t] = st.total / n
-        if any(c.order == 1 for c in consumers if c.tensor == t):
+        if gram and any(c.order == 1 for c in consumers if c.tensor == t):
             k = st.hessian.shape[0]
             G = np.empty((k + 1, k + 1))
             G[:k, :k] = st.hessian
@@ -376,3 +381,76 @@ def reconstruct(model: Model, consumers: dict[str, Consumer], plan: dict[str, np
         out.update(refitted=refitted, bias_only_few_tokens=few, refit_rel_error_before=round(before, 6), refit_rel_error_after=round(after, 6),
                    refit_layers=per_layer)
     return out
+
+
+def _augment(S: np.ndarray, s_left: np.ndarray, s_right: np.ndarray, n: float) -> np.ndarray:
+    """``[[S, s_left], [s_rightᵀ, n]]``: a cross Gram matrix of ``[x, 1]`` and ``[x', 1]``."""
+    a, b = S.shape
+    out = np.empty((a + 1, b + 1))
+    out[:a, :b] = S
+    out[:a, b] = s_left
+    out[a, :b] = s_right
+    out[a, b] = n
+    return out
+
+
+def zero_removed(model: Model, plan: list[tuple[PruneGroup, np.ndarray]]) -> None:
+    """Zero the ``"in"`` slices of ``plan`` in place (float initializers): the masked twin, in ``model``."""
+    for g, ch in plan:
+        for s in g.slices:
+            if s.role != "in":
+                continue
+            arr = np.array(model.get_array(s.initializer))
+            if arr.dtype.kind != "f":
+                continue
+            idx = [slice(None)] * arr.ndim
+            idx[s.axis] = positions(s, ch)
+            arr[tuple(idx)] = 0
+            model.set_array(s.initializer, arr)
+
+
+def reconstruct_sequential(model: Model, calib: CalibrationData, consumers: dict[str, Consumer],
+                           plan: list[tuple[PruneGroup, np.ndarray]], means: dict[str, np.ndarray],
+                           live: list[PruneGroup], *, damp: float) -> dict[str, Any]:
+    """Sequential re-fit: each consumer, in graph order, fitted on the inputs of the model pruned so far.
+
+    ``model`` is copied (the dense reference ``X_d``), then the removal is applied as zeroed
+    ``"in"`` rows (:func:`zero_removed`; exact for exact groups). For every order-1 consumer in
+    graph order, :func:`~onnxprune.analysis.calibration.cross_stats` streams the calibration data
+    through the dense copy and ``model`` (whose earlier consumers are already re-fitted) and the
+    consumer solves ``min ‖X̃_d W̃_dense − X̃_p W̃'‖²`` with ``G = X̃_pᵀX̃_p``, ``C = X̃_pᵀX̃_d`` and
+    ``D = X̃_dᵀX̃_d`` (augmented by the ones column): later layers correct what earlier removals
+    changed. Order-0 consumers get the bias-only fit from the dense means ``means``.
+    One calibration pass per re-fitted consumer.
+    """
+    dense = model.copy()
+    zero_removed(model, plan)
+    removed = {g.name: c for g, c in plan}
+    position = {n.name: i for i, n in enumerate(model.graph.node)}
+    refitted = compensated = few = 0
+    per_layer: dict[str, list[float]] = {}
+    for c in sorted(consumers.values(), key=lambda c: position.get(c.node, 0)):
+        rows = removed_rows(c, removed)
+        if not rows.size:
+            continue
+        if c.order == 1:
+            W = augmented_weight(dense, c)
+            st = cross_stats(dense, model, calib, [(c.tensor, c.tensor, c.axis)])[c.tensor]
+            if st.tokens >= MIN_TOKENS_PER_INPUT * (st.G.shape[0] + 1):
+                G = _augment(st.G, st.sum_p, st.sum_p, st.tokens)
+                C = _augment(st.C, st.sum_p, st.sum_d, st.tokens)
+                D = _augment(st.D, st.sum_d, st.sum_d, st.tokens)
+                mask = np.ones(W.shape, dtype=bool)
+                mask[rows] = False
+                W_new, info = refit(W, mask, G, C, D, damp=damp)
+                b_now = augmented_weight(model, c)[-1]
+                write_back(model, c, W_new[:-1], W_new[-1], b_now, live)
+                refitted += 1
+                per_layer[c.node] = [round(info.rel_before, 6), round(info.rel_after, 6), round(info.seconds, 3)]
+                continue
+            few += 1
+        if c.tensor in means:
+            set_bias_delta(model, c, mean_delta(dense, c, rows, means[c.tensor]), live)
+            compensated += 1
+    return {"biases_compensated": compensated, "refitted": refitted, "bias_only_few_tokens": few,
+            "refit_layers": per_layer}

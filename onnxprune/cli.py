@@ -259,8 +259,10 @@ def _run_auto(args: argparse.Namespace, inp: Path, out: Path) -> int:
 
         trtexec = trtexec_for(result.model, out)
         data["trtexec"] = trtexec
-    if args.report:
-        Path(args.report).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if args.report and Path(args.report).suffix.lower() in (".html", ".htm"):
+        _write_report(Path(args.report), result.pipeline_report)  # the chosen pipeline's page; JSON has the search
+    elif args.report:
+        _write_text_atomic(Path(args.report), json.dumps(data, indent=2, default=str) + "\n")
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     elif not args.quiet:

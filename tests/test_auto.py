@@ -238,3 +238,17 @@ def test_search_succeeds_on_every_builder(build: str) -> None:
     assert Scorer(model, data.heldout, Budget.parse("cos=0.95")).score(res.model).keeps
     again = onnxprune.optimize(model, res.spec, verify=True).model
     assert again.proto.SerializeToString() == res.model.proto.SerializeToString()
+
+
+def test_bare_optimize_reports(tmp_path: Path) -> None:
+    """--report r.json holds every candidate and the final pipeline; r.html the chosen pipeline's page."""
+    import json
+
+    src = _save(build_mlp(), tmp_path / "m.onnx")
+    assert main(["optimize", str(src), "-q", "--time-limit", "30", "--report", str(tmp_path / "r.json")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["candidates"][0]["label"] == "cleanup" and data["pipeline"]["passes"]
+    assert data["output"]["path"].endswith("m.pruned.onnx")
+    assert main(["optimize", str(src), "-q", "--time-limit", "30", "-o", str(tmp_path / "h.onnx"),
+                 "--report", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().lstrip().lower().startswith("<!doctype html")

@@ -58,7 +58,7 @@ DEFAULT_PASSES = ["cleanup", "masks(sparsity=0.5)", "nm(n=2,m=4)", "channels(rat
                   "heads(ratio=0.25)", "ffn(ratio=0.25)", "fp16"]
 STRUCTURED = ("channels", "heads", "ffn")
 #: ``--passes auto`` runs the bare ``onnxprune optimize`` (the budgeted search) with this time limit (s).
-AUTO_TIME_LIMIT = 90
+AUTO_TIME_LIMIT = 60
 CLEANUP_RTOL = 1e-5
 FP16_COS = 0.999
 FP16_RTOL = 1e-2

@@ -199,7 +199,7 @@ def refit_table(args: argparse.Namespace, dense: Any) -> str:
     from onnxprune.analysis.calibration import CalibrationData
 
     sizes = [int(x) for x in args.calib_sizes.split(",")]
-    total = max(sizes) + args.eval_n
+    total = max(max(sizes), 1150) + args.eval_n  # fixed pool: the held-out set does not depend on --calib-sizes
     sents = stdlib_sentences(total)
     held = sents[-args.eval_n:]
     eval_feeds = tokenize(held, args.batch)

@@ -65,6 +65,11 @@ PIPELINES: list[tuple[str, bool]] = [
     ("fp16(keep_io_types=false)", False),
     ("nm(n=2,m=4),fp16,tensorrt(emit_trtexec=true)", False),
     ("masks(sparsity=0.5,scope=row)", False),
+    ("masks(sparsity=0.5,criterion=sparsegpt,refit=true)", True),
+    ("heads(ratio=0.25,criterion=reconstruction,reconstruct=true,scope=global),"
+     "ffn(ratio=0.25,criterion=reconstruction,reconstruct=true,scope=global)", True),
+    ("channels(ratio=0.3,criterion=activation,reconstruct=true,sequential=true)", True),
+    ("nm(n=2,m=4),fp16,tensorrt(gemm_form=true,emit_trtexec=true)", False),
 ]
 
 INSPECT: list[list[str]] = [["--json"], ["--json", "--groups"], ["--json", "--tensorrt"], ["--json", "--nm", "2:4"]]

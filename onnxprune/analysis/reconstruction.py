@@ -355,7 +355,7 @@ def reconstruct(model: Model, consumers: dict[str, Consumer], plan: dict[str, np
     """
     refitted = compensated = few = 0
     before = after = 0.0
-    per_layer: dict[str, list[float]] = {}
+    per_layer: dict[str, dict[str, float]] = {}
     for c in consumers.values():
         rows = removed_rows(c, plan)
         if not rows.size:
@@ -372,7 +372,8 @@ def reconstruct(model: Model, consumers: dict[str, Consumer], plan: dict[str, np
             refitted += 1
             before += info.rel_before
             after += info.rel_after
-            per_layer[c.node] = [round(info.rel_before, 6), round(info.rel_after, 6), round(info.seconds, 3)]
+            per_layer[c.node] = {"rel_before": round(info.rel_before, 6), "rel_after": round(info.rel_after, 6),
+                                  "seconds": round(info.seconds, 3)}
         elif c.tensor in means:
             set_bias_delta(model, c, mean_delta(model, c, rows, means[c.tensor]), live)
             compensated += 1
@@ -428,7 +429,7 @@ def reconstruct_sequential(model: Model, calib: CalibrationData, consumers: dict
     removed = {g.name: c for g, c in plan}
     position = {n.name: i for i, n in enumerate(model.graph.node)}
     refitted = compensated = few = 0
-    per_layer: dict[str, list[float]] = {}
+    per_layer: dict[str, dict[str, float]] = {}
     for c in sorted(consumers.values(), key=lambda c: position.get(c.node, 0)):
         rows = removed_rows(c, removed)
         if not rows.size:
@@ -446,7 +447,8 @@ def reconstruct_sequential(model: Model, calib: CalibrationData, consumers: dict
                 b_now = augmented_weight(model, c)[-1]
                 write_back(model, c, W_new[:-1], W_new[-1], b_now, live)
                 refitted += 1
-                per_layer[c.node] = [round(info.rel_before, 6), round(info.rel_after, 6), round(info.seconds, 3)]
+                per_layer[c.node] = {"rel_before": round(info.rel_before, 6), "rel_after": round(info.rel_after, 6),
+                                  "seconds": round(info.seconds, 3)}
                 continue
             few += 1
         if c.tensor in means:

@@ -109,6 +109,18 @@ DAMP = 1e-3
 __all__ = ["FfnOptions", "FfnPass", "HeadsOptions", "HeadsPass", "channel_means", "unit_scores"]
 
 
+def _damp() -> Any:
+    """The ``damp`` option shared by heads and ffn: the ridge of the least-squares re-fit."""
+    return field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy", "min": 0.0})
+
+
+def _verify_twin() -> Any:
+    """The ``verify_twin`` option shared by heads and ffn."""
+    return field(default=True, metadata={
+        "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
+                "of weights; a disagreement fails the pass)"})
+
+
 def _sequential() -> Any:
     """The ``sequential`` option field of heads and ffn."""
     return field(default=False, metadata={
@@ -136,12 +148,9 @@ class HeadsOptions:
     compensate: bool = field(default=False, metadata={"help": "refit the output projection bias (needs calibration)"})
     reconstruct: bool = field(default=False, metadata={
         "help": "least-squares re-fit of the output projection (kept rows and bias) on calibration data"})
-    damp: float = field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
-                                                "min": 0.0})
+    damp: float = _damp()
     sequential: bool = _sequential()
-    verify_twin: bool = field(default=True, metadata={
-        "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
-                "of weights; a disagreement fails the pass)"})
+    verify_twin: bool = _verify_twin()
 
 
 @dataclass
@@ -157,12 +166,9 @@ class FfnOptions:
     compensate: bool = field(default=False, metadata={"help": "refit the down projection bias (needs calibration)"})
     reconstruct: bool = field(default=False, metadata={
         "help": "least-squares re-fit of the down projection (kept rows and bias) on calibration data"})
-    damp: float = field(default=DAMP, metadata={"help": "ridge of the re-fit, relative to the mean input energy",
-                                                "min": 0.0})
+    damp: float = _damp()
     sequential: bool = _sequential()
-    verify_twin: bool = field(default=True, metadata={
-        "help": "check the pruned model against its masked twin on one random input (models under 50 MB "
-                "of weights; a disagreement fails the pass)"})
+    verify_twin: bool = _verify_twin()
 
 
 # ---------------------------------------------------------------------- importance

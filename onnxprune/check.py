@@ -269,7 +269,12 @@ def make_session(model: Model | str | os.PathLike[str] | Any, threads: int | Non
     Args:
         model: A :class:`Model`, an ``onnx.ModelProto`` (self-contained: no external data) or a path.
         threads: Intra-op threads (ONNX Runtime's default when None).
-        optimize: False builds the session without graph optimizations (a cheap load check).
+        optimize: False builds the session without graph optimizations and without pre-packed
+            weights: a cheap load check, and what calibration runs on (no folded fp32 copies of
+            fp16 weights, no packed copies; the same kernels however the graph is cut into segments).
+
+    A model with external (memory-mapped) weights is handed to ONNX Runtime as a small proto whose
+    initializers point at the bytes where they already lie; no temporary copy is written.
 
     Raises:
         CheckError: ONNX Runtime refuses the model.
@@ -282,6 +287,8 @@ def make_session(model: Model | str | os.PathLike[str] | Any, threads: int | Non
     so.inter_op_num_threads = 1
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if not optimize:  # nor weights packed into a second copy at load
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     if not isinstance(model, (Model, str, os.PathLike)) and hasattr(model, "graph"):
@@ -290,11 +297,57 @@ def make_session(model: Model | str | os.PathLike[str] | Any, threads: int | Non
         if isinstance(model, Model):
             if not model.external and model.proto.ByteSize() < 1_900_000_000:
                 return ort.InferenceSession(model.proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            referenced = referencing_proto(model)
+            if referenced is not None:  # weights stay where they are: ONNX Runtime maps them, no copy is written
+                data, folder = referenced
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+                return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
             with temporary_file(model) as p:
                 return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CheckError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:400]}") from None
+
+
+#: External initializers up to this size go into the proto that :func:`referencing_proto` builds.
+INLINE_BYTES = 64 << 10
+
+
+def referencing_proto(model: Model) -> tuple[bytes, str] | None:
+    """The model serialised with every external initializer pointing at its bytes where they already are.
+
+    Each memory-mapped initializer (external data file, or a byte range of the ``.onnx`` itself)
+    becomes an external-data entry relative to the deepest folder holding all those files, which
+    ONNX Runtime is then told to read from (it maps the ranges itself). Returns ``(bytes, folder)``,
+    or None when the in-proto rest is too large to serialise (> 1.9 GB); the caller then writes a
+    temporary copy.
+    """
+    import onnx
+
+    from onnxprune.ir.graph import copy_without_initializers
+
+    refs = model.external
+    folder = os.path.commonpath([str(Path(r.path).resolve().parent) for r in refs.values()])
+    shell = copy_without_initializers(model.proto)
+    for t in model.graph.initializer:
+        ref = refs.get(t.name)
+        if ref is None:
+            shell.graph.initializer.append(t)
+            continue
+        if ref.length <= INLINE_BYTES:  # small (shape constants ONNX Runtime reads while loading): inline
+            shell.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(model.get_array(t.name)), t.name))
+            continue
+        stub = shell.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", os.path.relpath(Path(ref.path).resolve(), folder)),
+                           ("offset", str(ref.offset)), ("length", str(ref.length))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+    if shell.ByteSize() >= 1_900_000_000:
+        return None
+    return shell.SerializeToString(), folder
 
 
 _ORT_TYPES = {
@@ -812,4 +865,4 @@ def run_model(model: Model | str | os.PathLike[str], feeds: Mapping[str, np.ndar
 __all__ = ["BROKEN_COS", "BROKEN_TOP1", "DEFAULT_MIN_COS", "DEFAULT_MIN_TOP1", "Verdict", "is_logit_like", "verdict",
            "CheckResult", "OutputDiff", "compare", "diff_outputs", "load_feeds", "make_session", "mean_pooled_cosine",
            "neighbour_agreement", "sentence_embeddings", "FeedSynthesisError", "InputHints", "input_hints",
-           "random_feeds", "run_model", "synthesize_feeds", "RunSignature", "run_signature", "signature_problems"]
+           "random_feeds", "referencing_proto", "run_model", "synthesize_feeds", "RunSignature", "run_signature", "signature_problems"]

@@ -177,7 +177,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         model, passes, calibration=args.calib, calibration_batch=args.calib_batch, calibration_limit=args.calib_limit,
         check=args.check,
         check_inputs=args.check_inputs, check_dims=dims, check_pool=args.pool, recipe_overrides=overrides, inplace=True,
-        verify=not args.no_verify, input_path=inp, options={"output_path": str(out)},
+        verify=not args.no_verify, input_path=inp,
+        options={"output_path": str(out)} | {k: v for k in ("max_memory", "executor")
+                                             if (v := getattr(args, k, None)) is not None},
         per_layer=bool(args.report or args.json),  # JSON and HTML reports carry the per-weight rows
     )
     report = result.report
@@ -560,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", help="TOML recipe with [[pass]] tables")
     o.add_argument("--calib", help="calibration data .npz (arrays named after the model inputs)")
     o.add_argument("--calib-batch", type=int, default=None, help="calibration batch size")
+    o.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory for the calibration statistics of one block of layers (e.g. 6G; default 25%% of "
+                        "RAM); larger models are calibrated in more blocks")
+    o.add_argument("--executor", default=None, metavar="ray[:ADDRESS]",
+                   help="run the per-layer calibration work (statistics per shard, per-layer solves) as Ray tasks: "
+                        "'ray' (local instance), 'ray:auto' or 'ray:HOST:PORT' (a cluster); needs onnxprune[distributed]")
     o.add_argument("--calib-limit", type=int, default=None, metavar="N",
                    help="use only the first N calibration samples (the automatic search's reproducing command "
                         "passes this so its held-out samples stay unseen)")

@@ -97,6 +97,7 @@ from onnxprune.analysis.calibration import (
     calib_targets,
     calibration_stages,
     collect,
+    memory_budget,
     needs_calibration,
 )
 from onnxprune.analysis.quant import quant_zero_points
@@ -113,6 +114,8 @@ from onnxprune.analysis.weights import (
     weight_label,
     weight_labels,
 )
+from onnxprune.criteria.backend import BACKENDS
+from onnxprune.criteria.backend import resolve as resolve_backend
 from onnxprune.criteria.masks import magnitude_scores, topk_mask
 from onnxprune.criteria.owl import (
     ALLOCATIONS,
@@ -124,6 +127,7 @@ from onnxprune.criteria.reconstruct import refit as refit_kn
 from onnxprune.criteria.registry import CRITERIA, prune_weight_kn
 from onnxprune.criteria.wanda import wanda_scores
 from onnxprune.errors import PassError, PipelineError
+from onnxprune.executor import InProcessExecutor, make_executor
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.options import build_options
@@ -163,6 +167,14 @@ _SHARED_OPTIONS: dict[str, tuple[Any, dict[str, Any]]] = {
     "percdamp": (0.01, {"help": "sparsegpt: dampening, share of the mean Hessian diagonal", "min": 0.0}),
     "mask_input": ("auto", {"help": "calibration: attention-mask input whose zeros are padding ('auto': found by "
                                     "name; 'none')"}),
+    "max_memory": ("auto", {"help": "calibration: memory for the statistics of one block of layers (bytes, or 6G, "
+                                    "512MiB; auto: --max-memory, else 25% of RAM)"}),
+    "backend": ("auto", {"help": "sparsegpt: where the Hessian products and OBS solves run: numpy, torch (CUDA when "
+                                 "there is a GPU), torch:cpu, torch:cuda; auto: torch on CUDA if available, else numpy",
+                         "choices": BACKENDS}),
+    "calib_shards": (1, {"help": "calibration: shards of the batches, each walked by its own runner (Ray actors "
+                                 "with --executor ray); the same shards give the same bytes on any executor",
+                         "min": 1}),
 }
 
 
@@ -194,6 +206,9 @@ class MasksOptions:
     blocksize: int = _shared("blocksize")
     percdamp: float = _shared("percdamp")
     mask_input: str = _shared("mask_input")
+    max_memory: str = _shared("max_memory")
+    calib_shards: int = _shared("calib_shards")
+    backend: str = _shared("backend")
     refit: bool = _shared("refit")
     refit_damp: float = _shared("refit_damp")
     allocation: str = field(default="uniform", metadata={"help": "per-layer sparsity: uniform, or owl (outlier-"
@@ -239,6 +254,9 @@ class NMOptions:
     blocksize: int = _shared("blocksize")
     percdamp: float = _shared("percdamp")
     mask_input: str = _shared("mask_input")
+    max_memory: str = _shared("max_memory")
+    calib_shards: int = _shared("calib_shards")
+    backend: str = _shared("backend")
     refit: bool = _shared("refit")
     refit_damp: float = _shared("refit_damp")
 
@@ -406,14 +424,38 @@ def _unkn(arr2d: np.ndarray, info: WeightInfo) -> np.ndarray:
 def prune_target(model: Model, target: Target, *, criterion: str, sparsity: float | None,
                  nm: tuple[int, int] | None, stats: Any = None) -> tuple[int, int]:
     """Prune one weight in place; returns ``(nnz_before, nnz_after)``."""
+    job = prepare_target(model, target, criterion=criterion, sparsity=sparsity, nm=nm, stats=stats)
+    return store_target(model, target, job, prune_weight_kn(**job.call))
+
+
+@dataclass
+class Job:
+    """One weight's solve: the keyword arguments of :func:`prune_weight_kn` and what storing the result needs."""
+
+    call: dict[str, Any]
+    arr: np.ndarray
+    keep_before: np.ndarray
+    nnz_before: int
+
+
+def prepare_target(model: Model, target: Target, *, criterion: str, sparsity: float | None,
+                   nm: tuple[int, int] | None, stats: Any = None) -> Job:
+    """Read one weight and build its solve (no change to the model)."""
     info = target.info
     arr = np.asarray(model.get_array(info.name))
     keep_before = _nonzero_mask(model, info, arr)
     nnz_before = int(np.count_nonzero(keep_before))
     values = _dequantized(model, info, arr) if info.quant is not None else arr
     keep_kn = _kn(keep_before, info) if nnz_before < arr.size else None  # no zeros yet: no mask to keep
-    new_kn = prune_weight_kn(_kn(values, info), criterion=criterion, sparsity=sparsity, nm=nm,
-                             keep_mask_kn=keep_kn, stats=stats, options=target.options)
+    call = {"W_kn": _kn(values, info), "criterion": criterion, "sparsity": sparsity, "nm": nm,
+            "keep_mask_kn": keep_kn, "stats": stats, "options": target.options}
+    return Job(call, arr, keep_before, nnz_before)
+
+
+def store_target(model: Model, target: Target, job: Job, new_kn: np.ndarray) -> tuple[int, int]:
+    """Write a solved weight back; returns ``(nnz_before, nnz_after)``."""
+    info, arr, keep_before, nnz_before = target.info, job.arr, job.keep_before, job.nnz_before
+    criterion = job.call["criterion"]
     new = _unkn(new_kn, info)
     if info.quant is not None:
         keep = (new != 0) & keep_before
@@ -497,13 +539,21 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
     refit = bool(getattr(opts, "refit", False))
     mode = opts.mode if opts.mode != "auto" else ("sequential" if refit else "parallel")
     refits: dict[str, Any] = {}
+    budget = memory_budget(opts.max_memory if opts.max_memory != "auto" else ctx.options.get("max_memory"))
+    executor = make_executor(ctx.options.get("executor"))
 
-    def one(t: Target, stats: Any) -> None:
+    def job(t: Target, stats: Any) -> Job:
         sparsity, nm = pattern(t)
+        return prepare_target(model, t, criterion=t.options.criterion, sparsity=sparsity, nm=nm,
+                              stats=stats if t.options.criterion in CALIB_CRITERIA else None)
+
+    def one(t: Target, stats: Any, solved: tuple[Job, np.ndarray] | None = None) -> None:
         reason = _refit_skip(t.info) if refit else None
         dense = np.array(model.get_array(t.info.name)) if refit and stats is not None and reason is None else None
-        b, a = prune_target(model, t, criterion=t.options.criterion, sparsity=sparsity, nm=nm,
-                            stats=stats if t.options.criterion in CALIB_CRITERIA else None)
+        if solved is None:
+            j = job(t, stats)
+            solved = (j, prune_weight_kn(**j.call))
+        b, a = store_target(model, t, *solved)
         if refit:
             refits[t.info.name] = (reason or "no calibration statistics" if dense is None
                                    else _refit_weight(model, t.info, dense, stats, opts.refit_damp))
@@ -531,13 +581,24 @@ def _prune_layerwise(model: Model, ctx: PassContext, targets: list[Target], opts
                 skipped[ct.weight] = f"{crit}: {ct.skip_reason}"
         kind = "cross" if refit else "hessian" if crit == "sparsegpt" else "sumsq"
         stages = calibration_stages(model, ctargets, calib, kind=kind, mode=mode, token_mask_input=opts.mask_input,
-                                    stage_group=opts.stage_group, dense=dense_model)
+                                    stage_group=opts.stage_group, dense=dense_model, chunk_bytes=budget,
+                                    executor=executor, shards=opts.calib_shards,
+                                    backend=resolve_backend(opts.backend) if crit == "sparsegpt" else None)
         for stage, stats in stages:
-            for ct in progress(stage, total=len(stage), desc=f"pruning ({crit})", unit="layer"):
-                if ct.weight in stats:
-                    one(by_name[ct.weight], stats[ct.weight])
-                else:
+            for ct in stage:
+                if ct.weight not in stats:
                     skipped[ct.weight] = f"{crit}: consumers of the weight disagree on its input channels"
+            ready = [by_name[ct.weight] for ct in stage if ct.weight in stats]
+            if isinstance(executor, InProcessExecutor):
+                for t in progress(ready, total=len(ready), desc=f"pruning ({crit})", unit="layer"):
+                    one(t, stats[t.info.name])
+                continue
+            # the solves as tasks: weights and statistics by reference, results written here
+            jobs = [job(t, stats[t.info.name]) for t in ready]
+            calls = [{**j.call, "W_kn": executor.put(j.call["W_kn"]), "stats": executor.put(j.call["stats"])}
+                     for j in jobs]
+            for t, j, new in zip(ready, jobs, executor.map(prune_weight_kn, calls)):
+                one(t, stats[t.info.name], (j, new))
     for name, r in refits.items():
         if name in per_weight:
             per_weight[name]["refit"] = r  # type: ignore[assignment]
@@ -750,7 +811,8 @@ class NMPass(_SparsityPass):
         return PassResult(model, stats["weights_pruned"] > 0, stats)
 
 
-__all__ = ["MasksOptions", "MasksPass", "NMOptions", "NMPass", "Target", "prune_target", "select_targets"]
+__all__ = ["Job", "MasksOptions", "MasksPass", "NMOptions", "NMPass", "Target", "prepare_target", "prune_target",
+           "select_targets", "store_target"]
 
 
 def owl_for_weights(

@@ -57,7 +57,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,8 +65,10 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.weights import PASS_THROUGH
-from onnxprune.check import make_session
+from onnxprune.check import make_session, referencing_proto
+from onnxprune.criteria.backend import Backend, Gram
 from onnxprune.errors import CalibrationError
+from onnxprune.executor import Executor, InProcessExecutor
 from onnxprune.ir.graph import (
     attr,
     copy_without_initializers,
@@ -75,13 +77,15 @@ from onnxprune.ir.graph import (
 )
 from onnxprune.ir.io import graph_io
 from onnxprune.ir.model import Model
+from onnxprune.ir.tensors import ExternalRef
 from onnxprune.progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibTarget", "CalibrationData", "CrossStats", "SegmentRunner", "TensorStats", "as_calibration",
-           "calib_targets", "calibration_stages", "channel_stats", "collect", "collect_input_stats", "cross_stats",
-           "find_mask_input", "plan_chunks", "stream", "target_stages", "weight_stats"]
+__all__ = ["CalibTarget", "CalibrationData", "CrossStats", "SegmentRunner", "ShardRunner", "TensorStats",
+           "as_calibration", "calib_targets", "calibration_stages", "channel_stats", "chunk_stages", "collect",
+           "collect_input_stats", "cross_stats", "find_mask_input", "memory_budget", "model_from_reference", "model_reference",
+           "plan_chunks", "stage_bytes", "stream", "sum_shards", "target_stages", "weight_stats"]
 
 DEFAULT_BATCH = 8
 #: Default memory budget for the accumulated statistics of one streaming pass.
@@ -281,19 +285,22 @@ class TensorStats:
     sumsq: np.ndarray | None = None
     hessian: np.ndarray | None = None
     total: np.ndarray | None = None
+    gram: Gram | None = field(default=None, repr=False)
 
     @property
     def channels(self) -> int:
         """Number of channels C (0 before any data)."""
         return 0 if self.sumsq is None else int(self.sumsq.shape[0])
 
-    def add(self, rows: np.ndarray, hessian: bool) -> None:
-        """Accumulate a ``[T, C]`` block of rows."""
+    def add(self, rows: np.ndarray, hessian: bool, backend: Backend | None = None) -> None:
+        """Accumulate a ``[T, C]`` block of rows (the Hessian on ``backend``'s device when it is torch)."""
         c = rows.shape[1]
         if self.sumsq is None:
             self.sumsq = np.zeros(c, dtype=np.float64)
             self.total = np.zeros(c, dtype=np.float64)
-            if hessian:
+            if hessian and backend is not None and backend.kind != "numpy":
+                self.gram = Gram(backend, c)
+            elif hessian:
                 self.hessian = np.zeros((c, c), dtype=np.float64)
         elif c != self.sumsq.shape[0]:
             raise CalibrationError(f"tensor {self.name!r} changed its channel count from {self.sumsq.shape[0]} to "
@@ -304,7 +311,14 @@ class TensorStats:
             self.total += x.sum(axis=0)
             if self.hessian is not None:
                 self.hessian += x.T @ x
+        if self.gram is not None:
+            self.gram.add(rows)
         self.tokens += int(rows.shape[0])
+
+    def finish(self) -> None:
+        """Bring a device-side Hessian back as a numpy array."""
+        if self.gram is not None:
+            self.hessian, self.gram = self.gram.result(), None
 
 
 @dataclass
@@ -410,8 +424,7 @@ def plan_chunks(channels: Mapping[str, int], kind: str, chunk_bytes: int) -> lis
 
     A tensor whose own accumulator exceeds the budget gets a group of its own.
     """
-    per = {n: (c * c + 2 * c) * 8 if kind == "hessian" else 3 * (c * c + c) * 8 if kind == "cross" else 2 * c * 8
-           for n, c in channels.items()}
+    per = {n: plan_bytes(c, kind) for n, c in channels.items()}
     groups: list[list[str]] = []
     cur: list[str] = []
     used = 0
@@ -476,7 +489,7 @@ def _prefix_session(model: Model, outputs: Sequence[str], types: Mapping[str, in
         del graph.node[:]
         graph.node.extend(kept)
         try:
-            return make_session(model)
+            return make_session(model, optimize=False)
         except Exception as exc:
             raise CalibrationError(f"cannot build an ONNX Runtime session for calibration: {exc}") from None
     finally:
@@ -703,7 +716,7 @@ class SegmentRunner:
         g.initializer.extend(inits[x] for x in used)
         sub_model = Model(sub, self.model.path, self.model.base_dir,
                           {k: v for k, v in self.model.external.items() if k in used})
-        return make_session(sub_model)
+        return make_session(sub_model, optimize=False)
 
     def batches(self, wanted: Mapping[str, int] | Iterable[str]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Run the segment ``wanted`` needs; yield ``({tensor: value}, attention mask or None)`` per batch.
@@ -752,12 +765,15 @@ class SegmentRunner:
                 del cache[k]
             yield values, self.masks[bi]
 
-    def run(self, wanted: Mapping[str, int], kind: Literal["sumsq", "hessian"]) -> dict[str, TensorStats]:
-        """Statistics of ``wanted`` (name -> channel axis) on the model as it is now."""
+    def run(self, wanted: Mapping[str, int], kind: Literal["sumsq", "hessian"],
+            backend: Backend | None = None) -> dict[str, TensorStats]:
+        """Statistics of ``wanted`` (name -> channel axis) on the model as it is now (Hessians on ``backend``)."""
         acc = {n: TensorStats(n, axis) for n, axis in wanted.items()}
         for values, mask in progress(self.batches(wanted), total=len(self.cache), desc="calibration", unit="batch"):
             for name, axis in wanted.items():
-                acc[name].add(_rows(values[name], axis, mask), kind == "hessian")
+                acc[name].add(_rows(values[name], axis, mask), kind == "hessian", backend)
+        for st in acc.values():
+            st.finish()
         return acc
 
     def run_cross(self, dense: SegmentRunner, wanted: Mapping[str, int]) -> dict[str, CrossStats]:
@@ -792,6 +808,7 @@ class CalibTarget:
     weight: str
     inputs: list[tuple[str, int]]
     skip_reason: str | None = None
+    channels: int | None = None
 
 
 def _consumer_map(model: Model) -> dict[str, list[onnx.NodeProto]]:
@@ -868,7 +885,7 @@ def calib_targets(model: Model, weights: Sequence[Any]) -> list[CalibTarget]:
                 break
         if not inputs and reason is None:
             reason = "no consumer"
-        out.append(CalibTarget(w.name, inputs, reason))
+        out.append(CalibTarget(w.name, inputs, reason, getattr(w, "k", None)))
     return out
 
 
@@ -931,6 +948,150 @@ def weight_stats(targets: Sequence[CalibTarget],
     return out
 
 
+#: Share of physical memory that ``max_memory=auto`` gives the statistics of one calibration block.
+AUTO_MEMORY_SHARE = 0.25
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def memory_budget(value: str | int | float | None) -> int:
+    """Bytes for ``max_memory``: ``auto``/None (25% of physical memory), a number of bytes, or ``6G``/``512MiB``.
+
+    Units are binary (``G`` = 2³⁰ bytes).
+
+    Raises:
+        CalibrationError: an unreadable or non-positive size.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        try:
+            return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * AUTO_MEMORY_SHARE)
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return DEFAULT_CHUNK_BYTES
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        text = value.strip().upper().replace(" ", "")
+        num = text.rstrip("BKMGTI")
+        unit = text[len(num):]
+        try:
+            n = float(num) * _UNITS[unit]
+        except (ValueError, KeyError):
+            raise CalibrationError(f"max_memory: cannot read {value!r}; give bytes or a size such as 6G or "
+                                   "512MiB, or auto") from None
+    if n <= 0:
+        raise CalibrationError(f"max_memory must be positive, got {value!r}")
+    return int(n)
+
+
+def stage_bytes(stage: Sequence[CalibTarget], kind: str) -> int:
+    """Bytes of the float64 accumulators a stage's statistics hold (distinct activations counted once).
+
+    ``hessian``: ``(K² + 2K)·8`` per activation; ``cross``: ``3·(K² + K)·8``; ``sumsq``: ``2K·8``.
+    ``K`` is the weight's reduction length (1024 where unknown).
+    """
+    seen: dict[str, int] = {}
+    for t in stage:
+        for a, _ in t.inputs:
+            seen.setdefault(a, t.channels or 1024)
+    return sum(plan_bytes(c, kind) for c in seen.values())
+
+
+def plan_bytes(c: int, kind: str) -> int:
+    """Accumulator bytes of one activation with ``c`` channels (see :func:`plan_chunks`)."""
+    return (c * c + 2 * c) * 8 if kind == "hessian" else 3 * (c * c + c) * 8 if kind == "cross" else 2 * c * 8
+
+
+def chunk_stages(stages: Sequence[list[CalibTarget]], kind: str, budget: int) -> list[list[CalibTarget]]:
+    """Merge consecutive depth stages while their statistics fit ``budget`` bytes.
+
+    A stage over the budget on its own stays one chunk (its weights' statistics must exist together).
+    """
+    chunks: list[list[CalibTarget]] = []
+    cur: list[CalibTarget] = []
+    for st in stages:
+        if cur and stage_bytes(cur + st, kind) > budget:
+            chunks.append(cur)
+            cur = []
+        cur = cur + st
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def model_reference(model: Model) -> tuple[bytes, str | None]:
+    """The model as ``(proto bytes, folder)`` for another process: memory-mapped weights by path.
+
+    Raises:
+        CalibrationError: the in-memory part of the model is too large to serialise.
+    """
+    if not model.external:
+        return model.proto.SerializeToString(), None
+    ref = referencing_proto(model)
+    if ref is None:
+        raise CalibrationError("the model's in-memory weights exceed 1.9 GB; save it and load it again to "
+                               "share it with other processes")
+    return ref
+
+
+def model_from_reference(ref: tuple[bytes, str | None] | Model) -> Model:
+    """The :class:`Model` a :func:`model_reference` describes (weights mapped from their files)."""
+    if isinstance(ref, Model):
+        return ref
+    data, folder = ref
+    proto = onnx.ModelProto()
+    proto.ParseFromString(data)
+    external: dict[str, ExternalRef] = {}
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and folder is not None:
+            info = {e.key: e.value for e in t.external_data}
+            external[t.name] = ExternalRef(Path(folder) / info["location"], int(info.get("offset", 0)),
+                                           int(info.get("length", 0)))
+    return Model(proto, None, Path(folder) if folder else None, external)
+
+
+class ShardRunner:
+    """The :class:`SegmentRunner` (or the dense/pruned pair) of one calibration shard.
+
+    In this process it shares the caller's models; as a Ray actor it holds its own copies, built
+    from :func:`model_reference`, and gets each stage's pruned weights through :meth:`set_arrays`.
+    """
+
+    def __init__(self, model: Any, dense: Any, feeds: list[dict[str, np.ndarray]],
+                 token_mask_input: str | None) -> None:
+        self.model = model_from_reference(model)
+        data = CalibrationData(feeds, "calibration shard")
+        self.runner = SegmentRunner(self.model, data, token_mask_input)
+        self.dense = None if dense is None else SegmentRunner(model_from_reference(dense), data, token_mask_input)
+
+    def run(self, wanted: Mapping[str, int], kind: Literal["sumsq", "hessian"],
+            backend: Backend | None = None) -> dict[str, Any]:
+        """This shard's statistics of ``wanted`` (cross statistics when a dense runner is held)."""
+        if self.dense is not None:
+            return self.runner.run_cross(self.dense, wanted)
+        return self.runner.run(wanted, kind, backend)
+
+    def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write pruned weights into this runner's model (before the next stage)."""
+        for name, value in arrays.items():
+            self.model.set_array(name, value)
+
+
+def sum_shards(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add the shards' statistics in shard order (one shard: returned as it is)."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    out = dict(parts[0])
+    for part in parts[1:]:
+        for name, st in part.items():
+            acc = out[name]
+            acc.tokens += st.tokens
+            for f in ("sumsq", "hessian", "total", "G", "C", "D", "sum_p", "sum_d"):
+                a, b = getattr(acc, f, None), getattr(st, f, None)
+                if a is not None and b is not None:
+                    setattr(acc, f, a + b)
+    return out
+
+
 def calibration_stages(
     model: Model,
     targets: Sequence[CalibTarget],
@@ -942,22 +1103,34 @@ def calibration_stages(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     stage_group: int = 1,
     dense: Model | None = None,
+    executor: Executor | None = None,
+    shards: int = 1,
+    backend: Backend | None = None,
 ) -> Iterator[tuple[list[CalibTarget], dict[str, dict[str, Any]]]]:
-    """Yield ``(targets of a stage, their per-weight statistics)`` for pruning.
+    """Yield ``(targets of a stage, their per-weight statistics)`` for pruning, one block at a time.
 
-    ``parallel``: one stage with every target, statistics from the model as it is now (dense).
-    ``sequential``: one stage per depth (:func:`target_stages`); the statistics of each stage are
-    collected from ``model`` when the stage is reached (by a :class:`SegmentRunner`, which runs
-    each node once over all stages), so the caller must write the pruned weights of a stage into
-    ``model`` before asking for the next one. ``stage_group`` merges that
-    many consecutive depth stages into one pass (4 on a BERT layer = one pass per layer, the
-    granularity of the SparseGPT reference code; 1 = every depth stage on its own). Targets with
-    a ``skip_reason`` are not yielded.
+    Both modes walk the model with :class:`SegmentRunner` (each node runs once per shard, only the
+    nodes a stage needs are in its ONNX Runtime session, so weights are mapped a block at a time),
+    and a stage's statistics are dropped when the caller asks for the next stage: memory is the
+    statistics of one stage plus the frontier tensors, whatever the model's size.
+
+    ``parallel``: statistics of the model as it is now (dense). Depth stages are merged into chunks
+    whose accumulators fit ``chunk_bytes`` (the ``max_memory`` budget); with more than one chunk
+    the walk runs on a snapshot taken before the first chunk is pruned, so every chunk still sees
+    the dense inputs. ``sequential``: one stage per depth (:func:`target_stages`), ``stage_group``
+    of them merged per pass, collected from ``model`` when reached, so the caller must write the
+    pruned weights of a stage into ``model`` before asking for the next one.
 
     ``kind="cross"`` (reconstruction): sequential statistics also carry ``C = X_pᵀX_d`` and
-    ``D = X_dᵀX_d`` against ``dense`` (the unpruned model, required; a second
-    :class:`SegmentRunner` walks it in step, :meth:`SegmentRunner.run_cross`); in parallel mode
-    the pruned layer sees the dense inputs, so only ``H`` is collected and ``C = D = None``.
+    ``D = X_dᵀX_d`` against ``dense`` (the unpruned model, required; a second runner walks it in
+    step); in parallel mode the pruned layer sees the dense inputs, so only ``H`` is collected.
+
+    ``executor`` / ``shards``: the calibration batches are split into ``shards`` contiguous shards,
+    each walked by its own :class:`ShardRunner` (Ray actors under
+    :class:`~onnxprune.executor.RayExecutor`); the shards' sums are added in shard order, so the
+    same ``shards`` gives the same bytes whatever the executor. ``backend``: where the Hessian
+    products run (:mod:`onnxprune.criteria.backend`; numpy when None). Targets with a
+    ``skip_reason`` are not yielded.
     """
     if mode not in ("parallel", "sequential"):
         raise CalibrationError(f"unknown calibration mode {mode!r}; expected parallel or sequential")
@@ -968,30 +1141,41 @@ def calibration_stages(
         return
     if stage_group < 1:
         raise CalibrationError(f"stage_group must be >= 1, got {stage_group}")
+    executor = executor or InProcessExecutor()
+    plain: Literal["sumsq", "hessian"] = "sumsq" if kind == "sumsq" else "hessian"
+    depth_stages = target_stages(model, usable)
     if mode == "parallel":
-        stages = [usable]
+        order = {t.weight: i for i, t in enumerate(usable)}
+        stages = [sorted(c, key=lambda t: order[t.weight]) for c in chunk_stages(depth_stages, plain, chunk_bytes)]
+        source = model if len(stages) == 1 else model.copy()  # the dense snapshot the walk reads
+        pair = None
     else:
-        depth_stages = target_stages(model, usable)
         stages = [[t for st in depth_stages[i:i + stage_group] for t in st]
                   for i in range(0, len(depth_stages), stage_group)]
-    runner = SegmentRunner(model, calib, token_mask_input) if mode == "sequential" else None
-    dense_runner = SegmentRunner(dense, calib, token_mask_input) if runner and kind == "cross" and dense else None
-    plain: Literal["sumsq", "hessian"] = "sumsq" if kind == "sumsq" else "hessian"
+        source = model
+        pair = dense if kind == "cross" else None
+    remote = not isinstance(executor, InProcessExecutor)
+    feeds = list(calib.batches())
+    n = max(1, min(int(shards), len(feeds)))
+    bounds = np.linspace(0, len(feeds), n + 1).round().astype(int)
+    src = executor.put(model_reference(source)) if remote else source
+    dns = None if pair is None else (executor.put(model_reference(pair)) if remote else pair)
+    runners = executor.actors(ShardRunner, [(src, dns, feeds[a:b], token_mask_input)
+                                            for a, b in zip(bounds[:-1], bounds[1:])])
     for si, stage in enumerate(stages):
         acts: dict[str, int] = {}
         for t in stage:
             for a, axis in t.inputs:
                 acts.setdefault(a, axis)
         log.info("calibration stage %d/%d: %d weights, %d activations", si + 1, len(stages), len(stage), len(acts))
-        stats: Mapping[str, TensorStats] | Mapping[str, CrossStats]
-        if runner is not None and dense_runner is not None:
-            stats = runner.run_cross(dense_runner, acts)
-        elif runner is not None:
-            stats = runner.run(acts, plain)
-        else:
-            stats = collect_input_stats(model, calib, acts, kind=plain, token_mask_input=token_mask_input,
-                                        chunk_bytes=chunk_bytes)
-        yield stage, weight_stats(stage, stats)
+        stats = sum_shards(executor.call_all(runners, "run", acts, plain, backend))
+        ws = weight_stats(stage, stats)
+        del stats
+        yield stage, ws
+        ws.clear()  # the caller is done with this stage: its Hessians go before the next are made
+        if remote and mode == "sequential" and si + 1 < len(stages):
+            pruned = executor.put({t.weight: np.asarray(model.get_array(t.weight)) for t in stage})  # once, for all
+            executor.call_all(runners, "set_arrays", pruned)
 
 
 def as_calibration(calib: Any, model: Model) -> CalibrationData:

@@ -77,7 +77,7 @@ def prune_weight_kn(
         return new
     H = stats["H"] if isinstance(stats, dict) else stats
     kwargs = {}
-    for key in ("blocksize", "percdamp"):
+    for key in ("blocksize", "percdamp", "backend"):
         if options is not None and hasattr(options, key):
             kwargs[key] = getattr(options, key)
     new, _ = sparsegpt_prune(W_kn, H, sparsity=sparsity, nm=nm, keep_mask=keep_mask_kn, **kwargs)

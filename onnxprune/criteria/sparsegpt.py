@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune.criteria.backend import Backend, resolve
 from onnxprune.criteria.masks import check_args
 from onnxprune.errors import PipelineError
 
@@ -99,6 +100,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     keep_mask: np.ndarray | None = None,
+    backend: str | Backend | None = "numpy",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Prune a ``[K, N]`` weight with SparseGPT (OBS with error propagation).
 
@@ -110,6 +112,8 @@ def sparsegpt_prune(
         blocksize: Input channels per lazy-update block (rounded up to a multiple of ``m``).
         percdamp: Dampening as a share of the mean Hessian diagonal.
         keep_mask: Optional ``[K, N]`` bool; False positions are pruned first.
+        backend: ``numpy``, ``torch`` (CUDA when available), ``auto``... (:mod:`onnxprune.criteria.backend`);
+            float64 in each, equal to float tolerance.
 
     Returns:
         ``(updated and pruned weight with W's dtype, keep-mask [K, N] bool)``.
@@ -125,8 +129,87 @@ def sparsegpt_prune(
         raise PipelineError(f"sparsegpt: blocksize must be >= 1, got {blocksize}")
     if percdamp < 0:
         raise PipelineError(f"sparsegpt: percdamp must be >= 0, got {percdamp}")
+    be = resolve(backend)
+    if be.kind == "torch":
+        return _sparsegpt_torch(W_kn, H, sparsity, nm, blocksize, percdamp, keep_mask, be.device)
+    if K * max(K, N) >= MULTI_THREAD_ELEMENTS:  # large products: BLAS threads pay for themselves
+        return _sparsegpt(W_kn, H, sparsity, nm, blocksize, percdamp, keep_mask)
     with single_thread_blas():
         return _sparsegpt(W_kn, H, sparsity, nm, blocksize, percdamp, keep_mask)
+
+
+#: ``K · max(K, N)`` from which the numpy solve keeps the BLAS threads (a 2048×2048 layer and up;
+#: below it thread synchronisation costs more than it gives, see :func:`single_thread_blas`).
+MULTI_THREAD_ELEMENTS = 2048 * 2048
+
+
+def _sparsegpt_torch(W_kn: np.ndarray, H: np.ndarray, sparsity: float | None, nm: tuple[int, int] | None,
+                     blocksize: int, percdamp: float, keep_mask: np.ndarray | None,
+                     device: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_sparsegpt` in PyTorch (float64 on ``device``): the same steps, operation for operation."""
+    import torch
+
+    K, N = W_kn.shape
+    if nm is not None:
+        n, m = nm
+        blocksize = -(-blocksize // m) * m
+        full = (K // m) * m
+    W = torch.from_numpy(np.ascontiguousarray(W_kn, dtype=np.float64)).to(device)
+    Hd = torch.from_numpy(np.ascontiguousarray(H, dtype=np.float64)).to(device).clone()
+    dead = torch.nonzero(torch.diagonal(Hd) <= 0).flatten()
+    if dead.numel():
+        Hd[dead, dead] = 1.0
+        W[dead, :] = 0.0
+    damp = percdamp * float(torch.diagonal(Hd).mean())
+    Hd.diagonal().add_(damp)
+    for attempt in range(6):
+        M, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        if int(info) == 0:
+            break
+        Hd.diagonal().add_(max(damp, 1e-8) * (10.0 ** attempt))
+    else:  # pragma: no cover - only for pathological inputs
+        raise PipelineError("sparsegpt: the Hessian is not positive definite even after dampening")
+    del Hd
+    R = M.flip(0, 1)
+    U = torch.linalg.solve_triangular(R, torch.eye(K, dtype=torch.float64, device=device), upper=True)
+    del M, R
+    forced = None if keep_mask is None else ~torch.from_numpy(np.ascontiguousarray(keep_mask)).to(device)
+    pruned = torch.zeros((K, N), dtype=torch.bool, device=device)
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = W[i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diagonal(U1).clone()
+        m1 = pruned[i1:i2]  # view: written in place
+        f1 = None if forced is None else forced[i1:i2]
+        if nm is None:
+            sal = W1 ** 2 / d1[:, None] ** 2
+            if f1 is not None:
+                sal = torch.where(f1, -torch.inf, sal)
+            n_prune = int(sal.numel() * sparsity)
+            if n_prune:
+                flat = torch.topk(sal.flatten(), n_prune, largest=False).indices
+                m1.view(-1)[flat] = True
+        for i in range(i2 - i1):
+            col = i1 + i
+            if nm is not None and i % m == 0 and col + m <= full:
+                sal = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2
+                if f1 is not None:
+                    sal = torch.where(f1[i:i + m], -torch.inf, sal)
+                low = torch.argsort(sal, dim=0, stable=True)[: m - n]
+                m1[i:i + m].scatter_(0, low, True)
+            err = torch.where(m1[i], W1[i], 0.0) / d1[i]
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            W1[i] = torch.where(m1[i], 0.0, W1[i])
+            E1[i] = err
+        W[i1:i2] = W1
+        if i2 < K:
+            W[i2:] -= U[i1:i2, i2:].T @ E1
+    if forced is not None:
+        pruned |= forced
+    W[pruned] = 0.0
+    return W.cpu().numpy().astype(W_kn.dtype), ~pruned.cpu().numpy()
 
 
 def _sparsegpt(W_kn: np.ndarray, H: np.ndarray, sparsity: float | None, nm: tuple[int, int] | None,

@@ -61,6 +61,7 @@ synthesized from the declared input types and from what the graph says (:func:`i
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -72,6 +73,8 @@ import numpy as np
 from onnxprune.errors import CheckError
 from onnxprune.ir.model import Model
 from onnxprune.ir.save import temporary_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 16
@@ -301,7 +304,10 @@ def make_session(model: Model | str | os.PathLike[str] | Any, threads: int | Non
             if referenced is not None:  # weights stay where they are: ONNX Runtime maps them, no copy is written
                 data, folder = referenced
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-                return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+                try:
+                    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+                except Exception as exc:  # an ONNX Runtime without that option: the temporary copy below
+                    log.debug("session from mapped external data failed (%s); writing a temporary copy", exc)
             with temporary_file(model) as p:
                 return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])

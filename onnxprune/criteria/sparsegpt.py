@@ -62,7 +62,9 @@ def _prepare_hinv(H: np.ndarray, W: np.ndarray, percdamp: float) -> np.ndarray:
             H[np.diag_indices_from(H)] += max(damp, 1e-8) * (10.0 ** attempt)
     else:  # pragma: no cover - only for pathological inputs
         raise PipelineError("sparsegpt: the Hessian is not positive definite even after dampening")
+    del H  # memory: at most two K×K float64 arrays at a time
     R = np.ascontiguousarray(M[::-1, ::-1])
+    del M
     return _upper_inverse(R)
 
 
@@ -72,10 +74,10 @@ def _upper_inverse(R: np.ndarray) -> np.ndarray:
         from scipy.linalg import lapack
     except ImportError:  # pragma: no cover - numpy fallback (LU; slower, same result)
         return np.triu(np.linalg.inv(R))
-    inv, info = lapack.dtrtri(R, lower=0)
+    inv, info = lapack.dtrtri(R, lower=0, overwrite_c=1)
     if info != 0:  # pragma: no cover - singular only if the factorisation failed
         return np.triu(np.linalg.inv(R))
-    return np.triu(inv)
+    return inv  # trtri leaves the (zero) lower triangle of R as it is
 
 
 def single_thread_blas() -> contextlib.AbstractContextManager[Any]:

@@ -70,6 +70,13 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune.analysis.kvcache import (
+    fit_cache,
+    fit_cache_feeds,
+    is_cache_name,
+    kept_map,
+    llm_feeds,
+)
 from onnxprune.errors import CheckError
 from onnxprune.ir.model import Model
 from onnxprune.ir.save import temporary_file
@@ -579,6 +586,13 @@ def synthesize_feeds(session: Any, model: Any = None, dims: Mapping[str, int] | 
     hints = input_hints(model) if model is not None else None
     tried: list[dict[str, list[int]]] = []
     error = ""
+    llm = llm_feeds(model, seed) if model is not None and not dims else None
+    if llm is not None:  # a decoder with a KV cache: past + new tokens = mask length, random past
+        try:
+            return llm, _quiet_run(session, llm)
+        except Exception as exc:
+            tried.append({k: list(v.shape) for k, v in llm.items()})
+            error = " ".join(str(exc).split())[:300]
     for attempt in range(len(CANDIDATE_LENGTHS)):
         feeds = random_feeds(session, dims, seed, hints=hints, attempt=attempt)
         shapes = {k: list(v.shape) for k, v in feeds.items()}
@@ -750,8 +764,11 @@ def compare(
     else:
         feed = dict(feeds)
     synthesized = feeds is None
+    kept: dict[str, tuple[int, list[int]]] = {}
+    if any(is_cache_name(i.name, "input") for i in sb.get_inputs()) and not kept_map(_graph_of(reference)):
+        kept = kept_map(_graph_of(candidate))  # heads removed from the cache: feed and compare the kept ones
     fa = _validate_feeds(sa, feed, "reference")
-    fb = _validate_feeds(sb, feed, "candidate")
+    fb = _validate_feeds(sb, fit_cache_feeds(feed, {i.name: i.shape for i in sb.get_inputs()}, kept), "candidate")
     names_a = [o.name for o in sa.get_outputs()]
     names_b = {o.name for o in sb.get_outputs()}
     shared = [n for n in names_a if n in names_b]
@@ -762,6 +779,7 @@ def compare(
         out_b = sb.run(shared, fb)
     except Exception as exc:
         raise CheckError(f"ONNX Runtime failed to run: {' '.join(str(exc).split())[:400]}") from None
+    out_a = [fit_cache(np.asarray(a), *kept[n]) if n in kept else a for n, a in zip(shared, out_a)]
     diffs = [diff_outputs(n, np.asarray(a), np.asarray(b)) for n, a, b in zip(shared, out_a, out_b)]
     if pool == "mean":
         mask_names = [k for k in fa if "mask" in k.lower() and np.asarray(fa[k]).ndim == 2]
@@ -820,8 +838,10 @@ def signature_problems(reference: RunSignature, candidate: Model) -> list[str]:
     """
     s = make_session(candidate)
     feed = {}
+    kept = kept_map(candidate)
+    ref_feeds = fit_cache_feeds(reference.feeds, {i.name: i.shape for i in s.get_inputs()}, kept)
     for inp in s.get_inputs():
-        arr = reference.feeds.get(inp.name)
+        arr = ref_feeds.get(inp.name)
         if arr is None:
             return [f"input {inp.name!r} is new (the input model has {sorted(reference.feeds)})"]
         want = _ORT_TYPES.get(inp.type)
@@ -840,6 +860,8 @@ def signature_problems(reference: RunSignature, candidate: Model) -> list[str]:
             problems.append(f"output {name!r} is missing")
             continue
         gshape, gdtype, gfinite = got[name]
+        if name in kept and kept[name][0] < len(shape):  # a KV cache whose heads were removed
+            shape = tuple(len(kept[name][1]) if i == kept[name][0] else d for i, d in enumerate(shape))
         if gshape != shape:
             problems.append(f"output {name!r} changed shape: {list(shape)} -> {list(gshape)}")
         if gdtype != dtype and not (gdtype.kind == "f" and dtype.kind == "f"):

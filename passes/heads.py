@@ -77,6 +77,8 @@ from onnxprune.analysis.heads.diagnose import NO_SOFTMAX, why_no_heads
 from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
 from onnxprune.analysis.heads.shapes import static_shapes
+from onnxprune.analysis.kvcache import record_kept
+from onnxprune.analysis.nbits import logical_array, nbits_weights
 from onnxprune.analysis.reconstruction import (
     Consumer,
     consumer_stats,
@@ -89,6 +91,7 @@ from onnxprune.analysis.removal import (
     PruneGroup,
     apply_removal,
     check_twin,
+    io_removed,
     masked_twin,
     plan_problems,
     positions,
@@ -176,10 +179,11 @@ def unit_scores(model: Model, group: PruneGroup, roles: tuple[str, ...] = ("out"
     """L2 norm of every parameter position each unit owns (slices of the given roles): ``[width]``."""
     total = np.zeros(group.width, dtype=np.float64)
     units = np.arange(group.width)
+    packed = nbits_weights(model)  # MatMulNBits weights are scored on their dequantised [N, K] values
     for s in group.slices:
         if s.role not in roles:
             continue
-        arr = np.moveaxis(np.asarray(model.get_array(s.initializer)), s.axis, 0)
+        arr = np.moveaxis(logical_array(model, s.initializer, packed), s.axis, 0)
         idx = positions(s, units).reshape(group.width, s.block)
         part = arr[idx].astype(np.float64)  # [W, block, ...]
         total += (part.reshape(group.width, -1) ** 2).sum(axis=1)
@@ -347,10 +351,13 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         stats["reconstruct_s"] = round(time.perf_counter() - t_fit, 3)
     want_twin = opts.verify_twin and ctx.options.get("verify", True) is not False
     twin = masked_twin(work, removals) if want_twin else None  # after compensation: it is part of both
+    io = io_removed(removals)
     result = apply_removal(work, removals)
     reshare(work, original, outputs)
     if twin is not None:
-        check_twin(label, twin, work, [g.name for g, _ in removals], stats)
+        check_twin(label, twin, work, [g.name for g, _ in removals], stats, io=io)
+    if result["io_shapes"]:
+        _report_io(label, work, result["io_shapes"], stats, ctx)
     stats.update(
         params_before=params_before,
         params_after=count_parameters(work),
@@ -363,6 +370,29 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     log.info("%s: removed %d of %d units in %d blocks", label, stats["units_removed"], stats["units_total"],
              len(removals))
     return PassResult(work, True, stats)
+
+
+def _report_io(label: str, model: Model, io_shapes: dict[str, dict[str, Any]], stats: dict[str, Any],
+               ctx: PassContext) -> None:
+    """Say which graph inputs/outputs changed shape (KV caches) and which of their heads stay.
+
+    The kept heads (relative to the original model, over every pass) also go into the model's
+    metadata (:func:`~onnxprune.analysis.kvcache.record_kept`), where ``check`` finds them.
+    """
+    stats["io_shapes_changed"] = {k: f"{v['before']} -> {v['after']}" for k, v in io_shapes.items()}
+    kept = {}
+    for name, v in io_shapes.items():
+        before = v["before"].strip("[]").split(", ")
+        size = before[v["axis"]] if v["axis"] < len(before) else ""
+        if size.isdigit():
+            gone = set(v["removed"])
+            kept[name] = (v["axis"], [i for i in range(int(size)) if i not in gone])
+    stats["kv_heads_kept"] = {k: p for k, (_, p) in record_kept(model, kept).items()}
+    first = next(iter(io_shapes.items()))
+    ctx.warn(f"{label}: removing KV heads changed the declared shapes of {len(io_shapes)} KV-cache graph "
+             f"input(s)/output(s), e.g. {first[0]} {first[1]['before']} -> {first[1]['after']}; feed past caches "
+             "of the new shape (a dense cache converts by keeping, per tensor, the heads listed in the stats' "
+             "kv_heads_kept on axis 1)")
 
 
 @register_pass

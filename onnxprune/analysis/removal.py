@@ -56,6 +56,16 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxprune.analysis.kvcache import llm_feeds
+from onnxprune.analysis.nbits import (
+    NBitsWeight,
+    element_mask_problem,
+    k_removal_problem,
+    nbits_weights,
+    zero_inputs,
+)
+from onnxprune.analysis.nbits import remove as nbits_remove
+from onnxprune.analysis.nbits import support_problem as nbits_support_problem
 from onnxprune.errors import PassError
 from onnxprune.ir.graph import node_outer_reads, replace_nodes
 from onnxprune.ir.model import Model
@@ -112,6 +122,33 @@ class ShapeEdit:
     per_channel: int
 
 
+@dataclass(frozen=True)
+class IOSlice:
+    """A graph input or output whose declared shape shrinks with a group (a KV cache's head axis).
+
+    Channel ``c`` owns positions ``offset + c * block + arange(block)`` of ``axis``; removal lowers
+    the declared static dim by ``block`` per removed channel, and whoever feeds the graph must
+    drop the same positions (:func:`io_kept` says which stay).
+
+    Attributes:
+        tensor: Graph input or output name.
+        axis: Axis of its declared shape.
+        offset: Position of channel 0's block.
+        block: Positions per channel.
+        kind: ``"input"`` or ``"output"``.
+    """
+
+    tensor: str
+    axis: int
+    offset: int = 0
+    block: int = 1
+    kind: Literal["input", "output"] = "input"
+
+    @property
+    def step(self) -> int:
+        return self.block
+
+
 @dataclass
 class PruneGroup:
     """Channels that must be removed together.
@@ -137,6 +174,8 @@ class PruneGroup:
     members: list[str] = field(default_factory=list)
     #: ``(tensor, axis, offset, block)`` where readers see the channels (for activation criteria).
     probes: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: Graph inputs/outputs whose declared shapes shrink with the group (KV caches).
+    io_slices: list[IOSlice] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -205,6 +244,7 @@ def apply_removal(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
         PassError: out-of-range indices, a group emptied, slices that overlap inconsistently, or a
             shape constant that would drop to zero or below.
     """
+    removals = list(removals)
     per_axis: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
     edits: dict[tuple[str, str, int | str], int] = defaultdict(int)
     n_channels = 0
@@ -222,7 +262,13 @@ def apply_removal(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
     for (name, axis), pos in per_axis.items():
         by_init[name].append((axis, np.unique(np.concatenate(pos))))
     params_removed = 0
+    packed = nbits_weights(model) if by_init else {}
     for name, cuts in by_init.items():
+        if name in packed:  # logical axes: 0 = output rows N, 1 = input positions K (whole blocks)
+            none = np.zeros(0, dtype=np.int64)
+            cut = dict(cuts)
+            params_removed += nbits_remove(model, packed[name], cut.get(0, none), cut.get(1, none))
+            continue
         arr = np.asarray(model.get_array(name))
         before = arr.size
         for axis, pos in cuts:
@@ -249,9 +295,53 @@ def apply_removal(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
             if node is None:
                 raise PassError(f"no node named {target!r} for a shape edit")
             _attr_edit(node, str(index), delta)
+    io_shapes = _rewrite_io(model, io_removed(list(removals)))
     del model.graph.value_info[:]
     return {"initializers_changed": len(by_init), "shape_edits": len(edits),
-            "params_removed": int(params_removed), "channels_removed": n_channels}
+            "params_removed": int(params_removed), "channels_removed": n_channels, "io_shapes": io_shapes}
+
+
+def io_removed(removals: Iterable[tuple[PruneGroup, np.ndarray]]) -> dict[str, tuple[int, np.ndarray]]:
+    """Per graph input/output that shrinks: ``(axis, removed positions)`` (sorted, unique)."""
+    found: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+    for group, channels in removals:
+        ch = np.unique(np.asarray(channels, dtype=np.int64).reshape(-1))
+        if ch.size:
+            for s in group.io_slices:
+                found[(s.tensor, s.axis)].append(positions(s, ch))  # type: ignore[arg-type]
+    return {t: (axis, np.unique(np.concatenate(p))) for (t, axis), p in found.items()}
+
+
+def _dims_text(dims: Any) -> str:
+    return "[" + ", ".join(d.dim_param if d.dim_param else str(d.dim_value) if d.HasField("dim_value") else "?"
+                           for d in dims) + "]"
+
+
+def _rewrite_io(model: Model, removed: dict[str, tuple[int, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Lower the declared static dims of graph inputs/outputs by the positions removed from them.
+
+    Returns per tensor ``{"axis", "before", "after", "removed"}`` (the shapes as text; a symbolic or
+    undeclared dim stays as it is).
+
+    Raises:
+        PassError: a declared dim would drop to zero or below.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name not in removed:
+            continue
+        axis, pos = removed[vi.name]
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim if vi.type.HasField("tensor_type") and tt.HasField("shape") else None
+        before = _dims_text(dims) if dims is not None else "?"
+        if dims is not None and axis < len(dims) and dims[axis].HasField("dim_value"):
+            new = dims[axis].dim_value - int(pos.size)
+            if new <= 0:
+                raise PassError(f"graph {vi.name!r}: dim {axis} = {dims[axis].dim_value} would drop to {new}")
+            dims[axis].dim_value = new
+        out[vi.name] = {"axis": axis, "before": before, "after": _dims_text(dims) if dims is not None else "?",
+                        "removed": [int(p) for p in pos]}
+    return out
 
 
 # ---------------------------------------------------------------------- private shape edits
@@ -454,6 +544,18 @@ def _slice_problems(model: Model, group: PruneGroup, ch: np.ndarray, shapes: dic
     return None
 
 
+def _nbits_problems(model: Model, group: PruneGroup, ch: np.ndarray, packed: dict[str, NBitsWeight]) -> str | None:
+    """Why a group's slices of ``MatMulNBits`` weights cannot be removed (None: they can)."""
+    for s in group.slices:
+        w = packed.get(s.initializer)
+        if w is None:
+            continue
+        problem = nbits_support_problem(model, w) or (k_removal_problem(w, positions(s, ch)) if s.axis == 1 else None)
+        if problem:
+            return problem
+    return None
+
+
 def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]]) -> dict[str, str]:
     """Groups of a removal plan that cannot be applied, with the reason (empty: all can).
 
@@ -464,6 +566,8 @@ def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
     model is not changed; :func:`apply_removal` of the remaining groups then succeeds.
     """
     shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    packed = nbits_weights(model)
+    shapes.update({k: (w.N, w.K) for k, w in packed.items()})  # their slices use the logical [N, K] axes
     nodes = {n.name: n for n in model.graph.node if n.name}
     total: dict[tuple[str, str, int | str], int] = defaultdict(int)
     bad: dict[str, str] = {}
@@ -480,7 +584,8 @@ def plan_problems(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]
         mine: dict[tuple[str, str, int | str], int] = defaultdict(int)
         for e in group.shape_edits:
             mine[(e.kind, e.target, e.index)] += e.per_channel * int(ch.size)
-        reason = _slice_problems(model, group, ch, shapes) or _edit_problems(model, mine, nodes)
+        reason = _slice_problems(model, group, ch, shapes) or _nbits_problems(model, group, ch, packed) or \
+            _edit_problems(model, mine, nodes)
         for kind, target, _ in mine:
             if reason is None and kind == "initializer" and model.initializer(target) is not None:
                 if target not in sharing:
@@ -587,8 +692,12 @@ def mask_group(model: Model, group: PruneGroup, channels: np.ndarray) -> None:
     ch = np.unique(np.asarray(channels, dtype=np.int64).reshape(-1))
     if ch.size == 0:
         return
+    packed = nbits_weights(model)
     for s in group.slices:
         if s.role != "in":
+            continue
+        if s.initializer in packed:  # whole K blocks get a zero scale, other positions q = zero point
+            zero_inputs(model, packed[s.initializer], positions(s, ch))
             continue
         arr = np.array(model.get_array(s.initializer))
         idx = [slice(None)] * arr.ndim
@@ -612,10 +721,15 @@ def masked_twin(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]])
     removals = list(removals)
     if model.weight_bytes() > TWIN_CHECK_MAX_BYTES or any(g.approximate for g, _ in removals):
         return None
-    for g, _ in removals:
+    packed = nbits_weights(model)
+    for g, ch in removals:
         for s in g.slices:
             t = model.initializer(s.initializer) if s.role == "in" else None
-            if t is not None and t.data_type not in FLOAT_TYPES:
+            if t is not None and s.initializer in packed:
+                w = packed[s.initializer]
+                if k_removal_problem(w, positions(s, ch)) and element_mask_problem(model, w):
+                    return None  # neither whole blocks (zero scale) nor integer zero points (q = zp)
+            elif t is not None and t.data_type not in FLOAT_TYPES:
                 return None
     twin = model.copy()
     for g, ch in removals:
@@ -623,28 +737,49 @@ def masked_twin(model: Model, removals: Iterable[tuple[PruneGroup, np.ndarray]])
     return twin
 
 
-def twin_disagreement(twin: Model, pruned: Model, rtol: float = 1e-3, atol: float = 1e-4) -> tuple[bool | None, str]:
-    """Run the masked twin and the pruned model on one synthesized feed and compare.
+def twin_disagreement(twin: Model, pruned: Model, rtol: float = 1e-3, atol: float = 1e-4,
+                      io: Mapping[str, tuple[int, np.ndarray]] | None = None,
+                      feeds: Mapping[str, np.ndarray] | None = None) -> tuple[bool | None, str]:
+    """Run the masked twin and the pruned model on one feed and compare.
 
-    Float outputs must agree within ``atol + rtol * max|twin output|`` (ten times looser for
-    fp16/bf16 outputs) and every output must keep its shape. Returns ``(True, "")`` when they
-    agree, ``(False, why)`` when they do not (or the pruned model fails where the twin runs), and
-    ``(None, why)`` when the twin itself cannot be run (no verdict).
+    The feed is ``feeds``, or synthesized (:func:`onnxprune.analysis.kvcache.llm_feeds` for a
+    decoder with a KV cache: a random, non-empty past; :func:`onnxprune.check.synthesize_feeds`
+    otherwise). ``io`` (:func:`io_removed`) names the graph inputs/outputs the removal shrank:
+    the pruned model gets those inputs without the removed positions, and its outputs are compared
+    with the twin's outputs without them. Float outputs must agree within
+    ``atol + rtol * max|twin output|`` (ten times looser for fp16/bf16 outputs) and every output
+    must keep its (reduced) shape. Returns ``(True, "")`` when they agree, ``(False, why)`` when they
+    do not (or the pruned model fails where the twin runs), and ``(None, why)`` when the twin itself
+    cannot be run (no verdict).
     """
     from onnxprune.check import make_session, run_model, synthesize_feeds
 
+    io = dict(io or {})
     try:
         session = make_session(twin)
-        feeds, outs = synthesize_feeds(session, twin)
+        if feeds is None:
+            feeds = llm_feeds(twin)
+        if feeds is None:
+            feeds, outs = synthesize_feeds(session, twin)
+        else:
+            feeds = dict(feeds)
+            outs = session.run(None, feeds)
     except Exception as exc:  # no verdict: the manager's final verification still runs
         return None, f"the masked twin does not run ({' '.join(str(exc).split())[:200]})"
     names = [o.name for o in session.get_outputs()]
+
+    def kept(name: str, arr: np.ndarray) -> np.ndarray:
+        if name not in io:
+            return arr
+        axis, gone = io[name]
+        return np.take(arr, np.setdiff1d(np.arange(arr.shape[axis]), gone), axis=axis)
+
     try:
-        got = run_model(pruned, feeds)
+        got = run_model(pruned, {k: kept(k, np.asarray(v)) for k, v in feeds.items()})
     except Exception as exc:
         return False, f"the pruned model does not run where its masked twin does ({' '.join(str(exc).split())[:200]})"
     for name, a in zip(names, outs):
-        a = np.asarray(a)
+        a = kept(name, np.asarray(a))
         b = np.asarray(got.get(name))
         if b.shape != a.shape:
             return False, f"output {name!r} has shape {list(b.shape)}, the masked twin {list(a.shape)}"
@@ -664,17 +799,20 @@ def twin_disagreement(twin: Model, pruned: Model, rtol: float = 1e-3, atol: floa
     return True, ""
 
 
-def check_twin(label: str, twin: Model, pruned: Model, groups: list[str], stats: dict[str, Any]) -> None:
+def check_twin(label: str, twin: Model, pruned: Model, groups: list[str], stats: dict[str, Any],
+               io: Mapping[str, tuple[int, np.ndarray]] | None = None) -> None:
     """Compare ``pruned`` with its masked ``twin`` on one random feed; raise if they disagree.
 
-    Records ``twin_check`` (``"ok"``, or ``"skipped: why"``) and its seconds (``twin_check_s``) in ``stats``.
+    ``io`` (:func:`io_removed`): graph inputs/outputs the removal shrank (KV caches), fed and
+    compared without the removed positions. Records ``twin_check`` (``"ok"``, or
+    ``"skipped: why"``) and its seconds (``twin_check_s``) in ``stats``.
 
     Raises:
         PassError: the pruned model disagrees with the masked twin beyond float tolerance (a
             removal edited something it should not have); the message names the groups.
     """
     t0 = time.perf_counter()
-    ok, why = twin_disagreement(twin, pruned)
+    ok, why = twin_disagreement(twin, pruned, io=io)
     stats["twin_check_s"] = round(time.perf_counter() - t0, 3)
     if ok is False:
         shown = ", ".join(groups[:8]) + (f" (+{len(groups) - 8} more)" if len(groups) > 8 else "")

@@ -52,6 +52,7 @@ from onnxprune.ir.graph import (
     node_subgraphs,
 )
 from onnxprune.ir.model import Model
+from onnxprune.ir.ortops import checkable
 from onnxprune.pipeline.base import Pass, PassContext
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def verify_model(model: Model, where: str) -> None:
         raise PassError(f"{where}: produced an invalid model: two nodes are named {dup!r}")
     shell = make_shell(model.proto)
     try:
-        onnx.checker.check_model(shell)
+        onnx.checker.check_model(checkable(shell))  # ORT's ai.onnx SimplifiedLayerNormalization passes
     except onnx.checker.ValidationError as exc:
         raise PassError(f"{where}: produced an invalid model: {' '.join(str(exc).split())[:400]}") from None
     try:

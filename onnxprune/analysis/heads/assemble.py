@@ -1,9 +1,9 @@
 """Turning a merged block into a :class:`~onnxprune.analysis.removal.PruneGroup` (engine mixin).
 
 :class:`GroupAssembly` walks each stream back from its split reshape to the projection that made
-it (through Identity/Cast, constant-bias Add, last-axis Split/Slice and last-axis-keeping
-Reshapes, to MatMul/Gemm with a constant weight), collects parameter slices (``W = min n``
-units, ``len / W`` consecutive channels each), and resolves every literal shape element that
+it (through Identity/Cast, constant-bias Add, last-axis Split/Slice, last-axis-keeping
+Reshapes and 3-D RotaryEmbedding, to MatMul/Gemm/MatMulNBits with a constant weight), collects
+parameter slices (``W = min n`` units, ``len / W`` consecutive channels each), and resolves every literal shape element that
 holds a head count or ``H*D`` to an initializer element or attribute to shrink
 (:func:`element_source`). Anything it cannot account for blocks the group with a reason.
 The methods rely on the engine's helpers (``_need``, ``const``, ``producer``, ``consumers`` ...).
@@ -11,13 +11,15 @@ The methods rely on the engine's helpers (``_need``, ``const``, ``producer``, ``
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
 import onnx
 
 from onnxprune.analysis.heads.state import Blocked, Comp
-from onnxprune.analysis.removal import ParamSlice, PruneGroup, ShapeEdit
+from onnxprune.analysis.nbits import is_nbits, nbits_of, support_problem
+from onnxprune.analysis.removal import IOSlice, ParamSlice, PruneGroup, ShapeEdit
 from onnxprune.ir.graph import attr_dict
 from onnxprune.ir.ops import SHAPE_ONLY
 
@@ -45,6 +47,7 @@ class GroupAssembly:
         if width < 1 or any(n % width for n in comp.ns):
             blocked.append(f"head counts {sorted(comp.ns)} have no common unit")
             width = max(width, 1)
+        width = self._align_units(comp, width, blocked)
         if not comp.exits:
             blocked.append("no output projection (MatMul/Gemm with a constant weight) found")
         slices: list[ParamSlice] = []
@@ -105,12 +108,40 @@ class GroupAssembly:
                 blocked.append(f"{node_name!r} {attr}={value} is not a multiple of {width}")
             else:
                 edits[("attribute", node_name, attr)] += value // width
+        for tensor, axis, length, kind in dict.fromkeys(comp.io):
+            if length % width:
+                blocked.append(f"{kind} {tensor!r}: {length} KV heads are not a multiple of {width} units")
+            else:
+                group.io_slices.append(IOSlice(tensor, axis, 0, length // width, kind))  # type: ignore[arg-type]
         self._check_consumers(comp, path, blocked)
         group.slices = dedupe(slices)
         group.shape_edits = [ShapeEdit(k, t, i, pc) for (k, t, i), pc in edits.items() if pc]  # type: ignore[arg-type]
         group.width = width
         group.blocked = "; ".join(dict.fromkeys(blocked)) if blocked else None
         return group
+
+    def _align_units(self, comp: Comp, width: int, blocked: list[str]) -> int:
+        """Units whose input positions in a ``MatMulNBits`` exit are whole quantisation blocks.
+
+        A unit owns ``K / width`` consecutive inputs of the exit; removal may only drop whole
+        blocks of ``block_size``. FFN neurons are grouped into units of whole blocks (the width
+        shrinks); attention heads are never merged: a head group that would split a block blocks.
+        """
+        for node_name, length, bs in comp.align:
+            if width < 1 or length % width:
+                continue
+            per = length // width
+            if per % bs == 0:
+                continue
+            factor = bs // math.gcd(per, bs)
+            if self.mode == "ffn" and width % factor == 0 and width // factor >= 2:
+                width //= factor
+                comp.members.append(f"units of {per * factor} neurons: whole {bs}-blocks of {node_name}")
+                continue
+            unit = "KV-head group" if self.mode == "heads" else "neuron"
+            blocked.append(f"MatMulNBits {node_name!r}: one {unit} owns {per} of its {length} inputs, not a multiple "
+                           f"of block_size {bs}, so removing it would split quantisation blocks")
+        return width
 
     def walk_back(self, comp: Comp, tensor: str, offset: int, length: int, width: int,
                   slices: list[ParamSlice], split_cov: dict[str, dict[int, int]],
@@ -142,6 +173,21 @@ class GroupAssembly:
                         raise Blocked(f"bias {consts[0]!r} is shared")
                     slices.append(ParamSlice(consts[0], bias.ndim - 1, "out", offset, block, None, "bias"))
                 cur = others[0]
+            elif is_nbits(node):
+                nw = nbits_of(self.model, node)
+                if nw is None or cur != node.output[0]:
+                    raise Blocked(f"MatMulNBits {node.name!r} has no constant weight")
+                problem = support_problem(self.model, nw)
+                if problem:
+                    raise Blocked(problem)
+                self._raise_if_shared(nw.weight, node)
+                slices.append(ParamSlice(nw.weight, 0, "out", offset, block, None, "weight"))
+                if nw.bias:
+                    slices.append(ParamSlice(nw.bias, 0, "out", offset, block, None, "bias"))
+                return
+            elif op == "RotaryEmbedding" and node.domain in ("", "ai.onnx", "com.microsoft"):
+                self._rotary_back(comp, node, offset, block)
+                cur = node.input[0]
             elif op == "MatMul":
                 w = self.const(node.input[1])
                 if w is None or w.ndim != 2 or self.const(node.input[0]) is not None:
@@ -187,6 +233,31 @@ class GroupAssembly:
             else:
                 raise Blocked(f"cannot trace through {op} {node.name!r}")
         raise Blocked("projection chain too long")
+
+    def _rotary_back(self, comp: Comp, node: onnx.NodeProto, offset: int, block: int) -> None:
+        """A 3-D ``RotaryEmbedding`` ``[B, S, H*D]`` between a projection and the attention op.
+
+        It rotates each head on its own (cos/sin per position and within-head index), so whole
+        heads pass; ``num_heads`` (when set) shrinks with them.
+        """
+        shape = self.need_shape(node.input[0])
+        if len(shape) != 3:
+            raise Blocked(f"RotaryEmbedding {node.name!r}: a {len(shape)}-D input before the attention op")
+        attrs = attr_dict(node)
+        heads = int(attrs.get("num_heads", 0))
+        if heads:
+            head = shape[-1] // heads
+        else:
+            cos_slot = 2 if node.domain == "com.microsoft" else 1
+            cos = self.shape(node.input[cos_slot]) if len(node.input) > cos_slot else None
+            rot = int(attrs.get("rotary_embedding_dim", 0))
+            if not cos or rot:
+                raise Blocked(f"RotaryEmbedding {node.name!r}: head size unknown (no num_heads)")
+            head = 2 * cos[-1]
+        if head < 1 or block % head or offset % head:
+            raise Blocked(f"RotaryEmbedding {node.name!r}: units of {block} channels do not hold whole heads of {head}")
+        if heads:
+            comp.attr_edits.append((node.name, "num_heads", heads))
 
     def _last_axis_slice(self, node: onnx.NodeProto) -> tuple[int, int]:
         """``(start, end)`` of a step-1 Slice along the last axis with constant bounds."""

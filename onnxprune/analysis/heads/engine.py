@@ -25,6 +25,7 @@ from onnxprune.analysis.heads.ffn_blocks import FfnStarts
 from onnxprune.analysis.heads.fused import FusedAttentionRules
 from onnxprune.analysis.heads.shapes import static_shapes
 from onnxprune.analysis.heads.state import Ann, Blocked, Comp
+from onnxprune.analysis.nbits import nbits_of, support_problem
 from onnxprune.analysis.rules import lookup
 from onnxprune.ir.model import Model
 from onnxprune.ir.ops import ACTIVATIONS, FUSED_ATTENTION_MS
@@ -85,7 +86,8 @@ class Engine(FfnStarts, FusedAttentionRules, GroupAssembly):
             return ra
         self.parent[rb] = ra
         ca, cb = self.comps[ra], self.comps[rb]
-        for f in ("streams", "shape_refs", "params", "attr_edits", "exits", "split_refs", "blocked", "members"):
+        for f in ("streams", "shape_refs", "params", "attr_edits", "exits", "split_refs", "io", "align", "blocked",
+                  "members"):
             getattr(ca, f).extend(getattr(cb, f))
         ca.ns |= cb.ns
         ca.cores += cb.cores
@@ -198,3 +200,27 @@ class Engine(FfnStarts, FusedAttentionRules, GroupAssembly):
         comp.exits.append((node.name, node.input[0], length))
         comp.members.append(f"exit {node.name} ({weight})")
         self._check_weight_shared(c, weight, node)
+
+    def exit_nbits(self, node: onnx.NodeProto, ann: Ann, c: int) -> None:
+        """A ``MatMulNBits`` contracting over the annotated last axis: its K blocks are the exit.
+
+        Removal along K must drop whole quantisation blocks, so the block size is recorded
+        (:meth:`~onnxprune.analysis.heads.assemble.GroupAssembly.assemble` aligns the units to it).
+        """
+        w = nbits_of(self.model, node)
+        if w is None:
+            raise Blocked("MatMulNBits weight or scales are not constant initializers")
+        problem = support_problem(self.model, w)
+        if problem:
+            raise Blocked(problem)
+        if ann.o != 1:
+            raise Blocked("the projection input interleaves heads with an outer factor")
+        length = ann.n * ann.b
+        if w.K != length:
+            raise Blocked(f"MatMulNBits K={w.K}, expected {length}")
+        comp = self.comp(c)
+        comp.params.append((w.weight, 1, 0, length, "in", "weight"))
+        comp.exits.append((node.name, node.input[0], length))
+        comp.align.append((node.name, length, w.block_size))
+        comp.members.append(f"exit {node.name} ({w.weight}, {w.bits}-bit, block {w.block_size})")
+        self._check_weight_shared(c, w.weight, node)

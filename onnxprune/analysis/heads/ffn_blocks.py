@@ -4,8 +4,9 @@ An FFN block is up projection -> element-wise activation (optionally times a gat
 projection. Every MatMul/Gemm with a constant 2-D weight starts a candidate stream of ``N``
 neurons (its output channels) on the last axis; propagation keeps the neurons whole on the last
 axis, and the down projection is the exit. Only candidates that pass an activation become
-groups. Removing neuron ``u`` equals zeroing row ``u`` of the down projection, since every op on
-the path is element-wise per neuron.
+groups. A com.microsoft ``MatMulNBits`` starts a stream of its ``N`` output rows the same way.
+Removing neuron ``u`` equals zeroing row ``u`` of the down projection, since every op on the path
+is element-wise per neuron.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import onnx
 
 from onnxprune.analysis.heads.state import Ann
+from onnxprune.analysis.nbits import is_nbits, nbits_of, support_problem
 from onnxprune.ir.graph import attr_dict
 
 
@@ -21,6 +23,9 @@ class FfnStarts:
 
     def start_ffn(self, node: onnx.NodeProto) -> None:
         """A MatMul/Gemm with a constant 2-D weight starts an FFN stream on its output."""
+        if is_nbits(node):
+            self._start_ffn_nbits(node)
+            return
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             return
         w = self.const(node.input[1]) if len(node.input) > 1 else None
@@ -49,3 +54,19 @@ class FfnStarts:
         comp.path_nodes.add(node.name)
         self._check_weight_shared(c, node.input[1], node)
         self.set_ann(node.output[0], Ann(len(out) - 1, 1, n, 1, c), node)
+
+    def _start_ffn_nbits(self, node: onnx.NodeProto) -> None:
+        """A ``MatMulNBits`` with a constant weight starts a stream of its ``N`` output rows."""
+        w = nbits_of(self.model, node)
+        out = self.shape(node.output[0])
+        if w is None or not out or w.N < 2 or out[-1] != w.N or support_problem(self.model, w):
+            return
+        c = self.new_comp("ffn")
+        comp = self.comps[c]
+        comp.members.append(f"up {node.name}: {w.N} neurons ({w.bits}-bit)")
+        comp.params.append((w.weight, 0, 0, w.N, "out", "weight"))
+        if w.bias:
+            comp.params.append((w.bias, 0, 0, w.N, "out", "bias"))
+        comp.path_nodes.add(node.name)
+        self._check_weight_shared(c, w.weight, node)
+        self.set_ann(node.output[0], Ann(len(out) - 1, 1, w.N, 1, c), node)

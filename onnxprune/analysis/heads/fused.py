@@ -6,9 +6,16 @@ Handles ``com.microsoft`` ``Attention`` (packed QKV weight, ``num_heads``,
 ``q_num_heads`` / ``kv_num_heads`` start a block at the node (:meth:`fused`), 4-D inputs carrying
 heads on axis 1 are met by propagation (:meth:`attention23_4d`).
 
+``GroupQueryAttention`` also takes a packed ``[B, S, (Hq + 2 Hkv) D]`` query (key and value
+empty: three head-aligned pieces of one projection) and a KV cache: past key/value graph inputs
+and present graph outputs ``[B, Hkv, T, D]`` shrink on axis 1 with the KV heads (an I/O rewrite of
+the group, :class:`~onnxprune.analysis.removal.IOSlice`); a cache that is not a graph input/output
+blocks.
+
 Preconditions: query heads are a multiple of KV heads (query head ``i`` reads KV head
 ``i // (Hq / Hkv)``), so removing one KV head and its ``Hq / Hkv`` query heads is exact; masks
-and attention biases must not vary per head; past/present key/value state must be unused.
+and attention biases must not vary per head; other ops' past/present key/value state must be
+unused.
 The methods rely on the engine's helpers (``_need``, ``const``, ``comp``, ``set_ann`` ...).
 """
 
@@ -19,6 +26,7 @@ from typing import Any
 import onnx
 
 from onnxprune.analysis.heads.state import Ann, Blocked
+from onnxprune.analysis.kvcache import declared_dims
 from onnxprune.ir.graph import attr_dict
 
 
@@ -58,6 +66,43 @@ class FusedAttentionRules:
         if any(x for x in node.input[4:6]):
             raise Blocked("past key/value inputs carry heads")
 
+    def _gqa_cache(self, node: onnx.NodeProto, hkv: int, c: int) -> None:
+        """GroupQueryAttention's past (inputs 3, 4) and present (outputs 1, 2) key/value caches.
+
+        Each must be a graph input / graph output (or absent / unused) declaring ``kv_num_heads``
+        on axis 1 (BNSH): then removing KV heads shrinks that axis, recorded as an I/O rewrite.
+        Anything else (a cache computed inside the graph, a present read by another node) blocks.
+        """
+        comp = self.comp(c)
+        for slot in (3, 4):
+            name = node.input[slot] if len(node.input) > slot else ""
+            if not name:
+                continue
+            if name not in self.graph_inputs or name in self.inits:
+                raise Blocked(f"past key/value {name!r} is not a graph input, so it cannot shrink with the heads")
+            others = [n for n in self.consumers.get(name, []) if n.name != node.name]
+            if others:
+                raise Blocked(f"past key/value {name!r} is also read by {others[0].op_type} {others[0].name!r}")
+            self._cache_axis(name, hkv, "input")
+            comp.io.append((name, 1, hkv, "input"))
+        for slot in (1, 2):
+            name = node.output[slot] if len(node.output) > slot else ""
+            if not name:
+                continue
+            users = self.consumers.get(name, [])
+            if users:
+                raise Blocked(f"present key/value {name!r} is read by {users[0].op_type} {users[0].name!r}")
+            if name in self.outputs:
+                self._cache_axis(name, hkv, "output")
+                comp.io.append((name, 1, hkv, "output"))
+
+    def _cache_axis(self, name: str, hkv: int, kind: str) -> None:
+        dims = declared_dims(self.model, name)
+        if dims is None:
+            return  # no declared shape: nothing to rewrite
+        if len(dims) != 4 or dims[1] != hkv:
+            raise Blocked(f"{kind} {name!r} declares {dims}, not [batch, {hkv} KV heads, sequence, head_size]")
+
     def fused(self, node: onnx.NodeProto) -> None:
         """Fused attention with packed/3-D inputs: streams come in, heads go out on output 0."""
         dom, op = node.domain, node.op_type
@@ -79,7 +124,8 @@ class FusedAttentionRules:
         comp = self.comp(c)
         op = node.op_type
         out = self.need_shape(node.output[0])
-        if any(o and (self.consumers.get(o) or o in self.outputs) for o in node.output[1:]):
+        if op != "GroupQueryAttention" and any(o and (self.consumers.get(o) or o in self.outputs)
+                                               for o in node.output[1:]):
             raise Blocked("present key/value outputs are used")
         if ms and op == "Attention":
             hq = int(attrs["num_heads"])
@@ -130,13 +176,34 @@ class FusedAttentionRules:
         elif op == "GroupQueryAttention":
             hq, hkv = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
             q, k, v = (node.input[i] if len(node.input) > i else "" for i in range(3))
-            if not k or not v:
-                raise Blocked("packed QKV input is not supported")
-            if any(x for x in node.input[3:5]):
-                raise Blocked("past key/value inputs carry heads")
+            if bool(k) != bool(v):
+                raise Blocked("only one of key and value is given")
+            if hkv < 1 or hq % hkv:
+                raise Blocked("query heads are not a multiple of the KV heads")
+            self._gqa_cache(node, hkv, c)
+            if len(node.input) > 10 and node.input[10]:
+                raise Blocked("attention_bias input (it may vary per head)")
+            if len(node.input) > 11 and node.input[11]:
+                raise Blocked("head_sink input (one value per head)")
+            if any(x for x in node.input[12:14]):
+                raise Blocked("k_scale/v_scale inputs (a quantised KV cache)")
+            if len(node.output) > 3 and node.output[3] and (self.consumers.get(node.output[3])
+                                                             or node.output[3] in self.outputs):
+                raise Blocked("output_qk (per-head scores) is used")
             # with do_rotary, the cos/sin caches are per position and head_dim: shared by all heads
             comp.attr_edits.append((node.name, "num_heads", hq))
             comp.attr_edits.append((node.name, "kv_num_heads", hkv))
+            if not k:  # packed [B, S, (Hq + 2 Hkv) D]: one tensor, three head-aligned pieces
+                total = self.need_shape(q)[-1]
+                if total % (hq + 2 * hkv):
+                    raise Blocked(f"packed QKV width {total} is not (num_heads + 2 kv_num_heads) x head_size")
+                d = total // (hq + 2 * hkv)
+                for off, length in ((0, hq * d), (hq * d, hkv * d), ((hq + hkv) * d, hkv * d)):
+                    comp.streams.append((q, off, length, node.name))
+                comp.members.append(f"packed QKV {q!r}: {hq}+{hkv}+{hkv} heads x {d}")
+                comp.ns |= {hq, hkv}
+                self.set_ann(node.output[0], Ann(len(out) - 1, 1, hq, out[-1] // hq, c), node)
+                return
         else:  # ai.onnx Attention with 3-D inputs
             q, k, v = node.input[0], node.input[1], node.input[2]
             if len(self.need_shape(q)) != 3:

@@ -1,6 +1,7 @@
 """Static tensor shapes for the attention/FFN group search (:func:`static_shapes`).
 
-Dynamic input dims are fixed (:data:`DEFAULT_DIMS` unless given), then ONNX shape inference
+Dynamic input dims are fixed (:data:`DEFAULT_DIMS` unless given; for a decoder with a KV cache
+the consistent :func:`~onnxprune.analysis.kvcache.llm_dims`), then ONNX shape inference
 (with data propagation) runs on a weight-less shell of the model; tensors it leaves open can be
 measured on one ONNX Runtime run on neutral inputs (:func:`shapes_from_ort`). Head and channel
 counts must be static for a group to be found; batch and sequence dims only need *some* value.
@@ -13,6 +14,7 @@ import logging
 import numpy as np
 import onnx
 
+from onnxprune.analysis.kvcache import llm_dims
 from onnxprune.ir.graph import make_shell
 from onnxprune.ir.model import Model
 from onnxprune.ir.save import temporary_file
@@ -36,7 +38,7 @@ def static_shapes(model: Model, dims: dict[str, int] | None = None,
     (external weights are read; meant for models that fit in memory).
     """
     shell = make_shell(model.proto)
-    dims = dict(dims or {})
+    dims = {**llm_dims(model), **(dims or {})}  # a KV-cache decoder: batch 1, past + new = total
     inits = {t.name for t in shell.graph.initializer}
     for vi in shell.graph.input:
         if vi.name in inits or not vi.type.HasField("tensor_type"):

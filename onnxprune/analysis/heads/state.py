@@ -42,6 +42,8 @@ class Comp:
     attr_edits: list[tuple[str, str, int]] = field(default_factory=list)  # node, attr index, value
     exits: list[tuple[str, str, int]] = field(default_factory=list)  # node, exit input tensor, exit length
     split_refs: list[tuple[str, int, int]] = field(default_factory=list)  # split node, output k, contrib
+    io: list[tuple[str, int, int, str]] = field(default_factory=list)  # graph input/output, axis, length, kind
+    align: list[tuple[str, int, int]] = field(default_factory=list)  # MatMulNBits node, K length, block_size
     cores: int = 0
     activations: int = 0
     blocked: list[str] = field(default_factory=list)

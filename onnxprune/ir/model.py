@@ -11,7 +11,12 @@ it came from, the folder its external data lives in). Weights are reached throug
   their bytes in the ``.onnx`` file and are memory-mapped from it (``ExternalRef.inline``), so a
   435 MB BERT-base loads in ~0.1 s and ~50 MB of RAM;
 * a replaced weight is written back into the proto (as ``raw_data``) at once, so the proto is
-  always a complete model that the checker, shape inference and ONNX Runtime can read.
+  always a complete model that the checker, shape inference and ONNX Runtime can read --
+  except in a model that holds memory-mapped weights (loaded with external data, or streamed):
+  there a replaced weight of at least ``SPILL_BYTES`` is appended to a scratch file
+  (:mod:`onnxprune.ir.scratch`) and memory-mapped from it like any external initializer, so the
+  process never holds the pruned model; its proto entry is an external-data entry with the
+  scratch file's absolute path. Saved bytes are the same either way.
 
 Loading (streamed parsing, validation) is :mod:`onnxprune.ir.load`; atomic, streamed saving
 with external data and sparse storage is :mod:`onnxprune.ir.save`.
@@ -31,12 +36,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.ir.scratch import Scratch
 from onnxprune.ir.tensors import ExternalRef, nbytes, np_dtype
 
 log = logging.getLogger(__name__)
 
 
 MIN_OPSET = 7
+
+#: Replaced weights at least this large spill to the scratch file (in models with mapped weights).
+SPILL_BYTES = 1 << 20
 
 
 @dataclass
@@ -49,12 +58,18 @@ class Model:
         path: The file the model was loaded from, if any.
         base_dir: Folder that external data paths are relative to.
         external: Initializer name -> where its bytes are, for external initializers.
+        scratch: The scratch file replaced weights spill to (created on first need; shared with
+            copies of this model; removed when the last of them is garbage collected).
+        spill: Spill replaced weights of at least :data:`SPILL_BYTES`: None (default) when the
+            model holds memory-mapped weights, True always, False never.
     """
 
     proto: onnx.ModelProto
     path: Path | None = None
     base_dir: Path | None = None
     external: dict[str, ExternalRef] = field(default_factory=dict)
+    scratch: Scratch | None = field(default=None, repr=False, compare=False)
+    spill: bool | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ graph access
     @property
@@ -130,6 +145,9 @@ class Model:
         if tensor is None:
             raise KeyError(f"no initializer named {name!r}")
         arr = np.asarray(value, order="C")
+        if self._spills(arr):
+            self._spill(tensor, arr)
+            return
         if (arr.dtype == np_dtype(tensor.data_type) and arr.dtype.kind in "fiub" and arr.dtype.byteorder in "=|<"
                 and tensor.data_type != onnx.TensorProto.STRING):
             # same element type: rewrite raw_data in place (one copy fewer than from_array + CopyFrom)
@@ -148,6 +166,27 @@ class Model:
             tensor.doc_string = doc
         self.external.pop(name, None)
 
+    def _spills(self, arr: np.ndarray) -> bool:
+        if arr.nbytes < SPILL_BYTES or arr.dtype.kind not in "fiub" or arr.dtype.byteorder not in "=|<":
+            return False
+        return bool(self.external) if self.spill is None else self.spill
+
+    def _spill(self, tensor: onnx.TensorProto, arr: np.ndarray) -> None:
+        """Append ``arr`` to the scratch file; ``tensor`` becomes an external entry pointing at it."""
+        if self.scratch is None or self.scratch.closed:
+            self.scratch = Scratch()
+        ref = self.scratch.write(arr)
+        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+                  "raw_data", "external_data", "dims"):
+            tensor.ClearField(f)
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        tensor.dims.extend(arr.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, val in (("location", str(ref.path)), ("offset", str(ref.offset)), ("length", str(ref.length))):
+            e = tensor.external_data.add()
+            e.key, e.value = key, val
+        self.external[tensor.name] = ref
+
     def add_initializer(self, name: str, value: np.ndarray) -> None:
         """Append a new initializer (the name must be unused)."""
         if self.initializer(name) is not None:
@@ -163,7 +202,7 @@ class Model:
 
         External initializers stay memory-mapped references to the same files.
         """
-        return Model(copy.deepcopy(self.proto), self.path, self.base_dir, dict(self.external))
+        return Model(copy.deepcopy(self.proto), self.path, self.base_dir, dict(self.external), self.scratch, self.spill)
 
     def materialized(self) -> onnx.ModelProto:
         """A copy of the proto with every external initializer read into ``raw_data``.

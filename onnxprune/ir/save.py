@@ -167,7 +167,7 @@ def save(
     if path.is_dir():
         raise ModelSaveError(f"{path}: is a directory")
     if external_data is None:
-        external_data = (any(not r.inline for r in model.external.values())
+        external_data = (any(not (r.inline or r.scratch) for r in model.external.values())
                          or model.weight_bytes() > EXTERNAL_DATA_LIMIT)
     data_name = path.name + ".data"
     data_path = path.parent / data_name

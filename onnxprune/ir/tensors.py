@@ -27,6 +27,7 @@ class ExternalRef:
     offset: int
     length: int
     inline: bool = False
+    scratch: bool = False
 
 
 def np_dtype(data_type: int) -> np.dtype:

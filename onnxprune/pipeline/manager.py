@@ -211,13 +211,13 @@ class PassManager:
 
     def _baseline(self, model: Model, ctx: PassContext) -> Baseline | None:
         """What the input gives in ONNX Runtime; None when ONNX Runtime cannot load it."""
-        try:
-            session = make_session(model)
+        small = model.weight_bytes() < RUN_CHECK_BYTES
+        try:  # a large model is only load-checked: an optimised session would pre-pack a copy of every weight
+            session = make_session(model, optimize=small)
         except CheckError as exc:
             log.warning("ONNX Runtime cannot load the input model, so the results are not load- or run-checked: %s",
                         exc)
             return None
-        small = model.weight_bytes() < RUN_CHECK_BYTES
         if not small:
             log.info("final verification: weights over %d MB, so the result is load-checked only",
                      RUN_CHECK_BYTES >> 20)

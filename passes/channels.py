@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 
 from onnxprune.analysis.calibration import (
     as_calibration,
@@ -61,6 +62,7 @@ from onnxprune.analysis.calibration import (
 )
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.channels.prepare import prepare
+from onnxprune.analysis.nbits import logical_array, nbits_weights
 from onnxprune.analysis.reconstruction import (
     consumer_stats,
     find_consumers,
@@ -129,7 +131,11 @@ class ChannelsOptions:
 # ---------------------------------------------------------------------- scores
 def _per_channel_stat(model: Model, s: Any, width: int, p: int) -> np.ndarray:
     """Mean of ``|w|`` (p=1) or ``w**2`` (p=2) over each channel's positions of slice ``s``."""
-    arr = model.get_array(s.initializer)
+    t = model.initializer(s.initializer)
+    if t is not None and t.data_type == onnx.TensorProto.UINT8 and s.initializer in (packed := nbits_weights(model)):
+        arr = logical_array(model, s.initializer, packed)  # a MatMulNBits weight: its dequantised [N, K]
+    else:
+        arr = model.get_array(s.initializer)
     if s.step == s.block:  # contiguous: a view, no gather
         idx = [slice(None)] * arr.ndim
         idx[s.axis] = slice(s.offset, s.offset + width * s.block)

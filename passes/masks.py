@@ -47,6 +47,12 @@ global scope, a weight with an overridden ``sparsity`` is pruned on its own (lay
 **Persistence.** The current zeros of a weight are a keep-mask: they are pruned first and the new
 mask is ANDed with it, so a later ``masks`` or ``nm`` never revives a zero.
 
+**MatMulNBits** (com.microsoft 4-bit, as ONNX Runtime GenAI writes them): ``criterion=magnitude``
+masks (and N:M along K) are written into the codes (``q = zero point``, so the dequantised value
+is exactly 0; :mod:`onnxprune.analysis.nbits`), scored on the dequantised values, per layer
+whatever ``scope``; calibration criteria, ``refit`` and float zero points that are no integer code
+are refused with the reason (``skipped``). ``include``/``exclude`` match the weight or node name.
+
 **Dtypes.** float16 / bfloat16 weights are masked in their own dtype (scores in float32). An
 integer weight behind ``DequantizeLinear`` is scored on its dequantized value
 ``(q - zero_point) * scale`` and masked by setting ``q = zero_point`` (per-axis zero points along
@@ -99,6 +105,12 @@ from onnxprune.analysis.calibration import (
     collect,
     memory_budget,
     needs_calibration,
+)
+from onnxprune.analysis.nbits import (
+    NBitsWeight,
+    mask_refusal,
+    nbits_weights,
+    prune_codes,
 )
 from onnxprune.analysis.quant import quant_zero_points
 from onnxprune.analysis.weights import (
@@ -310,11 +322,13 @@ def _regex_or_pipeline(rx: str, where: str) -> None:
 
 
 def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any, options_cls: type,
-                   *, allow_extra: bool) -> tuple[list[Target], dict[str, str]]:
+                   *, allow_extra: bool, others_matched: bool = False) -> tuple[list[Target], dict[str, str]]:
     """Pick the weights a mask pass prunes, with per-layer options, and the skipped ones with reasons.
 
+    ``others_matched``: ``include`` matched weights this function does not pick (MatMulNBits).
+
     Raises:
-        PassError: ``include`` matches no initializer.
+        PassError: ``include`` matches no initializer (and ``others_matched`` is false).
         PipelineError: a bad per-layer override.
     """
     weights = find_weights(model)
@@ -384,9 +398,17 @@ def select_targets(model: Model, ctx: PassContext, pass_name: str, options: Any,
                 continue
             matched_include = True
         skipped.setdefault(name, subgraph_skip_reason(label))
-    if inc_rx is not None and not matched_include:
+    if inc_rx is not None and not matched_include and not others_matched:
         raise PassError(f"{pass_name}: include pattern {include!r} matches no weight or initializer")
     return targets, skipped
+
+
+def _nbits_selected(w: NBitsWeight, options: Any) -> bool:
+    """``include`` / ``exclude`` (regex on the weight or node name) admit this MatMulNBits weight."""
+    names = (w.weight, w.node)
+    if options.include and not any(re.search(options.include, x) for x in names):
+        return False
+    return not (options.exclude and any(re.search(options.exclude, x) for x in names))
 
 
 # ---------------------------------------------------------------------- per-weight work
@@ -656,12 +678,15 @@ class _SparsityPass(Pass):
         hoisted = hoist_constant_weights(model)
         if hoisted:
             ctx.invalidate(())
+        packed = {k: w for k, w in nbits_weights(model).items() if _nbits_selected(w, self.options)}
         targets, skipped = select_targets(model, ctx, self.name, self.options, self.Options,
-                                          allow_extra=self.allow_extra)
-        if not targets and not find_weights(model) and not self.options.include:
+                                          allow_extra=self.allow_extra, others_matched=bool(packed))
+        if not targets and not find_weights(model) and not self.options.include and not packed:
             result = _no_weights(model, ctx, self.name, skipped)
         else:
             result = self._prune(model, ctx, targets, skipped)
+        if packed:
+            result = self._prune_nbits(model, ctx, packed, result, skipped)
         if hoisted:
             result.stats["constants_to_initializers"] = len(hoisted)
             result = PassResult(result.model, True, result.stats)
@@ -670,6 +695,35 @@ class _SparsityPass(Pass):
     def _prune(self, model: Model, ctx: PassContext, targets: list[Target],
                skipped: dict[str, str]) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _prune_nbits(self, model: Model, ctx: PassContext, packed: dict[str, NBitsWeight], result: PassResult,
+                     skipped: dict[str, str]) -> PassResult:
+        """Mask ``MatMulNBits`` weights in their codes (:func:`onnxprune.analysis.nbits.prune_codes`)."""
+        opts = self.options
+        nm = (opts.n, opts.m) if self.name == "nm" else None
+        per: dict[str, dict[str, Any]] = {}
+        for name, w in packed.items():
+            reason = mask_refusal(model, w, opts.criterion, opts.refit, nm)
+            if reason is None and w.N * w.K < opts.min_params:
+                reason = f"{w.N * w.K} elements < min_params={opts.min_params}"
+            if reason:
+                skipped[name] = reason
+                continue
+            before, after = prune_codes(model, w, None if nm else opts.sparsity, nm, opts)
+            per[name] = {"node": w.node, "size": w.N * w.K, "nnz_before": before, "nnz_after": after,
+                         "format": f"MatMulNBits {w.bits}-bit, block {w.block_size}"}
+        stats = dict(result.stats)
+        stats.update(_result_stats({**stats.get("weights", {}), **per}, skipped))
+        stats["nbits_weights_masked"] = sum(v["nnz_after"] != v["nnz_before"] for v in per.values())
+        if per:
+            ctx.warn(f"{self.name}: {len(per)} MatMulNBits weight(s) masked in their quantised codes (q = zero point, "
+                     "so they dequantise to exactly 0); ONNX Runtime's MatMulNBits kernels do not skip zeros, so this "
+                     "saves nothing on ONNX Runtime by itself")
+        refused = {k: skipped[k] for k in packed if k in skipped}
+        if refused:
+            ctx.warn(f"{self.name}: {len(refused)} MatMulNBits weight(s) left unmasked: "
+                     + "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3]))
+        return PassResult(result.model, result.modified or stats["nbits_weights_masked"] > 0, stats)
 
 
 @register_pass

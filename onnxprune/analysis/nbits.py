@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxprune.criteria.registry import prune_weight_kn
 from onnxprune.errors import PassError
 from onnxprune.ir.model import Model
 
@@ -348,6 +349,40 @@ def remove(model: Model, w: NBitsWeight, rows: np.ndarray, ks: np.ndarray) -> in
     return w.N * w.K - n_new * k_new
 
 
+
+# ---------------------------------------------------------------------- masks / N:M on the codes
+def mask_refusal(model: Model, w: NBitsWeight, criterion: str, refit: bool, nm: tuple[int, int] | None) -> str | None:
+    """Why ``masks`` / ``nm`` leave this weight alone (None: it can be masked in its codes)."""
+    if criterion != "magnitude":
+        return (f"criterion={criterion} is not available for {w.bits}-bit MatMulNBits weights (magnitude only: "
+                "SparseGPT's weight updates cannot be held in the codes without re-quantising)")
+    if refit:
+        return "refit re-solves float weights; MatMulNBits codes are not re-fitted"
+    if nm is not None and w.K % nm[1]:
+        return f"K={w.K} is not a multiple of m={nm[1]}"
+    return element_mask_problem(model, w)
+
+
+def prune_codes(model: Model, w: NBitsWeight, sparsity: float | None, nm: tuple[int, int] | None,
+                options: object = None) -> tuple[int, int]:
+    """Mask the weight by magnitude of its dequantised values, in the codes (``q = zero point``).
+
+    N:M groups run along K of the logical ``[N, K]`` weight, for every output row (what sparse
+    kernels need); existing zeros are kept. Returns ``(nnz_before, nnz_after)``.
+    """
+    values = dequantize(model, w)
+    keep_before = nonzero_mask(model, w)
+    before = int(np.count_nonzero(keep_before))
+    keep_kn = keep_before.T if before < keep_before.size else None
+    new = prune_weight_kn(values.T, criterion="magnitude", sparsity=sparsity, nm=nm, keep_mask_kn=keep_kn,
+                          options=options).T
+    keep = (new != 0) & keep_before
+    after = int(np.count_nonzero(keep))
+    if after != before:
+        write_keep(model, w, keep)
+    return before, after
+
+
 __all__ = ["NBitsWeight", "codes", "dequantize", "element_mask_problem", "is_nbits", "k_removal_problem",
-           "logical_array", "logical_shapes", "nbits_of", "nbits_weights", "nonzero_mask", "remove", "scales",
-           "support_problem", "write_keep", "zero_inputs", "zero_points"]
+           "logical_array", "logical_shapes", "mask_refusal", "nbits_of", "nbits_weights", "nonzero_mask",
+           "prune_codes", "remove", "scales", "support_problem", "write_keep", "zero_inputs", "zero_points"]

@@ -11,6 +11,7 @@ Usage::
 
     python scripts/regression_oracle.py record BASELINE.json [--work DIR]
     python scripts/regression_oracle.py compare BASELINE.json [--work DIR]
+    python scripts/regression_oracle.py append BASELINE.json [--work DIR]   # record new cases only
 
 ``compare`` re-runs everything and prints each case whose file hash or numbers differ; it exits 1
 when any differ. A restructure that must not change behaviour must compare clean.
@@ -71,6 +72,12 @@ PIPELINES: list[tuple[str, bool]] = [
     ("channels(ratio=0.3,criterion=activation,reconstruct=true,sequential=true)", True),
     ("nm(n=2,m=4),fp16,tensorrt(gemm_form=true,emit_trtexec=true)", False),
 ]
+
+#: Decoder graphs in the forms ONNX Runtime GenAI's model builder writes (``models/llm.py``: GQA with
+#: a KV cache, RoPE, 4-bit MatMulNBits); only :data:`LLM_PIPELINES` run on them (appended cases).
+LLM_MODELS: dict[str, dict[str, str]] = {"llm_gqa_nbits": {"qkv": "packed"},
+                                         "llm_rotary_ms": {"qkv": "separate", "rotary": "ms"}}
+LLM_PIPELINES: list[str] = ["heads(ratio=0.25),ffn(ratio=0.25)", "nm(n=2,m=4)"]
 
 INSPECT: list[list[str]] = [["--json"], ["--json", "--groups"], ["--json", "--tensorrt"], ["--json", "--nm", "2:4"]]
 
@@ -196,12 +203,40 @@ def run_all(work: Path) -> dict[str, Any]:
                 entry["text"] = [line for line in text.strip().splitlines() if line][-1:]
             results[f"{name} {spec}{' +calib' if wants_calib else ''}"] = entry
             print(f"{name:10s} {spec:60s} code={code} {entry.get('sha256', '-')[:12]}", file=sys.stderr)
+    results.update(_run_llm(work, outdir))
+    return results
+
+
+def _run_llm(work: Path, outdir: Path) -> dict[str, Any]:
+    """The decoder cases (:data:`LLM_MODELS` x :data:`LLM_PIPELINES`), keyed like the others."""
+    from models.llm import build_llm_decoder
+
+    results: dict[str, Any] = {}
+    for name, kwargs in LLM_MODELS.items():
+        path = work / f"{name}.onnx"
+        if not path.exists():
+            onnx.save(build_llm_decoder(**kwargs), str(path))
+        for i, spec in enumerate(LLM_PIPELINES):
+            out = outdir / f"{name}_{i}.onnx"
+            for p in outdir.glob(out.name + "*"):
+                p.unlink()
+            code, text = _cli(["optimize", str(path), "-o", str(out), "--passes", spec, "--json"])
+            entry: dict[str, Any] = {"code": code}
+            if out.exists():
+                entry["sha256"] = _sha(out)
+            try:
+                entry["report"] = _scrub(json.loads(text))
+            except json.JSONDecodeError:
+                entry["text"] = [line for line in text.strip().splitlines() if line][-1:]
+            results[f"{name} {spec}"] = entry
+            print(f"{name:10s} {spec:60s} code={code} {entry.get('sha256', '-')[:12]}", file=sys.stderr)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("record", "compare"))
+    p.add_argument("mode", choices=("record", "compare", "append"),
+                   help="append: add the cases the baseline lacks, leaving its other entries as they are")
     p.add_argument("baseline")
     p.add_argument("--work", default="/tmp/onnxprune-oracle")
     args = p.parse_args(argv)
@@ -211,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recorded {len(results)} cases in {args.baseline}")
         return 0
     base = json.loads(Path(args.baseline).read_text())
+    if args.mode == "append":
+        new = {k: v for k, v in results.items() if k not in base}
+        Path(args.baseline).write_text(json.dumps({**base, **new}, indent=1, sort_keys=True))
+        print(f"appended {len(new)} cases to {args.baseline} ({len(base)} kept as they were)")
+        return 0
     diffs = [k for k in sorted(set(base) | set(results)) if base.get(k) != results.get(k)]
     for k in diffs:
         print(f"DIFF {k}")

@@ -235,3 +235,11 @@ def test_skip_simplified_norm_sum_output_is_an_exact_residual() -> None:
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32)}
     err, change, shapes = masked_twin_error(Model(proto), group.name, np.array([0, 5, 7]), feeds)
     assert err < 1e-5 and change > 1e-2
+
+
+def test_channels_refuses_to_split_matmulnbits_blocks() -> None:
+    result = optimize(from_proto(build_llm_decoder(layers=1)), "channels(ratio=0.25)")
+    stats = result.report.passes[0].stats
+    assert stats["channels_removed"] == 0 and not result.report.passes[0].modified
+    (reason,) = stats["blocked_at_apply"].values()  # the FFN neurons, read by a 4-bit down projection
+    assert "splits quantisation blocks of 32" in reason and "down_proj" in reason

@@ -180,6 +180,24 @@ def count_nonzero(arr: np.ndarray) -> int:
     return int(sum(np.count_nonzero(flat[i : i + _CHUNK]) for i in range(0, flat.size, _CHUNK)))
 
 
+def nonzero_and_finite(arr: np.ndarray) -> tuple[int, bool]:
+    """Non-zeros of a (possibly memory-mapped) float array and whether all are finite, in one read.
+
+    One pass over chunks of ``_CHUNK`` elements: a mapped weight is paged in once, not twice.
+    """
+    flat = arr.reshape(-1)
+    nnz, finite = 0, True
+    for i in range(0, flat.size, _CHUNK):
+        chunk = flat[i : i + _CHUNK]
+        nnz += int(np.count_nonzero(chunk))
+        if finite:
+            try:
+                finite = bool(np.isfinite(chunk).all())
+            except TypeError:  # a float type numpy cannot test
+                pass
+    return nnz, finite
+
+
 def _nbits_values(b: np.ndarray, zp: np.ndarray | None, q: QuantWeight) -> np.ndarray | None:
     """``MatMulNBits``: the [N, K] quantized values minus their zero points; None if unsupported."""
     assert q.nbits is not None
@@ -267,8 +285,8 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
                 size, nz = _quant_size(t, q), quant_nonzero(arr, q, None if zp is None else np.asarray(zp))
                 n_quant += size
             else:
-                size, nz = int(arr.size), count_nonzero(arr)
-                if t.name in inits and arr.size > 1 and has_nonfinite(arr):  # a -inf scalar is a mask/identity value
+                size, (nz, finite) = int(arr.size), nonzero_and_finite(arr)
+                if t.name in inits and arr.size > 1 and not finite:  # a -inf scalar is a mask/identity value
                     nonfinite.append(t.name)
         params += size
         nnz += nz

@@ -15,9 +15,8 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.kvcache import llm_dims
-from onnxprune.ir.graph import make_shell
+from onnxprune.ir.graph import copy_without_initializers, make_shell, node_outer_reads
 from onnxprune.ir.model import Model
-from onnxprune.ir.save import temporary_file
 
 #: Same logger name as before the split, so log filters keep matching.
 log = logging.getLogger("onnxprune.analysis.heads.groups")
@@ -77,6 +76,39 @@ def static_shapes(model: Model, dims: dict[str, int] | None = None,
     return out
 
 
+def shape_slice(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The part of ``proto`` that computes ``names``: their producers and everything upstream.
+
+    Tensors that shape inference leaves open are mostly the rotary tables and causal masks built
+    from ``Range(0, sequence)``, which read no weight; running only this slice keeps the one
+    ONNX Runtime run off the model's weights (it used to run the whole model, reading every one).
+    Graph inputs stay (feeds are made for all of them); outputs become ``names``.
+    """
+    producer = {o: i for i, n in enumerate(proto.graph.node) for o in n.output if o}
+    needed: set[str] = set(names)
+    nodes: set[int] = set()
+    stack = [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in nodes:
+            continue
+        nodes.add(i)
+        node = proto.graph.node[i]
+        reads = [x for x in node.input if x] + [x for x in node_outer_reads(node)]
+        needed.update(reads)
+        stack.extend(producer[x] for x in reads if x in producer)
+    out = copy_without_initializers(proto)
+    graph = out.graph
+    dropped = {t.name for t in proto.graph.initializer} - needed
+    inputs = [vi for vi in graph.input if vi.name not in dropped]  # IR < 4 lists initializers as inputs
+    del graph.node[:], graph.value_info[:], graph.output[:], graph.input[:]
+    graph.input.extend(inputs)
+    graph.node.extend(proto.graph.node[i] for i in sorted(nodes))
+    graph.initializer.extend(t for t in proto.graph.initializer if t.name in needed)
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return out
+
+
 def shapes_from_ort(model: Model, shell: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
     """Shapes of ``names`` from one ONNX Runtime run on neutral inputs of the fixed dims.
 
@@ -85,13 +117,7 @@ def shapes_from_ort(model: Model, shell: onnx.ModelProto, names: list[str]) -> d
     """
     import onnxruntime as ort
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    del proto.graph.value_info[:]
-    existing = {o.name for o in proto.graph.output}
-    for n in names:
-        if n not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=n))
+    proto = shape_slice(model.proto, names)
     feeds: dict[str, np.ndarray] = {}
     inits = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(0)
@@ -111,9 +137,12 @@ def shapes_from_ort(model: Model, shell: onnx.ModelProto, names: list[str]) -> d
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if model.external:  # external weights: go through a file next to copies of the refs
-            with temporary_file(Model(proto, model.path, model.base_dir, dict(model.external))) as path:
-                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        kept = {t.name for t in proto.graph.initializer}
+        refs = {k: v for k, v in model.external.items() if k in kept}
+        if refs:  # mapped weights: ONNX Runtime reads them where they lie (no copy written)
+            from onnxprune.check import make_session
+
+            sess = make_session(Model(proto, model.path, model.base_dir, refs), optimize=False)
         else:
             sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs = sess.run(names, feeds)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from models.attention import E, GraphBuilder
 from models.llm import build_llm_decoder, quantize_nbits
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.heads.groups import analyze
@@ -243,3 +244,50 @@ def test_channels_refuses_to_split_matmulnbits_blocks() -> None:
     assert stats["channels_removed"] == 0 and not result.report.passes[0].modified
     (reason,) = stats["blocked_at_apply"].values()  # the FFN neurons, read by a 4-bit down projection
     assert "splits quantisation blocks of 32" in reason and "down_proj" in reason
+
+
+def _decomposed_gqa_with_cache(hq: int = 4, hkv: int = 2, d: int = 8) -> onnx.ModelProto:
+    """Torch-style attention whose K/V are concatenated to past_key_values.0.* (optimum's plain export)."""
+    g = GraphBuilder(0)
+    q, k, v = (g.linear("x", E, h * d) for h in (hq, hkv, hkv))
+    heads = {}
+    for name, t, h in (("q", q, hq), ("k", k, hkv), ("v", v, hkv)):
+        t = g.n1("Reshape", [t, g.c([0, 0, h, d], np.int64)])
+        heads[name] = g.n1("Transpose", [t], perm=[0, 2, 1, 3])
+    for name in ("k", "v"):
+        full = g.n1("Concat", [f"past_key_values.0.{'key' if name == 'k' else 'value'}", heads[name]], axis=2)
+        g.nodes[-1].output[0] = f"present.0.{'key' if name == 'k' else 'value'}"
+        full = g.nodes[-1].output[0]
+        t = g.n1("Unsqueeze", [full, g.c([2], np.int64)])
+        t = g.n1("Expand", [t, g.c([1, hkv, hq // hkv, 1, 1], np.int64)])
+        heads[name] = g.n1("Reshape", [t, g.c([0, hq, -1, d], np.int64)])
+    kt = g.n1("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
+    probs = g.n1("Softmax", [g.n1("Mul", [g.n1("MatMul", [heads["q"], kt]), g.c(1.0 / np.sqrt(d))])], axis=-1)
+    ctx = g.n1("Transpose", [g.n1("MatMul", [probs, heads["v"]])], perm=[0, 2, 1, 3])
+    out = g.linear(g.n1("Reshape", [ctx, g.c([0, 0, hq * d], np.int64)]), hq * d, E)
+    past = [helper.make_tensor_value_info(f"past_key_values.0.{kv}", TensorProto.FLOAT,
+                                          ["batch", hkv, "past_sequence_length", d]) for kv in ("key", "value")]
+    proto = g.model(out, extra_inputs=past)
+    proto.graph.output.extend(helper.make_tensor_value_info(f"present.0.{kv}", TensorProto.FLOAT,
+                                                            ["batch", hkv, "total_sequence_length", d])
+                              for kv in ("key", "value"))
+    return proto
+
+
+def test_decomposed_attention_with_a_concatenated_cache() -> None:
+    proto = _decomposed_gqa_with_cache()
+    result = optimize(from_proto(proto), "heads(ratio=0.5)")
+    stats = result.report.passes[0].stats
+    assert stats["twin_check"] == "ok" and stats["units_removed"] == 1
+    assert stats["io_shapes_changed"]["present.0.value"] == \
+        "[batch, 2, total_sequence_length, 8] -> [batch, 1, total_sequence_length, 8]"
+    model = Model(proto)
+    prepare_model(model)
+    (group,) = analyze(model).heads
+    removals = [(group, np.array([0]))]
+    twin, pruned, io = masked_twin(model, removals), model.copy(), io_removed(removals)
+    apply_removal(pruned, removals)
+    feeds = llm_feeds(model, past=6)
+    a, b = run_model(twin, feeds), run_model(pruned, {k: _drop(v, io, k) for k, v in feeds.items()})
+    for name, value in a.items():
+        np.testing.assert_allclose(b[name], _drop(value, io, name), atol=1e-5, rtol=1e-5, err_msg=name)

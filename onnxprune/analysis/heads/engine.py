@@ -25,6 +25,7 @@ from onnxprune.analysis.heads.ffn_blocks import FfnStarts
 from onnxprune.analysis.heads.fused import FusedAttentionRules
 from onnxprune.analysis.heads.shapes import static_shapes
 from onnxprune.analysis.heads.state import Ann, Blocked, Comp
+from onnxprune.analysis.kvcache import declared_dims, is_cache_name
 from onnxprune.analysis.nbits import nbits_of, support_problem
 from onnxprune.analysis.rules import lookup
 from onnxprune.ir.model import Model
@@ -108,8 +109,37 @@ class Engine(FfnStarts, FusedAttentionRules, GroupAssembly):
         c.ns.add(ann.n)
         c.channel_tensors[tensor] = ann.axis
         c.path_nodes.add(node.name)
-        if tensor in self.outputs:
+        if tensor in self.outputs and not self._cache_output(tensor, ann):
             c.blocked.append(f"graph output {tensor!r} carries the {self.what()} (its shape would change)")
+
+    def _cache_output(self, tensor: str, ann: Ann) -> bool:
+        """A present KV-cache graph output carrying whole heads: record its I/O rewrite (True)."""
+        dims = declared_dims(self.model, tensor)
+        length = ann.o * ann.n * ann.b
+        if self.mode != "heads" or ann.o != 1 or not is_cache_name(tensor, "output") or (
+                dims is not None and (len(dims) <= ann.axis or dims[ann.axis] != length)):
+            return False
+        self.comp(ann.comp).io.append((tensor, ann.axis, length, "output"))
+        return True
+
+    def cache_input(self, node: onnx.NodeProto, name: str, ann: Ann) -> None:
+        """``name`` (concatenated with a head stream by ``node``) must be a past KV-cache graph input
+        holding the same heads on the same axis; its declared shape then shrinks with them.
+
+        Raises:
+            Blocked: it is anything else.
+        """
+        dims = declared_dims(self.model, name)
+        length = ann.o * ann.n * ann.b
+        if (self.mode != "heads" or name not in self.graph_inputs or name in self.inits
+                or not is_cache_name(name, "input")):
+            raise Blocked(f"concatenates the heads with {name!r}, which is not a past KV-cache graph input")
+        if ann.o != 1 or dims is None or len(dims) <= ann.axis or dims[ann.axis] != length:
+            raise Blocked(f"past cache {name!r} declares {dims}, not {length} heads on axis {ann.axis}")
+        others = [n for n in self.consumers.get(name, []) if n.name != node.name]
+        if others:
+            raise Blocked(f"past cache {name!r} is also read by {others[0].op_type} {others[0].name!r}")
+        self.comp(ann.comp).io.append((name, ann.axis, length, "input"))
 
     def what(self) -> str:
         return "heads" if self.mode == "heads" else "FFN neurons"

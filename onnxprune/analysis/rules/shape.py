@@ -590,13 +590,16 @@ def heads_split(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, An
 
 @register("Concat", analysis="heads")
 def heads_concat(eng: Engine, node: onnx.NodeProto, annotated: list[tuple[int, Ann]], c: int) -> None:
+    """Heads pass a Concat along another axis; an unannotated operand must be a past KV-cache graph
+    input with the same heads (:meth:`~onnxprune.analysis.heads.engine.Engine.cache_input`)."""
     ann = annotated[0][1]
     rank = len(eng.need_shape(node.output[0]))
     axis = int(attr_dict(node).get("axis", 0)) % rank
     if axis == ann.axis:
         raise Blocked("concatenates along the annotated axis")
-    if len(annotated) != len([x for x in node.input if x]):
-        raise Blocked("concatenates annotated with other data (e.g. a KV cache)")
+    others = [x for k, x in enumerate(node.input) if x and k not in dict(annotated)]
+    for x in others:  # a past KV cache graph input grows by the new keys/values: it shrinks with the heads
+        eng.cache_input(node, x, ann)
     if any(a.axis != ann.axis or a.n * a.b != ann.n * ann.b or a.o != ann.o for _, a in annotated):
         raise Blocked("operands carry the heads differently")
     eng.check_ffn_axis(ann, rank)

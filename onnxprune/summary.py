@@ -184,9 +184,17 @@ def nonzero_and_finite(arr: np.ndarray) -> tuple[int, bool]:
     """Non-zeros of a (possibly memory-mapped) float array and whether all are finite, in one read.
 
     One pass over chunks of ``_CHUNK`` elements: a mapped weight is paged in once, not twice.
+    float16 is read as its bits (``b & 0x7FFF``: zero for +-0, ``>= 0x7C00`` for Inf/NaN), which
+    numpy counts ~7x faster than float16 values; the counts are the same.
     """
     flat = arr.reshape(-1)
     nnz, finite = 0, True
+    if flat.dtype == np.float16:
+        for i in range(0, flat.size, _CHUNK):
+            bits = flat[i : i + _CHUNK].view(np.uint16) & np.uint16(0x7FFF)
+            nnz += int(np.count_nonzero(bits))
+            finite = finite and not bool((bits >= 0x7C00).any())
+        return nnz, finite
     for i in range(0, flat.size, _CHUNK):
         chunk = flat[i : i + _CHUNK]
         nnz += int(np.count_nonzero(chunk))

@@ -29,7 +29,9 @@ A candidate keeps the budget when every output meets every given bound. Defaults
 ``pool=mean`` measures ``cos`` of ``[B, S, H]`` outputs on their mean over real tokens (a sentence
 embedding, what embedding models are compared by) instead of token by token.
 
-**Search (target ort-cpu).** ``cleanup`` first (exact). Then, for each kind of structure the
+**Search (target ort-cpu).** ``cleanup`` first (exact), then dead structure (exact:
+``ffn/heads/channels(criterion=dead)`` remove the units whose consumer weights are exactly zero,
+:mod:`onnxprune.analysis.dead`; kept only when it matches to float tolerance). Then, for each kind of structure the
 model has -- FFN neurons (``ffn``), attention heads (``heads``), channel groups (``channels``) --
 bisection on the ratio (``BISECT_STEPS`` probes between 0 and the kind's maximum, the first at a
 quarter of it) for the largest
@@ -88,6 +90,8 @@ SYNTH_BATCHES = (4, 8)
 #: on ONNX Runtime's CPU kernels and on tensor cores.
 ROUND_TO = 8
 TARGETS = ("ort-cpu", "tensorrt")
+#: The dead-structure step must match the cleaned model this closely (it is exact up to float order).
+DEAD_MIN_COS = 1.0 - 1e-6
 
 
 class BudgetError(OnnxPruneError):
@@ -560,6 +564,33 @@ class _Search:
         return combo
 
 
+def _dead_units(search: _Search, base: Model) -> Candidate | None:
+    """Remove the units whose consumer weights are exactly zero (``criterion=dead``; exact), or None.
+
+    The candidate is kept only when a pass removed something and the held-out outputs match the
+    cleaned model to float tolerance (``min cos >= DEAD_MIN_COS``); its spec lists only the passes that
+    removed units.
+    """
+    if search.out_of_time():
+        return None
+    search.log("removing dead structure (units whose consumer weights are exactly zero)")
+    items = [(kind, {"criterion": "dead"}) for kind in KINDS]
+    cand = search.build(base, items, "dead units")
+    if not cand.modified:
+        cand.note = "no exactly-zero unit"
+        return None
+    if not cand.keeps or (cand.min_cos is not None and cand.min_cos < DEAD_MIN_COS):
+        cand.note = "not exact on the held-out inputs; not used"
+        return None
+    kept = [it for it, mod in zip(items, cand.pass_modified) if mod]
+    spec = format_spec(kept)
+    if spec != cand.spec:
+        search.models[spec] = search.models[cand.spec]
+        cand.spec = spec
+    cand.note = "exact: removed units nothing reads"
+    return cand
+
+
 def _bench(models: list[Model], feeds: Mapping[str, np.ndarray], threads: int | None,
            max_seconds: float) -> list[Any]:
     from onnxprune.bench import measure
@@ -642,6 +673,10 @@ def auto(
         raise OnnxPruneError("the cleaned model does not keep the budget on the held-out inputs: "
                              + "; ".join(clean.failures[:3]))
     base = search.models[clean.spec]
+    prefix = clean.spec
+    dead = _dead_units(search, base)
+    if dead is not None:  # exact: the cleaned-and-compacted model is the new starting point
+        prefix, base, clean = f"{clean.spec},{dead.spec}", search.models[dead.spec], dead
     best_ratio: dict[str, float] = {}
     best_cand: dict[str, Candidate] = {}
     for kind in KINDS:
@@ -655,7 +690,7 @@ def auto(
     structural = [c for c in search.candidates if c.keeps and c.modified and c is not clean]
 
     if target == "tensorrt":
-        return _finish_tensorrt(search, model, clean, structural, bud, tokens, t_start, optimize)
+        return _finish_tensorrt(search, model, clean, prefix, structural, bud, tokens, t_start, optimize)
 
     warnings: list[str] = []
     input_ms = None
@@ -683,7 +718,7 @@ def auto(
         reason = "nothing helped: no structural candidate kept the budget; the cleaned model is returned"
     if combo is None and len(best_ratio) >= 2:
         warnings.append("no combination of two or more kinds kept the budget")
-    final_items_spec = winner.spec if winner is clean else f"cleanup,{winner.spec}"
+    final_items_spec = prefix if winner is clean else f"{prefix},{winner.spec}"
     return _final(search, model, final_items_spec, winner, reason, bud, "ort-cpu", t_start, input_ms,
                   warnings, optimize)
 
@@ -709,13 +744,13 @@ def _final(search: _Search, model: Model, spec: str, winner: Candidate, reason: 
     return AutoResult(res.model, report, spec, res.report)
 
 
-def _finish_tensorrt(search: _Search, model: Model, clean: Candidate, structural: list[Candidate], bud: Budget,
-                     tokens: int, t_start: float, optimize: Any) -> AutoResult:
+def _finish_tensorrt(search: _Search, model: Model, clean: Candidate, prefix: str, structural: list[Candidate],
+                     bud: Budget, tokens: int, t_start: float, optimize: Any) -> AutoResult:
     """tensorrt target: the smallest structural candidate, then 2:4 where it pays, then fp16, then the engine."""
-    items = clean.spec
+    items = prefix
     chosen = min(structural, key=lambda c: c.parameters or 0) if structural else clean
     if chosen is not clean:
-        items = f"cleanup,{chosen.spec}"
+        items = f"{prefix},{chosen.spec}"
     base = search.models[chosen.spec]
     warnings: list[str] = []
     weights, notes = _tensorrt_weights(base, tokens)

@@ -62,6 +62,7 @@ from onnxprune.analysis.calibration import (
 )
 from onnxprune.analysis.channels.groups import build_groups
 from onnxprune.analysis.channels.prepare import prepare
+from onnxprune.analysis.dead import dead_units
 from onnxprune.analysis.nbits import logical_array, nbits_weights
 from onnxprune.analysis.reconstruction import (
     consumer_stats,
@@ -94,8 +95,9 @@ class ChannelsOptions:
 
     ratio: float = field(default=0.3, metadata={"help": "share of channels to remove per group (layer) or "
                                                         "overall (global)", "min": 0.0, "max_exclusive": 1.0})
-    criterion: Literal["l2", "l1", "bn_scale", "activation"] = field(
-        default="l2", metadata={"help": "channel importance"})
+    criterion: Literal["l2", "l1", "bn_scale", "activation", "dead"] = field(
+        default="l2", metadata={"help": "channel importance; dead: only the channels every consumer reads with "
+                                        "exactly zero weights (exact; ratio ignored)"})
     scope: Literal["layer", "global"] = field(default="layer", metadata={"help": "rank channels per group or "
                                                                                  "across groups"})
     round_to: int = field(default=1, metadata={"help": "surviving widths are multiples of this", "min": 1})
@@ -192,7 +194,13 @@ def activation_scores(model: Model, groups: list[PruneGroup], calibration: Any) 
 
 # ---------------------------------------------------------------------- selection
 def select(groups: list[PruneGroup], scores: dict[str, np.ndarray], opts: ChannelsOptions) -> list[tuple[PruneGroup, np.ndarray]]:
-    """Channels to remove per group (:func:`onnxprune.criteria.structured.select`)."""
+    """Channels to remove per group (:func:`onnxprune.criteria.structured.select`).
+
+    With ``criterion=dead`` the scores are 0 at dead channels and 1 elsewhere, and exactly the
+    dead ones are removed (``ratio`` is ignored).
+    """
+    if opts.criterion == "dead":
+        return [(g, c) for g in groups if (c := np.flatnonzero(scores[g.name] == 0).astype(np.int64)).size]
     chosen = select_units([scores[g.name] for g in groups], opts.ratio, scope=opts.scope, min_keep=opts.min_keep,
                           round_to=opts.round_to)
     return [(g, c) for g, c in zip(groups, chosen) if c.size]
@@ -254,7 +262,7 @@ class ChannelsPass(Pass):
                                  "approximate_groups": sum(g.approximate for g in cands),
                                  "params_before": params_before}
         unchanged = PassResult(model, False, stats)
-        if not cands or opts.ratio == 0:
+        if not cands or (opts.ratio == 0 and opts.criterion != "dead"):
             if not cands:
                 reasons = sorted({g.blocked for g in groups if g.blocked})[:3]
                 ctx.warn("channels: nothing to prune" + (f" (blocked: {'; '.join(reasons)})" if reasons else ""))
@@ -303,6 +311,13 @@ class ChannelsPass(Pass):
     def _scores(self, model: Model, groups: list[PruneGroup], ctx: PassContext,
                 stats: dict[str, Any]) -> dict[str, np.ndarray]:
         crit = self.options.criterion
+        if crit == "dead":  # 0 = every consumer reads the channel with exactly zero weights
+            out_dead = {}
+            for g in groups:
+                alive = np.ones(g.width)
+                alive[dead_units(model, g, self.options.min_keep)] = 0.0
+                out_dead[g.name] = alive
+            return out_dead
         if crit == "activation":
             return activation_scores(model, groups, ctx.calibration)
         out: dict[str, np.ndarray] = {}

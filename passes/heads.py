@@ -73,6 +73,7 @@ from onnxprune.analysis.calibration import (
     channel_stats,
     needs_calibration,
 )
+from onnxprune.analysis.dead import dead_units
 from onnxprune.analysis.heads.diagnose import NO_SOFTMAX, why_no_heads
 from onnxprune.analysis.heads.groups import find_groups
 from onnxprune.analysis.heads.prepare import prepare_model
@@ -105,7 +106,7 @@ from onnxprune.summary import count_parameters
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l2", "activation", "weighted", "reconstruction")
+CRITERIA = ("l2", "activation", "weighted", "reconstruction", "dead")
 #: Default ridge of the structural re-fit (relative to mean diag of the augmented Gram matrix).
 DAMP = 1e-3
 
@@ -135,7 +136,8 @@ def _criterion(projection: str) -> Any:
     """The ``criterion`` option field (the same choices for heads and ffn)."""
     return field(default="l2", metadata={
         "help": f"importance: weight norm, calibration activations, activations x {projection} row norms, "
-                "or the output error left after a least-squares re-fit", "choices": CRITERIA})
+                "or the output error left after a least-squares re-fit; dead: only the units whose "
+                f"{projection} rows are exactly zero (exact; ratio ignored)", "choices": CRITERIA})
 
 
 @dataclass
@@ -213,9 +215,12 @@ def _activation_scores(group: PruneGroup, exits: list[tuple[str, str]],
 
 
 # ---------------------------------------------------------------------- reconstruction-error selection
-def _select(live: list[PruneGroup], score_of: dict[str, np.ndarray], curves: dict[str, Any], opts: Any,
+def _select(model: Model, live: list[PruneGroup], score_of: dict[str, np.ndarray], curves: dict[str, Any], opts: Any,
             mode: str) -> list[np.ndarray]:
     """Units to remove per group: :func:`select` on the scores, or the greedy re-fit order.
+
+    With ``criterion=dead`` only the units whose consumer rows are exactly zero
+    (:func:`~onnxprune.analysis.dead.dead_units`; ``ratio`` is ignored).
 
     With ``criterion=reconstruction`` every group with a curve removes the first ``n`` units of
     its greedy order: ``n`` is the per-block count of :func:`select` (``scope=layer``), or comes
@@ -224,6 +229,8 @@ def _select(live: list[PruneGroup], score_of: dict[str, np.ndarray], curves: dic
     grows least). Groups without a curve use their fallback scores.
     """
     min_keep = opts.min_heads if mode == "heads" else 1
+    if opts.criterion == "dead":
+        return [dead_units(model, g, min_keep) for g in live]
     round_to = getattr(opts, "round_to", 1)
     chosen = select([score_of[g.name] for g in live], opts.ratio, scope=opts.scope, min_keep=min_keep,
                     round_to=round_to)
@@ -283,7 +290,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     elif not groups:
         ctx.warn("ffn: no FFN block recognised (a MatMul/Gemm -> activation -> MatMul/Gemm chain with constant "
                  "weights and an elementwise activation between them); nothing changed")
-    if not live or opts.ratio == 0:
+    if not live or (opts.ratio == 0 and opts.criterion != "dead"):
         stats.update(params_before=params_before, params_after=params_before, params_removed=0,
                      units_removed=0)
         return unchanged
@@ -324,7 +331,7 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
         stats["calibration_s"] = round(time.perf_counter() - t_stats, 3)
     refused: dict[str, str] = {}
     while True:  # refuse the blocks whose plan cannot be applied, then select again
-        chosen = _select(live, score_of, curves, opts, mode)
+        chosen = _select(work, live, score_of, curves, opts, mode)
         removals = [(g, c) for g, c in zip(live, chosen) if c.size]
         bad = plan_problems(work, removals)
         if not bad:

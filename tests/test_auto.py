@@ -252,3 +252,29 @@ def test_bare_optimize_reports(tmp_path: Path) -> None:
     assert main(["optimize", str(src), "-q", "--time-limit", "30", "-o", str(tmp_path / "h.onnx"),
                  "--report", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def test_dead_structure_is_removed_first_and_pinned_in_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly-zero FFN neurons and heads go before any search (exact), and the spec reproduces them."""
+    from onnx import numpy_helper
+
+    proto = build_transformer_block(hidden=64, heads=4, ffn=256)
+    for t in proto.graph.initializer:
+        if t.name in ("layer0.ffn.down.weight", "layer0.attn.out.weight"):
+            arr = numpy_helper.to_array(t).copy()
+            arr[16:32] = 0  # 16 FFN neurons; head 1's rows of the output projection
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    model = Model(proto)
+
+    def slow(models: list, feeds: dict, **_: object) -> list[Timing]:
+        return [Timing(1.0, 0.9, 1.1, 5)] + [Timing(1.5, 1.4, 1.6, 5) for _ in models[1:]]
+
+    monkeypatch.setattr(auto_mod, "_bench", lambda models, feeds, threads, max_seconds: slow(models, feeds))
+    res = auto(model, budget="cos=0.999")
+    assert res.spec == "cleanup,ffn(criterion=dead),heads(criterion=dead)"
+    dead = next(c for c in res.report.candidates if c.label == "dead units")
+    assert dead.min_cos is not None and dead.min_cos > 1 - 1e-6
+    assert res.model.get_array("layer0.ffn.down.weight").shape[0] == 240
+    assert res.model.get_array("layer0.attn.out.weight").shape[0] == 48
+    again = onnxprune.optimize(model, res.spec, verify=True).model
+    assert again.proto.SerializeToString() == res.model.proto.SerializeToString()

@@ -425,6 +425,7 @@ class AutoReport:
     input_latency_ms: float | None = None
     stopped_early: bool = False
     warnings: list[str] = field(default_factory=list)
+    latency_shape: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -435,6 +436,7 @@ class AutoReport:
     def format(self) -> str:
         """Terminal report: the data line first, then one row per candidate, then the verdict."""
         lines = [self.data_note, f"target {self.target}, budget {self.budget} per output"
+                 + (f", timed on {self.latency_shape}" if self.latency_shape else "")
                  + (" (search stopped at the time limit)" if self.stopped_early else ""), ""]
         head = f"{'candidate':<22} {'keeps':>5} {'min cos':>8} {'top1':>6} {'params':>12} {'ms':>9} {'speedup':>7}"
         lines += [head, "-" * len(head)]
@@ -476,6 +478,7 @@ class _Search:
         self.candidates: list[Candidate] = []
         self.models: dict[str, Model] = {}
         self.stopped = False
+        self.latency_shape = ""
 
     def out_of_time(self) -> bool:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -564,6 +567,27 @@ class _Search:
         return combo
 
 
+def latency_feed(feed: Mapping[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:
+    """``feed`` cut to its first ``batch`` samples (every input with the feed's leading sample axis).
+
+    Inputs whose first axis is not the sample axis (fewer rows than the feed's samples, or scalars)
+    are passed as they are. ``batch=None`` or a batch at least the feed's size: the feed unchanged;
+    a larger deployment batch repeats the samples to reach it.
+    """
+    n = _samples(feed)
+    if batch is None or batch == n:
+        return dict(feed)
+    out = {}
+    for k, v in feed.items():
+        if v.ndim == 0 or v.shape[0] != n:
+            out[k] = v
+        elif batch < n:
+            out[k] = v[:batch]
+        else:
+            out[k] = np.concatenate([v] * (-(-batch // n)), axis=0)[:batch]
+    return out
+
+
 def _dead_units(search: _Search, base: Model) -> Candidate | None:
     """Remove the units whose consumer weights are exactly zero (``criterion=dead``; exact), or None.
 
@@ -629,6 +653,7 @@ def auto(
     tokens: int = 512,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    latency_batch: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> AutoResult:
     """Search for the fastest model that keeps ``budget`` (module docstring).
@@ -644,6 +669,8 @@ def auto(
         tokens: ``tensorrt``: rows per GEMM (batch x sequence) for the 2:4 benefit table.
         dims: Values of dynamic dims for synthesised inputs.
         seed: Seed of synthesised inputs.
+        latency_batch: Samples per timed run (the deployment batch; a latency win at one batch size can be a
+            loss at another). Default: the held-out batch as it is.
         log: Called with one progress line at a time (None: silent).
 
     Returns:
@@ -659,6 +686,8 @@ def auto(
     if time_limit is not None and not time_limit > 0:
         raise OnnxPruneError(f"time limit must be > 0 seconds, got {time_limit}")
     bud = Budget.parse(budget)
+    if latency_batch is not None and latency_batch < 1:
+        raise OnnxPruneError(f"latency batch must be >= 1, got {latency_batch}")
     say = log or (lambda _msg: None)
     t_start = time.monotonic()
     deadline = t_start + time_limit if time_limit else None
@@ -694,11 +723,13 @@ def auto(
 
     warnings: list[str] = []
     input_ms = None
+    timed = latency_feed(data.heldout[0], latency_batch)
+    search.latency_shape = ", ".join(f"{k} {list(v.shape)}" for k, v in timed.items())
     winner, reason = clean, "no candidate that keeps the budget is measurably faster than the cleaned input"
     if structural:
         pick = sorted(structural, key=lambda c: c.parameters or 0)[:6]  # the smallest few
         say(f"timing {len(pick)} candidate(s) against the cleaned input on ONNX Runtime CPU")
-        timings = _bench([base] + [search.models[c.spec] for c in pick], data.heldout[0], threads,
+        timings = _bench([base] + [search.models[c.spec] for c in pick], timed, threads,
                          max_seconds=max(10.0, 4.0 * len(pick)))
         clean.latency_ms, clean.latency_iqr_ms, clean.speedup = timings[0].median_ms, \
             timings[0].q3_ms - timings[0].q1_ms, 1.0
@@ -740,7 +771,7 @@ def _final(search: _Search, model: Model, spec: str, winner: Candidate, reason: 
             repro += f" --calib-batch {_samples(data.calibration.feeds[0])}"
     report = AutoReport(target, str(bud), data.note, data.synthetic, search.candidates, winner, reason, repro,
                         data.prune_samples, time.monotonic() - t_start, count_parameters(model), input_ms,
-                        search.stopped, warnings)
+                        search.stopped, warnings, latency_shape=search.latency_shape)
     return AutoResult(res.model, report, spec, res.report)
 
 

@@ -249,7 +249,8 @@ def _run_auto(args: argparse.Namespace, inp: Path, out: Path) -> int:
     quiet = args.quiet or args.json
     result = auto(model, calibration=args.calib, calibration_batch=args.calib_batch, budget=args.budget,
                   target=args.target, time_limit=args.time_limit, threads=args.threads, tokens=args.tokens,
-                  dims=_parse_dims(args.dim), log=None if quiet else print_log)
+                  dims=_parse_dims(args.dim), latency_batch=args.latency_batch,
+                  log=None if quiet else print_log)
     onnxprune.save(result.model, out, inplace=args.inplace, sparse_initializers=args.sparse_storage,
                    sparse_threshold=args.sparse_threshold)
     data = result.report.to_dict()
@@ -581,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --passes: stop the search after S seconds with the best model found")
     o.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads for latency measurements (default: ONNX Runtime's)")
+    o.add_argument("--latency-batch", type=int, default=None, metavar="N",
+                   help="without --passes: samples per timed run, the batch you deploy at (default: the held-out "
+                        "batch; a model faster at batch 16 can be slower at batch 1)")
     o.add_argument("--tokens", type=int, default=512,
                    help="--target tensorrt: rows per GEMM (batch x sequence) at which 2:4 must pay")
     o.add_argument("--check", action="store_true", help="compare the result with the input on ONNX Runtime CPU")

@@ -278,3 +278,26 @@ def test_dead_structure_is_removed_first_and_pinned_in_the_spec(monkeypatch: pyt
     assert res.model.get_array("layer0.attn.out.weight").shape[0] == 48
     again = onnxprune.optimize(model, res.spec, verify=True).model
     assert again.proto.SerializeToString() == res.model.proto.SerializeToString()
+
+
+def test_latency_is_timed_at_the_deployment_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--latency-batch: candidates are timed on that many samples (cut or repeated), and the report says so."""
+    from onnxprune.auto import latency_feed
+
+    feed = {"input_ids": np.arange(32).reshape(4, 8), "attention_mask": np.ones((4, 8), np.int64)}
+    assert latency_feed(feed, None)["input_ids"].shape == (4, 8)
+    assert latency_feed(feed, 1)["input_ids"].tolist() == [list(range(8))]
+    assert latency_feed(feed, 6)["input_ids"].shape == (6, 8)
+    seen: list[tuple[int, ...]] = []
+
+    def record(models: list, feeds: dict, threads: object, max_seconds: object) -> list[Timing]:
+        seen.append(feeds["input_ids"].shape)
+        return [Timing(1.0, 0.9, 1.1, 5) for _ in models]
+
+    monkeypatch.setattr(auto_mod, "_bench", record)
+    proto = build_transformer_block(hidden=64, heads=4, ffn=256)
+    res = auto(Model(proto), budget="cos=0.5", latency_batch=1)
+    assert seen and all(s[0] == 1 for s in seen)
+    assert "timed on input_ids [1," in res.report.format().splitlines()[1]
+    with pytest.raises(onnxprune.errors.OnnxPruneError):
+        auto(Model(proto), latency_batch=0)

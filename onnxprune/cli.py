@@ -135,7 +135,14 @@ def _default_output(inp: Path) -> Path:
 
 # ---------------------------------------------------------------------- commands
 def cmd_optimize(args: argparse.Namespace) -> int:
-    """Run a pipeline on a model and save the result."""
+    """Run a pipeline on a model and save the result (replaced weights spill beside the output)."""
+    from onnxprune.ir.scratch import scratch_near
+
+    with scratch_near(Path(args.output or args.model).resolve().parent):
+        return _optimize(args)
+
+
+def _optimize(args: argparse.Namespace) -> int:
     import onnxprune
     from onnxprune.pipeline.spec import load_recipe, parse_pipeline
     from onnxprune.summary import file_size

@@ -162,3 +162,25 @@ def test_shape_capture_runs_no_weight(tiny: Path) -> None:
     sliced = shape_slice(m.proto, open_names)
     assert not set(m.external) & {t.name for t in sliced.graph.initializer}  # no weight is read
     assert {o.name for o in sliced.graph.output} == set(open_names)
+
+
+def test_cli_spills_beside_the_output(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxprune import cli
+
+    monkeypatch.delenv(scratch_mod.ENV_DIR, raising=False)
+    monkeypatch.setattr(model_mod, "SPILL_BYTES", 1024)
+    made: list[Path] = []
+    init = scratch_mod.Scratch.__init__
+
+    def record(self: scratch_mod.Scratch, parent: object = None) -> None:
+        init(self, parent)
+        made.append(self.folder)
+
+    monkeypatch.setattr(scratch_mod.Scratch, "__init__", record)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    assert cli.main(["optimize", str(tiny), "-o", str(outdir / "o.onnx"), "--passes", "nm(n=2,m=4)", "-q"]) == 0
+    gc.collect()
+    assert made and all(f.parent == outdir and f.name.startswith(".") for f in made)
+    assert sorted(p.name for p in outdir.iterdir()) == ["o.onnx", "o.onnx.data"]  # scratch gone
+    assert _run(outdir / "o.onnx").shape == (1, 4, make_llama.PRESETS["tiny"].vocab)

@@ -8,8 +8,10 @@ array is then freed by the caller and the kernel keeps the bytes in the page cac
 pages once written back), so the resident set stays near a few of the largest tensors whatever the
 model size. ``save`` streams them from the map into the output's external data.
 
-The scratch file lives in a private folder ``onnxprune-scratch-<pid>-<random>`` under ``TMPDIR``
-(or ``ONNXPRUNE_SCRATCH_DIR``): created with mode 0700, removed when the last model that uses it
+The scratch file lives in a private hidden folder ``.onnxprune-scratch-<pid>-<random>``: beside the
+output when the CLI runs (:func:`scratch_near`; that folder must hold the output anyway, and a
+RAM-backed ``/tmp`` would put the weights back in memory), else under ``ONNXPRUNE_SCRATCH_DIR`` or
+``TMPDIR``. It is created with mode 0700, removed when the last model that uses it
 is garbage collected, at interpreter exit, and on error paths alike (``weakref.finalize``). A run
 killed with SIGKILL cannot clean up; the next :class:`Scratch` created removes folders whose
 ``<pid>`` is no longer a live process.
@@ -21,10 +23,12 @@ weight replaced twice leaves its first bytes unused until the folder is removed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ import numpy as np
 from onnxprune.ir.tensors import ExternalRef
 
 #: Folder name prefix of scratch folders (the owning process id follows).
-PREFIX = "onnxprune-scratch-"
+PREFIX = ".onnxprune-scratch-"
 
 #: Environment variable naming the folder scratch folders are made in (default: TMPDIR).
 ENV_DIR = "ONNXPRUNE_SCRATCH_DIR"
@@ -65,9 +69,22 @@ def remove_stale(parent: Path) -> list[Path]:
     return removed
 
 
+_NEAR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("scratch_near", default=None)
+
+
+@contextlib.contextmanager
+def scratch_near(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, new scratch folders go in ``folder`` (unless ``ONNXPRUNE_SCRATCH_DIR`` is set)."""
+    token = _NEAR.set(Path(folder))
+    try:
+        yield
+    finally:
+        _NEAR.reset(token)
+
+
 def scratch_parent() -> Path:
-    """The folder scratch folders go in: ``$ONNXPRUNE_SCRATCH_DIR`` or the temp folder."""
-    return Path(os.environ.get(ENV_DIR) or tempfile.gettempdir())
+    """The folder scratch folders go in: ``$ONNXPRUNE_SCRATCH_DIR``, the :func:`scratch_near` folder, or TMPDIR."""
+    return Path(os.environ.get(ENV_DIR) or _NEAR.get() or tempfile.gettempdir())
 
 
 class Scratch:

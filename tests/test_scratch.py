@@ -138,13 +138,14 @@ def test_stale_scratch_of_dead_process_removed(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f"{scratch_mod.PREFIX}{dead.pid}-abc"
+    stale_unhidden = tmp_path / f"{scratch_mod.PREFIX.lstrip('.')}{dead.pid}-abc"
     live = tmp_path / f"{scratch_mod.PREFIX}{os.getppid()}-abc"
     other = tmp_path / "unrelated"
-    for d in (stale, live, other):
+    for d in (stale, stale_unhidden, live, other):
         d.mkdir()
         (d / "weights.data").write_bytes(b"x" * 10)
     s = scratch_mod.Scratch(tmp_path)
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and not stale_unhidden.exists() and live.exists() and other.exists()
     assert s.folder.exists() and oct(s.folder.stat().st_mode & 0o777) == "0o700"
     ref = s.write(np.arange(10, dtype=np.float32))
     assert ref.offset % scratch_mod.ALIGN == 0

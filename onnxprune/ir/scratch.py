@@ -60,9 +60,10 @@ def remove_stale(parent: Path) -> list[Path]:
     removed = []
     with contextlib.suppress(OSError):
         for entry in parent.iterdir():
-            if not entry.name.startswith(PREFIX) or not entry.is_dir():
+            name = entry.name[1:] if entry.name.startswith(".") else entry.name  # also the first, unhidden name
+            if not name.startswith(PREFIX[1:]) or not entry.is_dir():
                 continue
-            pid = entry.name[len(PREFIX):].split("-", 1)[0]
+            pid = name[len(PREFIX) - 1:].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)

@@ -63,7 +63,12 @@ the quantization axis), so the dequantized value is exactly 0.
 statistics from the unpruned model in one ONNX Runtime pass; ``mode=sequential`` prunes stage by
 stage (weights grouped by depth, ``stage_group`` stages per pass), each stage's statistics taken
 from the model with the earlier stages already pruned. ``blocksize``/``percdamp`` tune SparseGPT;
-``mask_input`` names the attention mask whose zeros are padding. ``masks(allocation=owl)`` gives
+``mask_input`` names the attention mask whose zeros are padding. Statistics are collected one
+block of layers at a time (``max_memory``: bytes for one block's statistics; ``auto`` takes
+``--max-memory``, else 25% of RAM), over ``calib_shards`` shards of the batches; ``backend``
+(numpy / torch / auto) says where SparseGPT's Hessian products and solves run; ``--executor ray``
+makes the shards Ray actors and the per-weight solves Ray tasks (:mod:`onnxprune.executor`).
+``masks(allocation=owl)`` gives
 each weight its own sparsity from its outlier ratio (OWL, :mod:`onnxprune.criteria.owl`) with the
 parameter-weighted mean equal to ``sparsity``.
 

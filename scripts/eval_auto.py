@@ -124,6 +124,16 @@ def export(kind: str, path: Path, config: dict[str, Any] | None = None) -> None:
                           opset_version=17, dynamo=False)
 
 
+def layer_widths(model: Any, hidden: int = 768, head_dim: int = 64) -> list[tuple[int, int]]:
+    """Per encoder layer ``(heads kept, FFN width)`` of a pruned BERT, read off its projections back to
+    the hidden width in graph order (attention output ``[heads*64, H]``, then FFN down ``[F, H]``)."""
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    ks = [inits[n.input[1]][0] for n in model.graph.node
+          if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and len(inits.get(n.input[1], ())) == 2
+          and inits[n.input[1]][1] == hidden]
+    return [(ks[i] // head_dim, ks[i + 1]) for i in range(0, len(ks) - 1, 2)]
+
+
 def evaluate(src: Any, out: Any, feeds: list, pooled: bool) -> dict[str, float]:
     """Cosine (pooled for text) and top-1 agreement of ``out`` against ``src`` on ``feeds``."""
     sa, sb = make_session(src), make_session(out)
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-batch", type=int, default=None,
                     help="samples per timed run in the search and in the re-time (default: search on the held-out "
                          "batch, re-time at batch 1 and at --batch)")
+    ap.add_argument("--spec", help="skip the search: build this --passes spec on the calibration batches the "
+                                   "search would prune on (the first three quarters), then evaluate as usual")
     ap.add_argument("--ideal", action="store_true", help="BERT: also time the model built narrow by hand")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -176,15 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in args.budgets.split(","):
         t0, c0 = time.perf_counter(), time.process_time()
-        res = auto(model, calibration=calib, budget=f"cos={b}{args.budget_extra}", threads=args.threads,
-                   time_limit=args.time_limit, latency_batch=args.latency_batch, log=print_log)
+        if args.spec:
+            n_prune = len(calib) - max(1, round(len(calib) * 0.25))
+            res = onnxprune.optimize(model, args.spec, calibration=calib[:n_prune])
+            spec = args.spec
+        else:
+            res = auto(model, calibration=calib, budget=f"cos={b}{args.budget_extra}", threads=args.threads,
+                       time_limit=args.time_limit, latency_batch=args.latency_batch, log=print_log)
+            print(res.report.format())
+            spec = res.spec
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        print(res.report.format())
         ev = evaluate(model, res.model, evals, pooled=text)
         one = {k: v[:args.latency_batch or 1] for k, v in evals[0].items()}
         tm = measure([model, res.model], one, threads=args.threads, warmup=5, runs=30)
         tfull = measure([model, res.model], evals[0], threads=args.threads, warmup=3, runs=15)
-        row = {"model": args.model, "budget": f"cos={b}{args.budget_extra}", "spec": res.spec,
+        row = {"model": args.model, "budget": f"cos={b}{args.budget_extra}", "spec": spec,
                "params_before": count_parameters(model), "params_after": count_parameters(res.model),
                "eval": ev, "latency_ms": [tm[0].median_ms, tm[1].median_ms],
                "speedup": tm[0].median_ms / tm[1].median_ms, "retime_batch": args.latency_batch or 1,
@@ -193,16 +211,20 @@ def main(argv: list[str] | None = None) -> int:
                "candidates": len(res.report.candidates), "n_calib": args.n_calib, "n_eval": args.n_eval,
                "threads": args.threads}
         if args.ideal and args.model == "bert-base":
-            ffn = [t for t in res.model.graph.initializer if len(t.dims) == 2 and t.dims[0] == 768 and t.dims[1] != 768]
-            if ffn:  # widths differ per layer with scope=global: the narrow twin gets the mean, rounded to 8
-                inter = int(round(np.mean([t.dims[1] for t in ffn]) / 8) * 8)
-                narrow = tmp / "narrow.onnx"
-                export("bert-base", narrow, config={"intermediate_size": inter})
-                tn = measure([model, res.model, onnxprune.load(narrow)], one, threads=args.threads, warmup=5,
-                             runs=30)
-                row["ideal_ffn_width"] = inter
-                row["ideal_speedup"] = tn[0].median_ms / tn[2].median_ms
-                row["speedup_same_run_as_ideal"] = tn[0].median_ms / tn[1].median_ms
+            from export_hf import export_model
+
+            widths = layer_widths(res.model)
+            narrow = tmp / "narrow.onnx"
+            export_model("bert", narrow, size="base", seq=128, widths=widths)
+            ideal = onnxprune.load(narrow)
+            row["ideal_widths"] = widths
+            row["ideal_params"] = count_parameters(ideal)
+            for label, feed, runs in (("1", one, 30), ("full", evals[0], 15)):
+                tn = measure([model, res.model, ideal], feed, threads=args.threads, warmup=3, runs=runs)
+                row[f"same_run_batch_{label}"] = {"dense_ms": tn[0].median_ms, "pruned_ms": tn[1].median_ms,
+                                                  "ideal_ms": tn[2].median_ms,
+                                                  "pruned_speedup": tn[0].median_ms / tn[1].median_ms,
+                                                  "ideal_speedup": tn[0].median_ms / tn[2].median_ms}
         rows.append(row)
         print(json.dumps(row, indent=1))
     if args.json:

@@ -58,7 +58,8 @@ def _config(kind: str, size: str) -> Any:
 
 
 def export_model(kind: str, path: str | os.PathLike[str], *, size: str = "tiny", seed: int = 0, opset: int = 17,
-                 seq: int = 16, image: int = 64, config: dict[str, Any] | None = None) -> Path:
+                 seq: int = 16, image: int = 64, config: dict[str, Any] | None = None,
+                 widths: list[tuple[int, int]] | None = None) -> Path:
     """Build ``kind`` from its config with random weights and export it to ``path``.
 
     Args:
@@ -71,6 +72,9 @@ def export_model(kind: str, path: str | os.PathLike[str], *, size: str = "tiny",
         image: Example image side for ``resnet`` (dynamic).
         config: Overrides of config fields (e.g. ``{"intermediate_size": 1536}`` for a BERT
             built narrow).
+        widths: ``bert`` only: per layer ``(attention heads kept, FFN width)``, a BERT built narrow by
+            hand layer by layer (query/key/value/output and the FFN ``Linear`` layers rebuilt at
+            those widths), the ideal a structural pruner is compared with.
 
     Returns:
         The path written.
@@ -87,6 +91,16 @@ def export_model(kind: str, path: str | os.PathLike[str], *, size: str = "tiny",
     path = Path(path)
     if kind == "bert":
         model = tf.BertModel(cfg, add_pooling_layer=False)
+        for i, (heads, ffn) in enumerate(widths or []):
+            layer = model.encoder.layer[i]
+            att = layer.attention.self
+            if heads < att.num_attention_heads:  # the Linear layers rebuilt at heads x head size
+                width = heads * att.attention_head_size
+                att.num_attention_heads, att.all_head_size = heads, width
+                att.query, att.key, att.value = (torch.nn.Linear(cfg.hidden_size, width) for _ in range(3))
+                layer.attention.output.dense = torch.nn.Linear(width, cfg.hidden_size)
+            layer.intermediate.dense = torch.nn.Linear(cfg.hidden_size, ffn)
+            layer.output.dense = torch.nn.Linear(ffn, cfg.hidden_size)
         names = ["input_ids", "attention_mask", "token_type_ids"]
         args = (torch.randint(0, cfg.vocab_size, (1, seq)), torch.ones(1, seq, dtype=torch.int64),
                 torch.zeros(1, seq, dtype=torch.int64))

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                "speedup": tm[0].median_ms / tm[1].median_ms, "retime_batch": args.latency_batch or 1,
                "speedup_at_batch": {str(len(next(iter(evals[0].values())))): tfull[0].median_ms / tfull[1].median_ms},
                "search_wall_s": wall, "search_cpu_s": cpu,
-               "candidates": len(res.report.candidates), "n_calib": args.n_calib, "n_eval": args.n_eval,
+               "candidates": len(getattr(res.report, "candidates", [])), "n_calib": args.n_calib, "n_eval": args.n_eval,
                "threads": args.threads}
         if args.ideal and args.model == "bert-base":
             from export_hf import export_model

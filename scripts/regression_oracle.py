@@ -187,22 +187,8 @@ def run_all(work: Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 results[key] = {"code": code, "text": text.strip().splitlines()[-1:] if text else []}
         for i, (spec, wants_calib) in enumerate(PIPELINES):
-            out = outdir / f"{name}_{i}.onnx"
-            for p in outdir.glob(out.name + "*"):
-                p.unlink()
-            argv = ["optimize", str(path), "-o", str(out), "--passes", spec, "--json"]
-            if wants_calib:
-                argv += ["--calib", str(calib)]
-            code, text = _cli(argv)
-            entry: dict[str, Any] = {"code": code}
-            if out.exists():
-                entry["sha256"] = _sha(out)
-            try:
-                entry["report"] = _scrub(json.loads(text))
-            except json.JSONDecodeError:
-                entry["text"] = [line for line in text.strip().splitlines() if line][-1:]
-            results[f"{name} {spec}{' +calib' if wants_calib else ''}"] = entry
-            print(f"{name:10s} {spec:60s} code={code} {entry.get('sha256', '-')[:12]}", file=sys.stderr)
+            results[f"{name} {spec}{' +calib' if wants_calib else ''}"] = _run_case(
+                name, path, outdir / f"{name}_{i}.onnx", spec, calib if wants_calib else None)
     results.update(_run_llm(work, outdir))
     return results
 
@@ -217,20 +203,27 @@ def _run_llm(work: Path, outdir: Path) -> dict[str, Any]:
         if not path.exists():
             onnx.save(build_llm_decoder(**kwargs), str(path))
         for i, spec in enumerate(LLM_PIPELINES):
-            out = outdir / f"{name}_{i}.onnx"
-            for p in outdir.glob(out.name + "*"):
-                p.unlink()
-            code, text = _cli(["optimize", str(path), "-o", str(out), "--passes", spec, "--json"])
-            entry: dict[str, Any] = {"code": code}
-            if out.exists():
-                entry["sha256"] = _sha(out)
-            try:
-                entry["report"] = _scrub(json.loads(text))
-            except json.JSONDecodeError:
-                entry["text"] = [line for line in text.strip().splitlines() if line][-1:]
-            results[f"{name} {spec}"] = entry
-            print(f"{name:10s} {spec:60s} code={code} {entry.get('sha256', '-')[:12]}", file=sys.stderr)
+            results[f"{name} {spec}"] = _run_case(name, path, outdir / f"{name}_{i}.onnx", spec)
     return results
+
+
+def _run_case(name: str, path: Path, out: Path, spec: str, calib: Path | None = None) -> dict[str, Any]:
+    """One ``optimize --passes spec`` run: exit code, output hash, scrubbed JSON report (or the last line)."""
+    for p in out.parent.glob(out.name + "*"):
+        p.unlink()
+    argv = ["optimize", str(path), "-o", str(out), "--passes", spec, "--json"]
+    if calib is not None:
+        argv += ["--calib", str(calib)]
+    code, text = _cli(argv)
+    entry: dict[str, Any] = {"code": code}
+    if out.exists():
+        entry["sha256"] = _sha(out)
+    try:
+        entry["report"] = _scrub(json.loads(text))
+    except json.JSONDecodeError:
+        entry["text"] = [line for line in text.strip().splitlines() if line][-1:]
+    print(f"{name:10s} {spec:60s} code={code} {entry.get('sha256', '-')[:12]}", file=sys.stderr)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,3 +346,19 @@ def test_build_options_only_raises_pipeline_errors(values: dict) -> None:
         assert "toy-scale" in str(exc)
         return
     assert 0.0 <= opts.ratio < 1.0 and opts.n >= 1 and opts.criterion in ("l1", "l2") and opts.mode in ("a", "b")
+
+
+def test_result_keeps_only_the_value_info_the_input_declared() -> None:
+    """Passes see every inferred shape, but the output declares only what the input declared (refreshed):
+    shapes on every tensor change ONNX Runtime's fusions (SkipLayerNormalization on BERT: slower)."""
+    from models.mlp import build_mlp
+    from onnxprune.api import optimize
+
+    proto = build_mlp(hidden=(64, 48))
+    proto.graph.value_info.append(helper.make_tensor_value_info("fc0.relu.out", TensorProto.FLOAT, ["batch", 64]))
+    res = optimize(from_proto(proto), "channels(ratio=0.5)")
+    vis = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+           for vi in res.model.graph.value_info}
+    assert vis == {"fc0.relu.out": ["batch", 32]}  # declared one kept, its width refreshed; no others added
+    bare = optimize(from_proto(build_mlp(hidden=(64, 48))), "channels(ratio=0.5)")
+    assert len(bare.model.graph.value_info) == 0

@@ -52,7 +52,11 @@ def test_budget_parse() -> None:
     assert Budget.parse("top1=none").top1 is None
     assert Budget.parse("atol=0.01").atol == 0.01
     assert Budget.parse("cos=0.95,pool=mean").pool == "mean"
-    for bad in ("cos=1.5", "cos=abc", "speed=2", "cos", "cos=none,top1=none", "pool=max"):
+    assert Budget.parse(None).conf == 0.95 and Budget.parse("conf=0.9").conf == 0.9
+    assert Budget.parse("conf=none").conf is None
+    assert str(Budget.parse("cos=0.98,conf=0.99")) == "cos=0.98,top1=0.99,conf=0.99"
+    for bad in ("cos=1.5", "cos=abc", "speed=2", "cos", "cos=none,top1=none", "pool=max", "conf=1", "conf=0.2",
+                "conf=x"):
         with pytest.raises(BudgetError):
             Budget.parse(bad)
 
@@ -114,6 +118,61 @@ def test_never_slower_than_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.spec == "cleanup"
     assert res.report.reason.startswith("nothing helped")
     assert "RANDOM INPUTS" in res.report.format().splitlines()[0]
+
+
+def test_a_win_that_the_re_timing_against_the_input_does_not_confirm_is_not_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's timing run says a candidate is 1.5x faster; the re-timing against the input model
+    (a fresh run) says it is not: the cleaned model is returned, and the report shows both numbers."""
+    proto = build_transformer_block(hidden=64, heads=4, ffn=256)
+    calls: list[int] = []
+
+    def first_fast_then_not(models: list, feeds: dict, threads: object, max_seconds: object) -> list[Timing]:
+        calls.append(len(models))
+        if len(calls) == 1:  # the search's run: [cleaned, candidates...]
+            return [Timing(1.5, 1.4, 1.6, 5)] + [Timing(1.0, 0.9, 1.1, 5) for _ in models[1:]]
+        return [Timing(1.0, 0.9, 1.1, 5) for _ in models]  # the re-timing: [input, cleaned, top...]
+
+    monkeypatch.setattr(auto_mod, "_bench", first_fast_then_not)
+    res = auto(Model(proto), budget="cos=0.5")
+    assert len(calls) == 2 and calls[1] == 2 + min(auto_mod.CONFIRM, calls[0] - 1)
+    assert res.spec == "cleanup"
+    assert res.report.reason.startswith("nothing helped: re-timed against the input model")
+    retimed = [c for c in res.report.candidates if c.confirm_speedup is not None]
+    assert retimed and all(abs(c.confirm_speedup - 1.0) < 1e-9 for c in retimed)
+    assert "re-timed" in res.report.format()
+
+
+def test_cos_is_judged_on_its_lower_confidence_bound() -> None:
+    """Held-out mean cosine above the bound but spread wide: kept on the plain mean (conf=none), refused
+    on the 95% lower bound; the same mean with little spread keeps both."""
+    from onnxprune.auto import Scorer
+
+    proto = build_mlp(hidden=(32,))
+    model = Model(proto)
+    feed = random_inputs(proto, batch=16, seed=3)
+    rng = np.random.default_rng(0)
+    scorers = {c: Scorer(model, [feed], Budget.parse(f"cos=0.9,top1=none,conf={c}")) for c in ("none", "0.95")}
+    ref = scorers["none"].reference[0][scorers["none"].names[0]]
+
+    def blend(targets: np.ndarray) -> np.ndarray:  # rows whose cosine with ref is exactly targets
+        noise = rng.standard_normal(ref.shape)
+        noise -= (noise * ref).sum(1, keepdims=True) / (ref * ref).sum(1, keepdims=True) * ref  # orthogonal to ref
+        noise *= (np.linalg.norm(ref, axis=1) / np.linalg.norm(noise, axis=1))[:, None]
+        t = targets[:, None]
+        return (t * ref + np.sqrt(1 - t * t) * noise).astype(np.float32)
+
+    wide = blend(np.where(np.arange(16) % 2 == 0, 0.999, 0.82))  # mean 0.9095, s 0.092: bound 0.872
+    narrow = blend(np.full(16, 0.9095))
+    for name, out, keeps in (("wide", wide, {"none": True, "0.95": False}),
+                             ("narrow", narrow, {"none": True, "0.95": True})):
+        for conf, scorer in scorers.items():
+            score = scorer.compare([{scorer.names[0]: out}])
+            assert score.keeps == keeps[conf], (name, conf, score.failures)
+            d = score.per_output[scorer.names[0]]
+            assert abs(d["cos"] - 0.9095) < 1e-4
+    failed = scorers["0.95"].compare([{scorers["0.95"].names[0]: wide}]).failures
+    assert "lower 0.95 bound" in failed[0]
 
 
 def test_faster_candidate_wins_and_is_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:

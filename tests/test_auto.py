@@ -360,3 +360,28 @@ def test_latency_is_timed_at_the_deployment_batch(monkeypatch: pytest.MonkeyPatc
     assert "timed on input_ids [1," in res.report.format().splitlines()[1]
     with pytest.raises(onnxprune.errors.OnnxPruneError):
         auto(Model(proto), latency_batch=0)
+
+
+def test_a_build_that_would_outrun_the_time_limit_is_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline is checked against the expected length of the next build plus the time kept to
+    rebuild the winner, per kind: a slow kind stops while a quick one still fits."""
+    clock = [1000.0]
+    monkeypatch.setattr(auto_mod.time, "monotonic", lambda: clock[0])
+    model = Model(build_mlp())
+    data = auto_mod.search_data(model)
+    lines: list[str] = []
+    search = auto_mod._Search(model, data, Budget.parse(None), deadline=1100.0, log=lines.append)
+    assert not search.out_of_time(["channels"])  # nothing measured yet: the first probe runs
+    search.longest.update({"channels": 40.0, "ffn": 2.0})
+    search.candidates.append(auto_mod.Candidate("channels 0.2", "channels(ratio=0.2)", True, modified=True,
+                                                seconds=40.0))
+    clock[0] = 1030.0  # 70 s left: 40 s build + 40 s to rebuild a winner does not fit, 2 s + 40 s does
+    assert search.out_of_time(["channels"])
+    assert search.stopped and "not starting channels" in lines[-1]
+    assert not search.out_of_time(["ffn"])
+    assert search.out_of_time(["ffn", "channels"])  # a combination costs its kinds together
+    search.candidates[-1].keeps = False  # a slow kind that never kept the budget cannot be the winner
+    clock[0] = 1060.0  # 40 s left: a 2 s build (and its 2 s rebuild) fits
+    assert not search.out_of_time(["ffn"])
+    clock[0] = 1101.0
+    assert search.out_of_time()  # past the deadline: everything stops

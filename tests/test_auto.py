@@ -385,3 +385,15 @@ def test_a_build_that_would_outrun_the_time_limit_is_not_started(monkeypatch: py
     assert not search.out_of_time(["ffn"])
     clock[0] = 1101.0
     assert search.out_of_time()  # past the deadline: everything stops
+
+
+def test_synthesised_budget_is_also_measured_one_size_up() -> None:
+    """Without data half the held-out batches are one candidate size up, and the note names both sizes."""
+    proto = build_transformer_block(hidden=64, heads=4, ffn=256)
+    data = auto_mod.search_data(Model(proto))
+    sizes = sorted({tuple(v.shape) for f in data.heldout for v in f.values()})
+    assert len(data.heldout) == auto_mod.SYNTH_BATCHES[1] and len(sizes) == 2
+    assert sizes[0][1] < sizes[1][1]  # a longer sequence, same rank
+    first = next(iter(data.heldout[0].values())).shape
+    assert first == sizes[1]  # the batch latency is timed on is the larger one
+    assert data.note.count("[") >= 2 and " and (" in data.note

@@ -11,6 +11,7 @@ from onnxprune.check import (
     FeedSynthesisError,
     compare,
     input_hints,
+    larger_feeds,
     make_session,
     synthesize_feeds,
 )
@@ -87,6 +88,30 @@ def test_sample_rate_image_size_and_unnamed_state_batch() -> None:
     assert feeds["state"].shape == (2, 1, 4) and feeds["x"].shape[0] == 1
     h, w = feeds["img"].shape[2:]
     assert h == w and h >= 64 and h % 32 == 0
+
+
+def test_a_text_line_image_with_fixed_height_gets_an_image_width() -> None:
+    # a recogniser [n, 3, 48, w]: the width is a spatial axis (>= 64), not a length of 16
+    proto = _model([helper.make_node("Identity", ["img"], ["z"])],
+                   [helper.make_tensor_value_info("img", F, ["n", 3, 48, "w"])], [helper.make_tensor_value_info("z", F, None)])
+    assert _feeds(proto)["img"].shape == (1, 3, 48, 64)
+
+
+def test_larger_feeds_grow_an_axis_and_skip_sizes_the_model_refuses() -> None:
+    # audio with a reflect pad of 100: 16 and 64 samples fail, 128 runs; one size up is 256
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")]
+    proto = _model(nodes, [helper.make_tensor_value_info("x", F, ["batch", "samples"])],
+                   [helper.make_tensor_value_info("y", F, None)],
+                   [numpy_helper.from_array(np.array([0, 100, 0, 100], np.int64), "pads")])
+    session = make_session(from_proto(proto))
+    base = _feeds(proto)
+    assert base["x"].shape == (1, 128)
+    assert larger_feeds(session, proto, base)["x"].shape == (1, 256)
+    # nothing can grow when the user fixed the dims, nor when every dim is static
+    assert larger_feeds(session, proto, base, dims={"batch": 1, "samples": 128}) is None
+    fixed = _model([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", F, [1, 8])],
+                   [helper.make_tensor_value_info("y", F, None)])
+    assert larger_feeds(make_session(from_proto(fixed)), fixed, _feeds(fixed)) is None
 
 
 def test_no_candidate_runs_names_shapes_and_flags() -> None:

@@ -17,6 +17,14 @@ from onnxprune.pipeline.manager import PassRecord
 from onnxprune.summary import ModelSummary
 
 
+def subgraph_rows(b: ModelSummary, a: ModelSummary) -> list[tuple[str, str, str]]:
+    """Rows for what If/Loop/Scan bodies hold, when either model has any (included in the totals above)."""
+    if not (b.subgraph_nodes or a.subgraph_nodes):
+        return []
+    return [("  nodes in If/Loop bodies", fmt_int(b.subgraph_nodes), fmt_int(a.subgraph_nodes)),
+            ("  parameters in bodies", fmt_int(b.in_subgraphs), fmt_int(a.in_subgraphs))]
+
+
 @dataclass
 class Report:
     """Everything the CLI prints and writes as JSON."""
@@ -72,7 +80,7 @@ class Report:
             ("sparsity", f"{b.sparsity:.2%}", f"{a.sparsity:.2%}"),
             ("weight bytes", fmt_bytes(b.weight_bytes), fmt_bytes(a.weight_bytes)),
             ("file size", fmt_bytes(b.file_size), fmt_bytes(a.file_size)),
-        ] + [(f"  op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in changed_ops]
+        ] + subgraph_rows(b, a) + [(f"  op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in changed_ops]
         w = max(len(r[0]) for r in rows)
         lines = [f"{'':<{w}}  {'before':>16}  {'after':>16}", "-" * (w + 36)]
         lines += [f"{r[0]:<{w}}  {r[1]:>16}  {r[2]:>16}" for r in rows]

@@ -43,7 +43,7 @@ from typing import Any
 
 from onnxprune.check import DEFAULT_MIN_COS
 from onnxprune.fmt import fmt_bytes, fmt_int
-from onnxprune.report import Report
+from onnxprune.report import Report, subgraph_rows
 
 ROW_H = 16
 HEAD_H = 22
@@ -292,6 +292,7 @@ def _summary(report: Report) -> str:
             ("weight bytes", fmt_bytes(b.weight_bytes), fmt_bytes(a.weight_bytes)),
             ("file size", fmt_bytes(b.file_size), fmt_bytes(a.file_size) if a.file_size is not None else
              "not written" if report.failures else "not saved")]
+    rows += [(k.strip(), x, y) for k, x, y in subgraph_rows(b, a)]
     rows += [(f"op {o}", str(b.ops.get(o, 0)), str(a.ops.get(o, 0))) for o in ops
              if b.ops.get(o, 0) != a.ops.get(o, 0)]
     table = "".join(f'<tr><td>{_e(k)}</td><td class="n">{_e(x)}</td><td class="n">{_e(y)}</td></tr>'

@@ -4,7 +4,11 @@
 
 * every floating-point initializer of the main graph (integer initializers such as shape
   constants are not parameters),
-* every floating-point tensor held by a ``Constant`` node (Paddle2ONNX stores weights so), and
+* every floating-point tensor held by a ``Constant`` node (Paddle2ONNX stores weights so),
+* every floating-point initializer or ``Constant`` tensor of an ``If`` branch or ``Loop`` /
+  ``Scan`` body, at any depth (Silero VAD keeps all its weights there), counted once per
+  place it is stored: the 8 kHz and 16 kHz branches of an ``If`` each count (``in_subgraphs``
+  is their share; passes do not prune them), and
 * every *quantized weight*: an integer initializer read as the quantized operand of
   ``DequantizeLinear`` (int8/uint8/int4/uint4/int16/uint16/int32), ``MatMulInteger`` /
   ``ConvInteger``, ``QLinearConv`` / ``QLinearMatMul``, or the com.microsoft
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.ir.constants import constant_tensor
+from onnxprune.ir.graph import node_subgraphs
 from onnxprune.ir.model import Model
 from onnxprune.ir.tensors import nbytes
 
@@ -53,6 +59,10 @@ class ModelSummary:
     quantized: int = 0
     #: Parameters held by Constant nodes (included in ``parameters``).
     in_constant_nodes: int = 0
+    #: Parameters stored inside If/Loop/Scan bodies (included in ``parameters``; not pruned).
+    in_subgraphs: int = 0
+    #: Nodes inside If/Loop/Scan bodies, at any depth (not included in ``nodes``).
+    subgraph_nodes: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -161,11 +171,51 @@ def _quant_size(t: onnx.TensorProto, q: QuantWeight) -> int:
     return q.nbits[0] * q.nbits[1] if q.nbits else _elements(t)
 
 
+def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for n in graph.node:
+        for sub in node_subgraphs(n):
+            yield sub
+            yield from _bodies(sub)
+
+
+def subgraph_tensors(model: Model) -> Iterator[onnx.TensorProto]:
+    """Floating-point initializers and ``Constant`` tensors of every If/Loop/Scan body, any depth."""
+    for body in _bodies(model.graph):
+        for t in body.initializer:
+            if t.data_type in FLOAT_TYPES:
+                yield t
+        for n in body.node:
+            t = constant_tensor(n)
+            if t is not None and t.data_type in FLOAT_TYPES:
+                yield t
+
+
+def subgraph_node_count(model: Model) -> int:
+    """Nodes of every If/Loop/Scan body, any depth."""
+    return sum(len(body.node) for body in _bodies(model.graph))
+
+
+def _subgraph_counts(model: Model) -> tuple[int, int]:
+    """(parameters, nonzero) of :func:`subgraph_tensors`; an external or unreadable one counts as dense."""
+    size = nnz = 0
+    for t in subgraph_tensors(model):
+        n = _elements(t)
+        size += n
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            nnz += n
+            continue
+        try:
+            nnz += count_nonzero(numpy_helper.to_array(t))
+        except Exception:  # noqa: BLE001 - a type numpy cannot hold: count as dense
+            nnz += n
+    return size, nnz
+
+
 def count_parameters(model: Model) -> int:
     """Parameters (see the module docstring), from shapes and attributes (no weight data read)."""
     consts = constant_tensors(model)
     quant = quantized_weights(model, consts)
-    total = 0
+    total = sum(_elements(t) for t in subgraph_tensors(model))
     for t in [*model.graph.initializer, *consts.values()]:
         if t.data_type in FLOAT_TYPES:
             total += _elements(t)
@@ -304,10 +354,15 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
             rows.append({"name": t.name, "shape": list(t.dims), "dtype": dtype, "size": size,
                          "nonzero": nz, "sparsity": round(1 - nz / size, 6) if size else 0.0,
                          **({"quantized": q.op} if q else {}), **({"constant_node": True} if t.name in consts else {})})
+    sub_params, sub_nnz = _subgraph_counts(model)
+    params += sub_params
+    nnz += sub_nnz
     return ModelSummary(
         nodes=len(model.graph.node), ops=dict(sorted(ops.items())), parameters=params, nonzero=nnz,
-        weight_bytes=model.weight_bytes() + sum(nbytes(t) for t in consts.values()), file_size=file_size(path) if path else None, per_initializer=rows,
+        weight_bytes=model.weight_bytes() + sum(nbytes(t) for t in consts.values())
+        + sum(nbytes(t) for t in subgraph_tensors(model)), file_size=file_size(path) if path else None, per_initializer=rows,
         nonfinite_weights=nonfinite, quantized=n_quant, in_constant_nodes=n_const,
+        in_subgraphs=sub_params, subgraph_nodes=subgraph_node_count(model),
     )
 
 

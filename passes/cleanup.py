@@ -15,7 +15,9 @@ reads an initializer is removed and its readers read the initializer (graph-surg
 copy of the weight per Identity, so parameters never grow), and ``If`` nodes whose condition is
 constant (before or after folding) are replaced by the branch they take, inserted at the If's
 position with clashing names renamed and the If's output names kept (graph-surgeon's own
-flattening is off: it produced nodes out of topological order on nested Ifs). Folding runs again
+flattening is off: it produced nodes out of topological order on nested Ifs). A ``ConstantOfShape``
+that folding turned into a dense tensor (an LSTM's zero initial state) becomes a ``ConstantOfShape``
+of the folded, constant shape again, so cleanup never grows parameters or the file. Folding runs again
 after an inlining, at most ``MAX_ROUNDS`` times, since an inlined branch may expose more constants. When nothing would be
 removed or folded (graph-surgeon only reordered the nodes), the model is left untouched and the
 pass reports ``modified=False``, so cleanup is idempotent and a no-op on clean models.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -80,7 +83,9 @@ class CleanupPass(Pass):
         inline_constant_ifs(shell.graph, protected=overridable, constants=scalars)
         out = shell
         for _ in range(MAX_ROUNDS):
+            fills = {n.output[0]: n for n in out.graph.node if n.op_type == "ConstantOfShape" and n.output}
             out = self._fold(out, ctx)
+            _refill(out.graph, fills)
             if not inline_constant_ifs(out.graph, protected=overridable, constants=scalars):
                 break
         new_graph = out.graph
@@ -119,8 +124,8 @@ class CleanupPass(Pass):
             "nodes_before": nodes_before, "nodes_after": len(graph.node),
             "initializers_before": inits_before, "initializers_after": len(graph.initializer),
         }
-        modified = stats["nodes_before"] != stats["nodes_after"] or inits_before != len(graph.initializer)
-        return PassResult(model, True if modified else _changed(shell, out), stats)
+        # not a no-op (checked above): a fold or an inlined If, possibly only inside a subgraph
+        return PassResult(model, True, stats)
 
 
     def _fold(self, proto: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -158,8 +163,29 @@ def _is_noop(graph: onnx.GraphProto, new_graph: onnx.GraphProto, inputs: list[on
     return key([t for t in graph.initializer if t.name not in big]) == key(small_inits)
 
 
-def _changed(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    return [n.op_type for n in a.graph.node] != [n.op_type for n in b.graph.node]
+def _refill(graph: onnx.GraphProto, fills: dict[str, onnx.NodeProto]) -> None:
+    """Turn folded ``ConstantOfShape`` outputs back into a ``ConstantOfShape`` of a constant shape.
+
+    Folding materialises e.g. an LSTM's zero initial state as a dense initializer: parameters and
+    file size would grow for nothing. The fill value is the original node's; only the shape is
+    folded (an int64 initializer ``<name>__shape``). Scalars stay folded.
+    """
+    for i in reversed(range(len(graph.initializer))):
+        t = graph.initializer[i]
+        if t.name not in fills or _elements(t) <= 1:
+            continue
+        shape = numpy_helper.from_array(np.asarray(t.dims, dtype=np.int64), f"{t.name}__shape")
+        node = onnx.NodeProto()
+        node.CopyFrom(fills[t.name])
+        del node.input[:]
+        node.input.append(shape.name)
+        del graph.initializer[i]
+        graph.initializer.append(shape)
+        graph.node.insert(0, node)
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64))
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:

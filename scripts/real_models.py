@@ -282,10 +282,15 @@ def run_case(entry: dict, model: Path, ref: Any, spec: str, work: Path, timeout:
                                        f"{row['params_before']:,} -> {row['params_after']:,} (nonzero "
                                        f"{row['nonzero_before']:,} -> {row['nonzero_after']:,})")
     elif not row["modified"]:
-        row.update(status="no-op", detail=_oneline("; ".join(row["warnings"]) or "no reason given", 260))
+        why = "; ".join(row["warnings"]) or "no reason given"
+        if spec == "auto" and row.get("auto_spec"):
+            why = f"chose `{row['auto_spec']}`: {row.get('auto_reason') or ''}; {why}"
+        row.update(status="no-op", detail=_oneline(why, 300))
     else:
         row["status"] = "ok"
-        if row["warnings"]:
+        if spec == "auto" and row.get("auto_spec"):
+            row["detail"] = _oneline(f"chose `{row['auto_spec']}`: {row.get('auto_reason') or ''}", 260)
+        elif row["warnings"]:
             row["detail"] = _oneline("; ".join(row["warnings"]), 200)
     return row
 
@@ -343,7 +348,7 @@ def markdown(corpus: list[dict], rows: list[dict], passes: list[str], wall: floa
         if r and r["tool_params"][0] is not None and abs(r["tool_params"][0] - r["params_before"]) > 0.01 * max(
                 r["params_before"], 1):
             lines.append(f"- {e['id']}: tool reports {r['tool_params'][0]:,}, independent count {r['params_before']:,}")
-    lines += ["", "## Summary", "", summary(rows), "", "## Details (everything that is not plain ok)", ""]
+    lines += ["", "## Summary", "", summary(rows), "", "## Details (everything that is not plain ok; for `auto`, what it chose and why)", ""]
     for r in rows:
         if r["status"] != "ok" or r.get("detail"):
             lines.append(f"- **{r['model']}** `{r['passes']}`: {r['status']} — {r.get('detail', '')}")

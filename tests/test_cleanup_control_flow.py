@@ -184,3 +184,53 @@ def test_parameters_never_grow_under_cleanup_with_shared_weights() -> None:
     out = _cleanup(proto)
     assert _parameters(out) <= _parameters(proto)
     _same_outputs(proto, out)
+
+
+def _weight_branch(name: str, value: float, out: str) -> onnx.GraphProto:
+    w = numpy_helper.from_array(np.full((2, 3), value, np.float32), f"w_{name}")
+    return helper.make_graph([helper.make_node("Mul", ["x", w.name], [out], name=f"mul_{name}")], name, [],
+                             [_vi(out)], [w])
+
+
+def test_a_constant_if_nested_in_a_runtime_if_is_inlined_and_reported() -> None:
+    # the outer If reads a graph input (stays); the inner one, inside its then-branch, has a constant
+    # condition: inlining it drops the untaken branch's weight. The main graph keeps its node count,
+    # so the pass must still say it modified the model, and the summary must see both the node and
+    # the parameter change inside the bodies.
+    from onnxprune.summary import summarize
+
+    inner = helper.make_node("If", ["k"], ["t"], name="inner", then_branch=_weight_branch("a", 2.0, "ta"),
+                             else_branch=_weight_branch("b", 3.0, "tb"))
+    then = helper.make_graph([_const_bool("k", True), inner], "then", [], [_vi("t")])
+    other = _weight_branch("c", -1.0, "e")
+    g = helper.make_graph([helper.make_node("If", ["flag"], ["y"], name="outer", then_branch=then, else_branch=other)],
+                          "g", [_vi("x"), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])], [_vi("y")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    before = summarize(from_proto(proto))
+    out, records = PassManager(parse_pipeline("cleanup")).run(from_proto(onnx.ModelProto.FromString(
+        proto.SerializeToString())))
+    after = summarize(out)
+    assert records[0].modified
+    assert (before.parameters, after.parameters) == (18, 12)  # three 2x3 weights, then two
+    assert (before.in_subgraphs, after.in_subgraphs) == (18, 12)
+    assert before.subgraph_nodes > after.subgraph_nodes
+    assert before.weight_bytes - after.weight_bytes == 6 * 4
+    for flag in (True, False):
+        feeds = {"x": X, "flag": np.array(flag)}
+        np.testing.assert_array_equal(run_model(from_proto(proto), feeds)["y"], run_model(out, feeds)["y"])
+
+
+def test_a_folded_constant_of_shape_stays_a_fill_and_cleanup_stays_idempotent() -> None:
+    # Shape(x) is static, so the fill folds; as a dense initializer it would count as 6 new parameters
+    fill = helper.make_node("ConstantOfShape", ["s"], ["f"], name="fill",
+                            value=numpy_helper.from_array(np.array([0.5], np.float32)))
+    proto = _model([helper.make_node("Shape", ["x"], ["s"], name="shape"), fill,
+                    helper.make_node("Add", ["x", "f"], ["y"], name="add")], ["y"])
+    out = _cleanup(proto)
+    assert _ops(out) == ["ConstantOfShape", "Add"]
+    assert [t.data_type for t in out.graph.initializer] == [TensorProto.INT64]
+    from onnxprune.summary import summarize
+    assert summarize(from_proto(out)).parameters == 0
+    _same_outputs(proto, out)
+    _, records = PassManager(parse_pipeline("cleanup")).run(from_proto(out))
+    assert not records[0].modified

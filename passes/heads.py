@@ -320,6 +320,8 @@ def _run_structured(model: Model, ctx: PassContext, mode: str, opts: Any) -> Pas
     elif opts.criterion == "weighted":
         score_of = {g.name: _activation_scores(g, exits[g.name], means) * unit_scores(work, g, ("in",))
                     for g in live}
+    elif opts.criterion == "dead":  # _select reads the zero rows itself; no scores needed
+        score_of = {}
     else:
         score_of = {g.name: unit_scores(work, g) for g in live}
     curves: dict[str, Any] = {}

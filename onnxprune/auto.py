@@ -82,7 +82,12 @@ from typing import Any
 import numpy as np
 
 from onnxprune.analysis.calibration import CalibrationData
-from onnxprune.check import is_logit_like, larger_feeds, make_session, synthesize_feeds
+from onnxprune.check import (
+    is_logit_like,
+    larger_batches,
+    make_session,
+    synthesize_feeds,
+)
 from onnxprune.errors import OnnxPruneError
 from onnxprune.ir.model import Model
 from onnxprune.pipeline.options import option_specs
@@ -249,11 +254,11 @@ def search_data(model: Model, calibration: Any = None, calibration_batch: int | 
     feeds = [synthesize_feeds(session, model, dims, seed + i)[0] for i in range(sum(SYNTH_BATCHES))]
     held = feeds[SYNTH_BATCHES[0]:]
     sizes = [feeds[0]]
-    big = larger_feeds(session, model, feeds[0], dims, seed)
-    if big is not None:  # half the held-out batches one size up; the first of them is the one timed
-        half = len(held) // 2
-        held = [larger_feeds(session, model, feeds[0], dims, seed + 1000 + i) or big for i in range(half)] + held[half:]
-        sizes = [big, feeds[0]]
+    half = len(held) // 2
+    bigs = larger_batches(session, model, feeds[0], dims, [seed] + [seed + 1000 + i for i in range(half)])
+    if bigs is not None:  # half the held-out batches one size up; the first of them is the one timed
+        held = bigs[1:] + held[half:]
+        sizes = [bigs[0], feeds[0]]
     shapes = " and ".join("(" + ", ".join(f"{k}{list(v.shape)}" for k, v in f.items()) + ")" for f in sizes)
     return SearchData(None, held, True, None,
                       f"RANDOM INPUTS: no --calib given, so the budget was measured on {len(held)} "

@@ -632,13 +632,24 @@ def larger_feeds(session: Any, model: Any, feeds: Mapping[str, np.ndarray], dims
     Returns:
         The inputs, or None when no larger candidate runs (or ``feeds`` are a decoder's cache feeds).
     """
-    if model is not None and not dims and llm_feeds(model, seed) is not None:
+    found = larger_batches(session, model, feeds, dims, [seed])
+    return found[0] if found else None
+
+
+def larger_batches(session: Any, model: Any, feeds: Mapping[str, np.ndarray], dims: Mapping[str, int] | None,
+                   seeds: Sequence[int]) -> list[dict[str, np.ndarray]] | None:
+    """:func:`larger_feeds` for each of ``seeds``; the size is searched once, with ``seeds[0]``.
+
+    The other batches are drawn at the size found; one the session does not run on is replaced
+    by the first batch. None when no larger candidate runs.
+    """
+    if model is not None and not dims and llm_feeds(model, seeds[0]) is not None:
         return None
     hints = input_hints(model) if model is not None else None
     base = {k: list(np.shape(v)) for k, v in feeds.items()}
     seen: list[dict[str, list[int]]] = [base]
     for attempt in range(1, len(CANDIDATE_LENGTHS)):
-        cand = random_feeds(session, dims, seed, hints=hints, attempt=attempt)
+        cand = random_feeds(session, dims, seeds[0], hints=hints, attempt=attempt)
         shapes = {k: list(v.shape) for k, v in cand.items()}
         if shapes in seen or set(shapes) != set(base) or any(
                 len(shapes[k]) != len(base[k]) or any(a < b for a, b in zip(shapes[k], base[k])) for k in base):
@@ -648,7 +659,15 @@ def larger_feeds(session: Any, model: Any, feeds: Mapping[str, np.ndarray], dims
             _quiet_run(session, cand)
         except Exception:  # noqa: BLE001 - a size the model refuses is simply not used
             continue
-        return cand
+        out = [cand]
+        for s in seeds[1:]:
+            more = random_feeds(session, dims, s, hints=hints, attempt=attempt)
+            try:
+                _quiet_run(session, more)
+            except Exception:  # noqa: BLE001 - values this batch drew that the model refuses
+                more = cand
+            out.append(more)
+        return out
     return None
 
 

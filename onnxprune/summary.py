@@ -37,7 +37,7 @@ from onnx import numpy_helper
 from onnxprune.ir.constants import constant_tensor
 from onnxprune.ir.graph import node_subgraphs
 from onnxprune.ir.model import Model
-from onnxprune.ir.tensors import nbytes
+from onnxprune.ir.tensors import nbytes, numel
 
 _CHUNK = 1 << 24
 
@@ -163,12 +163,8 @@ def quantized_weights(model: Model, consts: dict[str, onnx.TensorProto] | None =
     return out
 
 
-def _elements(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64))
-
-
 def _quant_size(t: onnx.TensorProto, q: QuantWeight) -> int:
-    return q.nbits[0] * q.nbits[1] if q.nbits else _elements(t)
+    return q.nbits[0] * q.nbits[1] if q.nbits else numel(t)
 
 
 def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -195,12 +191,13 @@ def subgraph_node_count(model: Model) -> int:
     return sum(len(body.node) for body in _bodies(model.graph))
 
 
-def _subgraph_counts(model: Model) -> tuple[int, int]:
-    """(parameters, nonzero) of :func:`subgraph_tensors`; an external or unreadable one counts as dense."""
-    size = nnz = 0
+def _subgraph_counts(model: Model) -> tuple[int, int, int]:
+    """(parameters, nonzero, bytes) of :func:`subgraph_tensors`; an external or unreadable one counts as dense."""
+    size = nnz = n_bytes = 0
     for t in subgraph_tensors(model):
-        n = _elements(t)
+        n = numel(t)
         size += n
+        n_bytes += nbytes(t)
         if t.data_location == onnx.TensorProto.EXTERNAL:
             nnz += n
             continue
@@ -208,17 +205,17 @@ def _subgraph_counts(model: Model) -> tuple[int, int]:
             nnz += count_nonzero(numpy_helper.to_array(t))
         except Exception:  # noqa: BLE001 - a type numpy cannot hold: count as dense
             nnz += n
-    return size, nnz
+    return size, nnz, n_bytes
 
 
 def count_parameters(model: Model) -> int:
     """Parameters (see the module docstring), from shapes and attributes (no weight data read)."""
     consts = constant_tensors(model)
     quant = quantized_weights(model, consts)
-    total = sum(_elements(t) for t in subgraph_tensors(model))
+    total = sum(numel(t) for t in subgraph_tensors(model))
     for t in [*model.graph.initializer, *consts.values()]:
         if t.data_type in FLOAT_TYPES:
-            total += _elements(t)
+            total += numel(t)
         elif t.name in quant:
             total += _quant_size(t, quant[t.name])
     return total
@@ -334,7 +331,7 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
         try:
             arr = value(t.name)
         except Exception:  # noqa: BLE001 - a type numpy cannot hold (e.g. float8): count by shape
-            size, nz, dtype = _elements(t), _elements(t), onnx.TensorProto.DataType.Name(t.data_type).lower()
+            size, nz, dtype = numel(t), numel(t), onnx.TensorProto.DataType.Name(t.data_type).lower()
         else:
             dtype = str(arr.dtype)
             if q is not None:
@@ -354,13 +351,13 @@ def summarize(model: Model, path: str | os.PathLike[str] | None = None, per_init
             rows.append({"name": t.name, "shape": list(t.dims), "dtype": dtype, "size": size,
                          "nonzero": nz, "sparsity": round(1 - nz / size, 6) if size else 0.0,
                          **({"quantized": q.op} if q else {}), **({"constant_node": True} if t.name in consts else {})})
-    sub_params, sub_nnz = _subgraph_counts(model)
+    sub_params, sub_nnz, sub_bytes = _subgraph_counts(model)
     params += sub_params
     nnz += sub_nnz
     return ModelSummary(
         nodes=len(model.graph.node), ops=dict(sorted(ops.items())), parameters=params, nonzero=nnz,
-        weight_bytes=model.weight_bytes() + sum(nbytes(t) for t in consts.values())
-        + sum(nbytes(t) for t in subgraph_tensors(model)), file_size=file_size(path) if path else None, per_initializer=rows,
+        weight_bytes=model.weight_bytes() + sum(nbytes(t) for t in consts.values()) + sub_bytes,
+        file_size=file_size(path) if path else None, per_initializer=rows,
         nonfinite_weights=nonfinite, quantized=n_quant, in_constant_nodes=n_const,
         in_subgraphs=sub_params, subgraph_nodes=subgraph_node_count(model),
     )

@@ -35,7 +35,7 @@ from onnx import numpy_helper
 from onnxprune.ir.graph import make_shell, node_outer_reads, shell_input
 from onnxprune.ir.inline import inline_constant_ifs, share_identity_initializers
 from onnxprune.ir.model import Model
-from onnxprune.ir.tensors import nbytes
+from onnxprune.ir.tensors import nbytes, numel
 from onnxprune.pipeline.base import Pass, PassContext, PassResult
 from onnxprune.pipeline.registry import register_pass
 
@@ -172,7 +172,7 @@ def _refill(graph: onnx.GraphProto, fills: dict[str, onnx.NodeProto]) -> None:
     """
     for i in reversed(range(len(graph.initializer))):
         t = graph.initializer[i]
-        if t.name not in fills or _elements(t) <= 1:
+        if t.name not in fills or numel(t) <= 1:
             continue
         shape = numpy_helper.from_array(np.asarray(t.dims, dtype=np.int64), f"{t.name}__shape")
         node = onnx.NodeProto()
@@ -182,10 +182,6 @@ def _refill(graph: onnx.GraphProto, fills: dict[str, onnx.NodeProto]) -> None:
         del graph.initializer[i]
         graph.initializer.append(shape)
         graph.node.insert(0, node)
-
-
-def _elements(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64))
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:

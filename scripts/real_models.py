@@ -263,6 +263,7 @@ def run_case(entry: dict, model: Path, ref: Any, spec: str, work: Path, timeout:
         row.update(status="BROKEN", detail="output does not load/run: " + _oneline(str(exc)))
         return row
     cmp = compare_outputs(ref_out, got)
+    chose = f"chose `{row['auto_spec']}`: {row.get('auto_reason') or ''}" if row.get("auto_spec") else ""
     row.update(min_cosine=cmp["min_cosine"], max_abs=cmp["max_abs"], max_rel=cmp["max_rel"])
     name = spec.split("(")[0]
     if cmp["problems"]:
@@ -283,13 +284,11 @@ def run_case(entry: dict, model: Path, ref: Any, spec: str, work: Path, timeout:
                                        f"{row['nonzero_before']:,} -> {row['nonzero_after']:,})")
     elif not row["modified"]:
         why = "; ".join(row["warnings"]) or "no reason given"
-        if spec == "auto" and row.get("auto_spec"):
-            why = f"chose `{row['auto_spec']}`: {row.get('auto_reason') or ''}; {why}"
-        row.update(status="no-op", detail=_oneline(why, 300))
+        row.update(status="no-op", detail=_oneline(f"{chose}; {why}" if chose else why, 300))
     else:
         row["status"] = "ok"
-        if spec == "auto" and row.get("auto_spec"):
-            row["detail"] = _oneline(f"chose `{row['auto_spec']}`: {row.get('auto_reason') or ''}", 260)
+        if chose:
+            row["detail"] = _oneline(chose, 260)
         elif row["warnings"]:
             row["detail"] = _oneline("; ".join(row["warnings"]), 200)
     return row

@@ -34,6 +34,10 @@ def np_dtype(data_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
 
 
+def numel(tensor: onnx.TensorProto) -> int:
+    """Elements of a tensor, from its dims (1 for a scalar)."""
+    return int(np.prod(tensor.dims, dtype=np.int64))
+
+
 def nbytes(tensor: onnx.TensorProto) -> int:
-    n = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    return n * np_dtype(tensor.data_type).itemsize
+    return numel(tensor) * np_dtype(tensor.data_type).itemsize
